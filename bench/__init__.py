@@ -1,0 +1,1 @@
+"""layerpass.bench."""

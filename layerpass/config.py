@@ -1,0 +1,49 @@
+"""The layer-name switch: the one place that reads ``VLLM_USE_LAYERNAME``.
+
+``USE_LAYERNAME`` is computed ONCE, at import, because the custom ops' schemas are
+built from it (a layer-name argument is typed ``LayerName`` or ``str``). Changing the
+environment variable after ``layerpass`` is imported has no effect: set it before the
+process starts (tests that need the other setting run a subprocess).
+
+- ``HAS_OPAQUE_TYPE``: this torch has ``torch._library.opaque_object.register_opaque_type``
+  with a ``hoist`` parameter (torch 2.11+).
+- ``LAYERNAME_ENV_ON``: the variable's value (unset means on).
+- ``USE_LAYERNAME = HAS_OPAQUE_TYPE and LAYERNAME_ENV_ON``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+ENV_VAR = "VLLM_USE_LAYERNAME"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool_env(name: str, value: str | None, default: bool) -> bool:
+    """Parse a boolean environment value; unknown values raise ``ValueError``."""
+    if value is None:
+        return default
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(
+        f"{name}={value!r} is not a valid value; allowed (any case): "
+        f"{', '.join(_TRUE)} (on) or {', '.join(_FALSE)} (off), or leave it unset (on)"
+    )
+
+
+def _has_opaque_type() -> bool:
+    try:
+        from torch._library.opaque_object import register_opaque_type
+    except ImportError:
+        return False
+    return "hoist" in inspect.signature(register_opaque_type).parameters
+
+
+HAS_OPAQUE_TYPE: bool = _has_opaque_type()
+LAYERNAME_ENV_ON: bool = parse_bool_env(ENV_VAR, os.environ.get(ENV_VAR), default=True)
+USE_LAYERNAME: bool = HAS_OPAQUE_TYPE and LAYERNAME_ENV_ON

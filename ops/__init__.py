@@ -1,0 +1,31 @@
+"""layerpass custom ops (``torch.ops.layerpass.*``), each with a CPU kernel in plain torch."""
+
+from . import attention, fused, moe, norm, quant  # noqa: F401  (registers the ops)
+from .forward_context import (
+    BatchMetadata,
+    ForwardContext,
+    build_batch_metadata,
+    current_forward_context,
+    get_batch_metadata,
+    set_forward_context,
+)
+from .layer_name import LayerName, LayerNameType, encode_layer_name, resolve_layer_name
+from .library import OPS, layerpass_op, op_overload, register_cuda_kernel
+from .quant import FP8_DTYPE, FP8_MAX
+from .state import (
+    DEFAULT_REGISTRY,
+    DuplicateLayerError,
+    LayerNotFoundError,
+    LayerRegistry,
+    current_registry,
+    layer_registry_scope,
+    lookup_layer,
+)
+
+__all__ = [
+    "BatchMetadata", "ForwardContext", "build_batch_metadata", "current_forward_context",
+    "get_batch_metadata", "set_forward_context", "LayerName", "LayerNameType", "encode_layer_name",
+    "resolve_layer_name", "OPS", "layerpass_op", "op_overload", "register_cuda_kernel", "FP8_DTYPE",
+    "FP8_MAX", "DEFAULT_REGISTRY", "DuplicateLayerError", "LayerNotFoundError", "LayerRegistry",
+    "current_registry", "layer_registry_scope", "lookup_layer",
+]

@@ -1,0 +1,104 @@
+"""``unified_attention_with_output``: paged KV cache write + causal GQA attention.
+
+The layer (resolved by name) owns ``kv_cache`` of shape
+``[2, num_blocks, block_size, num_kv_heads, head_size]`` and its ``scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .forward_context import BatchMetadata, get_batch_metadata
+from .layer_name import LayerNameType
+from .library import layerpass_op
+from .quant import FP8_DTYPE, quantize_fp8
+from .state import lookup_layer
+
+
+def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys/values at their slots (``slot = block * block_size + offset``)."""
+    _, nb, bs, hkv, d = kv_cache.shape
+    kv_cache[0].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    kv_cache[1].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: BatchMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of each request's queries over its whole cached history.
+
+    Vectorised over requests by padding; returns float32 ``[num_tokens, Hq, D]``."""
+    _, nb, bs, hkv, d = kv_cache.shape
+    num_tokens, hq, _ = query.shape
+    qsl = md.query_start_loc.long()
+    q_lens = qsl[1:] - qsl[:-1]
+    seq_lens = md.seq_lens.long()
+    if num_tokens == 0:
+        return query.new_zeros(query.shape, dtype=torch.float32)
+    max_q, max_s = int(q_lens.max()), int(seq_lens.max())
+    pos = torch.arange(max_s, device=query.device)
+    blocks = md.block_table.long()[:, pos // bs]  # [B, max_s]
+    valid_k = pos[None, :] < seq_lens[:, None]
+    slots = torch.where(valid_k, blocks * bs + pos % bs, 0)
+    keys = kv_cache[0].reshape(nb * bs, hkv, d)[slots].float()  # [B, S, Hkv, D]
+    values = kv_cache[1].reshape(nb * bs, hkv, d)[slots].float()
+    if hq != hkv:
+        keys = keys.repeat_interleave(hq // hkv, dim=2)
+        values = values.repeat_interleave(hq // hkv, dim=2)
+    j = torch.arange(max_q, device=query.device)
+    valid_q = j[None, :] < q_lens[:, None]
+    tok = torch.where(valid_q, qsl[:-1, None] + j, 0)
+    q = query[tok].float()  # [B, Q, Hq, D]
+    q_pos = (seq_lens - q_lens)[:, None] + j  # absolute position of each query
+    mask = valid_k[:, None, :] & (pos[None, None, :] <= q_pos[:, :, None])  # [B, Q, S]
+    scores = torch.einsum("bqhd,bshd->bhqs", q, keys) * scale
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded query rows are all -inf
+    out = torch.einsum("bhqs,bshd->bqhd", probs, values)
+    return out[valid_q]
+
+
+def _check(query, key, value, output, layer, output_scale) -> None:
+    t, hq, d = query.shape
+    if key.shape != value.shape or key.shape[0] != t or key.shape[2] != d:
+        raise ValueError(f"attention: key {tuple(key.shape)} / value {tuple(value.shape)} do not match query {tuple(query.shape)}")
+    if hq % key.shape[1]:
+        raise ValueError(f"attention: {hq} query heads are not a multiple of {key.shape[1]} KV heads")
+    if output.shape != query.shape:
+        raise ValueError(f"attention: output {tuple(output.shape)} must have the query's shape {tuple(query.shape)}")
+    if (output_scale is None) == (output.dtype == FP8_DTYPE):
+        raise ValueError(
+            f"attention: output dtype {output.dtype} requires "
+            + ("an output_scale" if output.dtype == FP8_DTYPE else "output_scale=None (or an fp8 output)")
+        )
+    cache = getattr(layer, "kv_cache", None)
+    if cache is None or cache.shape[3:] != key.shape[1:]:
+        raise ValueError(
+            f"attention: layer {getattr(layer, 'prefix', layer)!r} has no KV cache of shape "
+            f"[2, blocks, block_size, {key.shape[1]}, {d}]"
+        )
+
+
+def _attn_fake(query, key, value, output, layer_name, output_scale=None) -> None:
+    return None
+
+
+@layerpass_op("unified_attention_with_output", mutates_args=("output",), fake=_attn_fake)
+def unified_attention_with_output(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    output: torch.Tensor,
+    layer_name: LayerNameType,
+    output_scale: torch.Tensor | None = None,
+) -> None:
+    """``query [T, Hq, D]``, ``key``/``value [T, Hkv, D]``; writes ``output [T, Hq, D]``.
+
+    With ``output_scale``, ``output`` is fp8 and receives the static per-tensor quantised result."""
+    layer = lookup_layer(layer_name)
+    _check(query, key, value, output, layer, output_scale)
+    md = get_batch_metadata()
+    write_kv_cache(layer.kv_cache, key, value, md.slot_mapping)
+    out = paged_attention_ref(query, layer.kv_cache, md, layer.scale)
+    if output_scale is not None:
+        output.copy_(quantize_fp8(out.to(query.dtype), output_scale))
+    else:
+        output.copy_(out)

@@ -1,0 +1,91 @@
+"""Mixture-of-experts ops: softmax top-k routing and SiLU-gated experts, grouped per expert.
+
+The layer (resolved by name) owns ``w13_weight [E, 2I, H]`` (gate and up stacked),
+``w2_weight [E, H, I]``, ``top_k``, ``renormalize`` and, for ``moe_forward_shared``,
+``shared_experts`` (a module applied to the same hidden states).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layer_name import LayerNameType
+from .library import layerpass_op
+from .state import lookup_layer
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts, keep the top-k; returns float32 weights and int64 ids ``[T, k]``."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_experts_ref(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """Group (token, expert) pairs by expert, run each expert once on its tokens, scatter-add.
+
+    Loops over experts, never over tokens."""
+    num_tokens, hidden = x.shape
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    flat_w = topk_weights.reshape(-1).float()
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        pairs = order[start : start + c]
+        start += c
+        tokens = pairs // k
+        h = x[tokens].float() @ w13[e].float().t()
+        act = F.silu(h[:, :inter]) * h[:, inter:]
+        y = act @ w2[e].float().t()
+        out.index_add_(0, tokens, y * flat_w[pairs, None])
+    return out.to(x.dtype)
+
+
+def _check(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer) -> None:
+    if hidden_states.dim() != 2 or router_logits.dim() != 2 or router_logits.shape[0] != hidden_states.shape[0]:
+        raise ValueError(
+            f"moe: hidden_states [T, H] and router_logits [T, E] expected, got "
+            f"{tuple(hidden_states.shape)} and {tuple(router_logits.shape)}"
+        )
+    if router_logits.shape[1] != layer.w13_weight.shape[0]:
+        raise ValueError(f"moe: router_logits has {router_logits.shape[1]} experts, layer has {layer.w13_weight.shape[0]}")
+
+
+def moe_routed(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer) -> torch.Tensor:
+    _check(hidden_states, router_logits, layer)
+    weights, ids = select_experts(router_logits, layer.top_k, layer.renormalize)
+    return fused_experts_ref(hidden_states, layer.w13_weight, layer.w2_weight, weights, ids)
+
+
+@layerpass_op("moe_forward", fake=lambda hidden_states, router_logits, layer_name: torch.empty_like(hidden_states))
+def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: LayerNameType) -> torch.Tensor:
+    """Routed experts of layer ``layer_name`` (no shared experts)."""
+    return moe_routed(hidden_states, router_logits, lookup_layer(layer_name))
+
+
+def _shared_fake(hidden_states, router_logits, layer_name):
+    return torch.empty_like(hidden_states), torch.empty_like(hidden_states)
+
+
+@layerpass_op("moe_forward_shared", fake=_shared_fake)
+def moe_forward_shared(
+    hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: LayerNameType
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(routed_output, shared_experts_output)`` of layer ``layer_name``."""
+    layer = lookup_layer(layer_name)
+    if getattr(layer, "shared_experts", None) is None:
+        raise ValueError(f"moe_forward_shared: layer {getattr(layer, 'prefix', '?')!r} has no shared_experts")
+    routed = moe_routed(hidden_states, router_logits, layer)
+    return routed, layer.shared_experts(hidden_states)

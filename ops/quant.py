@@ -1,0 +1,71 @@
+"""Static per-tensor FP8 (e4m3) quantisation and the FP8 matmul."""
+
+from __future__ import annotations
+
+import torch
+
+from .library import layerpass_op
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Reference: divide by the per-tensor scale, saturate to +-448, cast to fp8."""
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _check_scale(scale: torch.Tensor) -> None:
+    if scale.numel() != 1:
+        raise ValueError(f"static per-tensor FP8 needs a one-element scale, got shape {tuple(scale.shape)}")
+
+
+def _quant_fake(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
+    return None
+
+
+@layerpass_op("static_scaled_fp8_quant", mutates_args=("result",), fake=_quant_fake)
+def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
+    """Out-variant: ``result`` (fp8, same shape as ``input``) <- quantize(input / scale)."""
+    _check_scale(scale)
+    if result.shape != input.shape or result.dtype != FP8_DTYPE:
+        raise ValueError(
+            f"static_scaled_fp8_quant: result must be {FP8_DTYPE} of shape {tuple(input.shape)}, "
+            f"got {result.dtype} of shape {tuple(result.shape)}"
+        )
+    result.copy_(quantize_fp8(input, scale))
+
+
+def _quant_functional_fake(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(input, dtype=FP8_DTYPE)
+
+
+@layerpass_op("static_scaled_fp8_quant_functional", fake=_quant_functional_fake)
+def static_scaled_fp8_quant_functional(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Functional form of ``static_scaled_fp8_quant``: returns the fp8 tensor."""
+    _check_scale(scale)
+    return quantize_fp8(input, scale)
+
+
+def _mm_fake(a, b, scale_a, scale_b, out_dtype, bias=None):
+    return a.new_empty((*a.shape[:-1], b.shape[0]), dtype=out_dtype)
+
+
+@layerpass_op("scaled_fp8_mm", fake=_mm_fake)
+def scaled_fp8_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(a @ b.T) * scale_a * scale_b (+ bias)``: fp8 ``a [..., K]``, fp8 weight ``b [N, K]``."""
+    if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
+        raise ValueError(f"scaled_fp8_mm takes {FP8_DTYPE} operands, got {a.dtype} and {b.dtype}")
+    if a.shape[-1] != b.shape[1]:
+        raise ValueError(f"scaled_fp8_mm: a [..., {a.shape[-1]}] does not match weight [N, {b.shape[1]}]")
+    out = torch.matmul(a.float(), b.float().t()) * (scale_a.float() * scale_b.float())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
