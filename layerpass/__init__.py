@@ -4,9 +4,30 @@ Top-level folders map into this namespace: ``layerpass.ops`` (custom ops),
 ``layerpass.layers`` (pluggable layers), ``layerpass.models`` (model zoo),
 ``layerpass.patterns`` / ``layerpass.passes`` (fusions and the compile backend),
 ``layerpass.bench`` (benchmarks).
+
+``layerpass.compile``, ``CompilationConfig`` and ``last_compile_report`` are imported
+lazily so ``import layerpass`` stays cheap.
 """
+
+from typing import Any
 
 from .config import HAS_OPAQUE_TYPE, USE_LAYERNAME
 
 __version__ = "0.1.0"
-__all__ = ["HAS_OPAQUE_TYPE", "USE_LAYERNAME", "__version__"]
+
+_LAZY = {
+    "compile": ("layerpass.passes.backend", "compile"),
+    "CompilationConfig": ("layerpass.passes.config", "CompilationConfig"),
+    "last_compile_report": ("layerpass.passes.report", "last_compile_report"),
+    "CompileReport": ("layerpass.passes.report", "CompileReport"),
+}
+__all__ = ["HAS_OPAQUE_TYPE", "USE_LAYERNAME", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'layerpass' has no attribute {name!r}")

@@ -1,1 +1,1 @@
-"""layerpass.passes."""
+"""The layerpass compile backend, the pass manager and the passes."""

@@ -1,0 +1,262 @@
+"""The ``layerpass`` torch.compile backend.
+
+Dynamo graph -> split into pieces (``passes.split``) -> structural hash per piece
+(``passes.piece_hash``) -> one Inductor compile per unique piece (pass manager as
+``post_grad_custom_post_pass``), or a load from the on-disk cache -> the split graph
+calls the shared compiled artifacts; splitting ops ("ops" mode) run eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch._guards import detect_fake_mode
+
+import layerpass
+
+from .cache import ArtifactCache, cache_key
+from .config import CompilationConfig
+from .pass_manager import PassManager
+from .piece_hash import piece_signature
+from .registry import build_passes
+from .report import CompileReport, PieceInfo, publish
+from .split import SplitResult, split_by_layers, split_by_ops
+
+logger = logging.getLogger("layerpass")
+
+_dynamo_start: list[float] = [0.0]
+
+
+def _on_dynamo_start(*_args: Any) -> None:
+    _dynamo_start[0] = time.perf_counter()
+
+
+torch._dynamo.callback.on_compile_start(_on_dynamo_start)
+
+
+class PieceRunner:
+    """Calls a compiled artifact with the piece's calling convention; optional static-size variants."""
+
+    def __init__(self, artifact: Callable[..., Any], single_output: bool, token_arg: int | None = None,
+                 compile_static: Callable[[list[Any]], Callable[..., Any]] | None = None,
+                 compile_sizes: Sequence[int] = ()) -> None:
+        self.artifact = artifact
+        self.single_output = single_output
+        self.token_arg = token_arg
+        self.compile_static = compile_static
+        self.compile_sizes = set(compile_sizes)
+        self.static: dict[int, Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        fn = self.artifact
+        if self.compile_sizes and self.token_arg is not None:
+            n = int(args[self.token_arg].shape[0])
+            if n in self.compile_sizes:
+                if n not in self.static:
+                    self.static[n] = self.compile_static(list(args))  # type: ignore[misc]
+                fn = self.static[n]
+        out = fn(*args)
+        if self.single_output and isinstance(out, (list, tuple)):
+            return out[0]
+        return tuple(out) if isinstance(out, list) else out
+
+
+def _stats_sidecar(key: str) -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return os.path.join(cache_dir(), "layerpass-stats", f"{key}.json")
+
+
+class LayerpassBackend:
+    """A torch.compile backend object; ``torch.compile(m, backend=LayerpassBackend(cfg))``."""
+
+    def __init__(self, config: CompilationConfig | None = None) -> None:
+        self.config = config or CompilationConfig()
+        self.pass_manager = PassManager(build_passes(self.config), self.config.fingerprint())
+        self.cache = ArtifactCache(self.config.cache_dir)  # type: ignore[arg-type]
+        self.num_calls = 0
+
+    # -- Inductor ---------------------------------------------------------------------
+    def _inductor_options(self) -> dict[str, Any]:
+        patches = {
+            "post_grad_custom_post_pass": self.pass_manager,
+            # keep v1 auto_functionalized so patterns see one form (scoped to this compile)
+            "enable_auto_functionalized_v2": False,
+        }
+        patches.update(self.config.inductor_options)
+        return {"config_patches": patches}
+
+    def _compile_piece(self, name: str, gm: fx.GraphModule, args: list[Any], context: dict[str, Any],
+                       static: bool = False) -> tuple[Any, dict[str, Any]]:
+        self.pass_manager.begin_piece(name, context)
+        runs = self.pass_manager.runs
+        if static:
+            artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes="from_example_inputs",
+                                                          options=self._inductor_options())
+        else:
+            artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes="from_tracing_context",
+                                                          options=self._inductor_options())
+        ran = self.pass_manager.runs > runs
+        stats = {"passes": {k: dict(v) for k, v in self.pass_manager.stats.items()},
+                 "failures": list(self.pass_manager.failures), "passes_ran": ran}
+        return artifact, stats
+
+    # -- the backend ----------------------------------------------------------------
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        t_enter = time.perf_counter()
+        dynamo_s = max(0.0, t_enter - _dynamo_start[0]) if _dynamo_start[0] else 0.0
+        self.num_calls += 1
+        cfg = self.config
+        report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1, dynamo_s=dynamo_s)
+        result: SplitResult = split_by_layers(gm) if cfg.split == "layers" else split_by_ops(gm, cfg.splitting_ops)
+        if cfg.split == "ops" and (cfg.fuse_attn_quant):
+            report.notes.append("split='ops': the splitting ops run eagerly, so no fusion can cross them (attention+quant is off)")
+        pass_uuid = self.pass_manager.uuid()
+        fake_mode = detect_fake_mode(example_inputs)
+        fake_args = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        split_gm = result.graph_module
+        compiled: dict[str, tuple[Any, dict[str, Any]]] = {}  # key -> (artifact, stats) within this compile
+        backend = self
+
+        class PieceCompiler(fx.Interpreter):
+            def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+                sub = getattr(split_gm, target)
+                out = super().call_module(target, args, kwargs)
+                layer = result.piece_layers.get(target)
+                if target in result.eager_pieces:
+                    report.num_eager_pieces += 1
+                    report.pieces.append(PieceInfo(target, "eager", None, layer, "eager"))
+                    return out
+                sig = piece_signature(sub, args)
+                key = cache_key(layerpass=layerpass.__version__, torch=torch.__version__, config=cfg.fingerprint(),
+                                passes=pass_uuid, piece=sig.key, use_layername=layerpass.USE_LAYERNAME)
+                info = PieceInfo(target, "compiled", key, layer, constants=sig.constants)
+                info.shape_key = sig.shape_key  # type: ignore[attr-defined]
+                context = {"str_constants": [c[2] for c in sig.constants], "piece": target, "layer": layer}
+                if key in compiled:
+                    info.source = "shared"
+                else:
+                    entry = None if cfg.disable_cache else backend.cache.load(key)
+                    if entry is not None:
+                        compiled[key] = (entry.artifact, entry.meta.get("stats", {}))
+                        info.source = "cache"
+                        report.num_cache_hits += 1
+                    else:
+                        artifact, stats = backend._compile_piece(target, sub, list(args), context)
+                        stats = backend._resolve_stats(key, stats)
+                        compiled[key] = (artifact, stats)
+                        info.source = "compiled"
+                        report.num_compiled += 1
+                        for name, s in stats.get("passes", {}).items():
+                            report.matches_compiled[name] = report.matches_compiled.get(name, 0) + int(s["matches"])
+                            report.pass_time_s[name] = report.pass_time_s.get(name, 0.0) + float(s["time_s"])
+                        report.pass_failures.extend(stats.get("failures", []))
+                        if not cfg.disable_cache:
+                            backend.cache.store(key, artifact, {"stats": stats, "piece": target, "torch": torch.__version__})
+                artifact, stats = compiled[key]
+                for name, s in stats.get("passes", {}).items():
+                    report.matches[name] = report.matches.get(name, 0) + int(s["matches"])
+                    report.registrations[name] = max(report.registrations.get(name, 0), int(s.get("registrations", 0)))
+                report.num_pieces += 1
+                report.pieces.append(info)
+                setattr(split_gm, target, backend._runner(sub, args, artifact, target, context))
+                return out
+
+        with fake_mode:
+            PieceCompiler(split_gm).run(*fake_args)
+        report.num_unique_pieces = len(compiled)
+        report.compile_s = time.perf_counter() - t_enter
+        report.total_s = report.dynamo_s + report.compile_s
+        publish(report)
+        split_gm.recompile()
+        return split_gm.forward
+
+    def _resolve_stats(self, key: str, stats: dict[str, Any]) -> dict[str, Any]:
+        """Inductor may serve a piece from its own cache without running our passes; the
+        stats of the run that did are kept in a sidecar next to Inductor's cache."""
+        path = _stats_sidecar(key)
+        if stats.get("passes_ran"):
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump(stats, f)
+                os.replace(tmp, path)
+            return stats
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                return json.load(f)
+        logger.info("layerpass: Inductor served a piece from its cache; pass stats unavailable for it")
+        return stats
+
+    def _runner(self, sub: fx.GraphModule, fake_args: Sequence[Any], artifact: Any, name: str,
+                context: dict[str, Any]) -> nn.Module:
+        out_node = next(n for n in reversed(sub.graph.nodes) if n.op == "output")
+        single = isinstance(out_node.args[0], fx.Node)
+        token_arg = next((i for i, a in enumerate(fake_args) if isinstance(a, torch.Tensor) and a.dim() > 0
+                          and isinstance(a.shape[0], torch.SymInt)), None)
+        compile_static = None
+        if self.config.compile_sizes:
+            def compile_static(real_args: list[Any]) -> Callable[..., Any]:
+                art, _ = self._compile_piece(f"{name}-static", sub, real_args, context, static=True)
+                return art
+        runner = PieceRunner(artifact, single, token_arg, compile_static, self.config.compile_sizes)
+        return _RunnerModule(runner)
+
+
+class _RunnerModule(nn.Module):
+    def __init__(self, runner: PieceRunner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, *args: Any) -> Any:
+        return self.runner(*args)
+
+
+_default_backend: LayerpassBackend | None = None
+
+
+def layerpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """The ``backend="layerpass"`` entry point (default ``CompilationConfig``)."""
+    global _default_backend
+    if _default_backend is None:
+        _default_backend = LayerpassBackend()
+    return _default_backend(gm, example_inputs)
+
+
+class CompiledModel(nn.Module):
+    """What ``layerpass.compile`` returns: the model compiled with a layerpass backend.
+
+    With ``dynamic_tokens`` the first dimension of every tensor input is marked dynamic
+    before the first call, so a new token count never recompiles."""
+
+    def __init__(self, model: nn.Module, config: CompilationConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.backend = LayerpassBackend(config)
+        self.compiled = torch.compile(model, backend=self.backend)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.config.dynamic_tokens:
+            for a in list(args) + list(kwargs.values()):
+                if isinstance(a, torch.Tensor) and a.dim() > 0:
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+        return self.compiled(*args, **kwargs)
+
+    @property
+    def recompiles(self) -> int:
+        return max(0, self.backend.num_calls - 1)
+
+
+def compile(model: nn.Module, config: CompilationConfig | None = None) -> CompiledModel:
+    """Compile ``model`` with the layerpass backend; call the result like the model."""
+    return CompiledModel(model, config or CompilationConfig())

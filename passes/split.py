@@ -1,0 +1,114 @@
+"""Split a Dynamo graph into pieces with ``torch.fx.passes.split_module``.
+
+- ``"layers"``: one piece per repeated decoder layer (children of the model's largest
+  ``ModuleList``, found from each node's ``nn_module_stack``), plus a prologue and an epilogue.
+- ``"ops"``: cut around each splitting op; the op is a piece of its own that runs eagerly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.fx.passes.split_module import split_module
+
+_INDEXED = re.compile(r"^(.*?)(?:\[(\d+)\]|\.(\d+))$")
+
+
+@dataclass
+class SplitResult:
+    graph_module: fx.GraphModule  # calls submod_<n> in order
+    piece_layers: dict[str, int | None]  # submodule name -> decoder-layer index
+    eager_pieces: set[str]  # submodule names that run eagerly (splitting ops)
+    layer_container: str | None = None
+
+
+def op_name(target: object) -> str | None:
+    """``"namespace.op"`` for an OpOverload/OpOverloadPacket target, else None."""
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return str(target._qualified_op_name).replace("::", ".")
+    return None
+
+
+def _layer_paths(node: fx.Node) -> list[tuple[str, int]]:
+    out = []
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        m = _INDEXED.match(path)
+        if m:
+            out.append((m.group(1), int(m.group(2) or m.group(3))))
+    return out
+
+
+def find_layer_container(gm: fx.GraphModule) -> str | None:
+    """The module path whose indexed children cover the most distinct indices (the decoder layers)."""
+    seen: dict[str, set[int]] = {}
+    for node in gm.graph.nodes:
+        for parent, idx in _layer_paths(node):
+            seen.setdefault(parent, set()).add(idx)
+    if not seen:
+        return None
+    best = max(seen.items(), key=lambda kv: (len(kv[1]), -len(kv[0])))
+    return best[0] if len(best[1]) >= 2 else None
+
+
+def split_by_layers(gm: fx.GraphModule) -> SplitResult:
+    container = find_layer_container(gm)
+    compute = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    layer_of: dict[fx.Node, int | None] = {}
+    for node in compute:
+        idx = [i for parent, i in _layer_paths(node) if parent == container]
+        layer_of[node] = idx[0] if idx else None
+    layer_nodes = [n for n in compute if layer_of[n] is not None]
+    if container is None or not layer_nodes:
+        part = {n: 0 for n in compute}
+        piece_layers = {"submod_0": None}
+    else:
+        first, last = compute.index(layer_nodes[0]), compute.index(layer_nodes[-1])
+        order = sorted({layer_of[n] for n in layer_nodes})
+        rank = {layer: r + 1 for r, layer in enumerate(order)}  # 0 = prologue, len+1 = epilogue
+        part = {}
+        pending: list[fx.Node] = []
+        for pos, node in enumerate(compute):
+            if pos < first:
+                part[node] = 0
+            elif pos > last:
+                part[node] = len(order) + 1
+            elif layer_of[node] is None:
+                pending.append(node)  # glue between layers joins the next layer
+            else:
+                current = rank[layer_of[node]]
+                if part and current < max(part.values()):
+                    current = max(part.values())  # keep partitions monotone in graph order
+                for p in pending:
+                    part[p] = current
+                pending.clear()
+                part[node] = current
+        inv = {r: layer for layer, r in rank.items()}
+        piece_layers = {f"submod_{r}": inv.get(r) for r in set(part.values())}
+    split = split_module(gm, None, lambda n: part[n], keep_original_order=True)
+    names = {name for name, _ in split.named_children()}
+    return SplitResult(split, {k: v for k, v in piece_layers.items() if k in names}, set(), container)
+
+
+def split_by_ops(gm: fx.GraphModule, splitting_ops: tuple[str, ...]) -> SplitResult:
+    part: dict[fx.Node, int] = {}
+    current = 0
+    eager: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_function" and op_name(node.target) in splitting_ops:
+            current += 1
+            part[node] = current
+            eager.add(current)
+            current += 1
+        else:
+            part[node] = current
+    split = split_module(gm, None, lambda n: part[n], keep_original_order=True)
+    names = {name for name, _ in split.named_children()}
+    return SplitResult(split, {n: None for n in names}, {f"submod_{i}" for i in eager} & names)
