@@ -11,7 +11,7 @@ import torch
 from .forward_context import BatchMetadata, get_batch_metadata
 from .layer_name import LayerNameType
 from .library import layerpass_op
-from .quant import FP8_DTYPE, quantize_fp8
+from .quant import FP8_DTYPE, _check_scale, quantize_fp8
 from .state import lookup_layer
 
 
@@ -57,6 +57,18 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: BatchMe
 
 
 def _check(query, key, value, output, layer, output_scale) -> None:
+    for arg, x in (("query", query), ("key", key), ("value", value), ("output", output)):
+        if x.dim() != 3:
+            raise ValueError(f"attention: {arg} must be 3-D [tokens, heads, head_size], got shape {tuple(x.shape)}")
+    if not query.is_floating_point() or query.dtype == FP8_DTYPE or key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(
+            f"attention: query, key and value must share one float dtype (fp16/bf16/fp32), got "
+            f"{query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if output.dtype not in (query.dtype, FP8_DTYPE):
+        raise ValueError(f"attention: output dtype must be the query's ({query.dtype}) or {FP8_DTYPE}, got {output.dtype}")
+    if output_scale is not None:
+        _check_scale(output_scale)
     t, hq, d = query.shape
     if key.shape != value.shape or key.shape[0] != t or key.shape[2] != d:
         raise ValueError(f"attention: key {tuple(key.shape)} / value {tuple(value.shape)} do not match query {tuple(query.shape)}")
@@ -96,6 +108,11 @@ def unified_attention_with_output(
     layer = lookup_layer(layer_name)
     _check(query, key, value, output, layer, output_scale)
     md = get_batch_metadata()
+    if md.slot_mapping.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"attention: {query.shape[0]} query tokens but the batch metadata has "
+            f"{md.slot_mapping.shape[0]} (slot_mapping); the step's tokens must match its metadata"
+        )
     write_kv_cache(layer.kv_cache, key, value, md.slot_mapping)
     out = paged_attention_ref(query, layer.kv_cache, md, layer.scale)
     if output_scale is not None:

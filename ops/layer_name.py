@@ -20,7 +20,7 @@ from layerpass.config import HAS_OPAQUE_TYPE, USE_LAYERNAME
 class LayerName:
     """Value-type wrapper of a layer's registered prefix (e.g. ``model.layers.3.self_attn.attn``)."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "__weakref__")  # proxy tracing (make_fx / AOT) keeps weak refs to inputs
 
     def __init__(self, value: str) -> None:
         if not isinstance(value, str):

@@ -59,8 +59,15 @@ def _check(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer) -> N
             f"moe: hidden_states [T, H] and router_logits [T, E] expected, got "
             f"{tuple(hidden_states.shape)} and {tuple(router_logits.shape)}"
         )
-    if router_logits.shape[1] != layer.w13_weight.shape[0]:
-        raise ValueError(f"moe: router_logits has {router_logits.shape[1]} experts, layer has {layer.w13_weight.shape[0]}")
+    num_experts, _, hidden = layer.w13_weight.shape
+    if router_logits.shape[1] != num_experts:
+        raise ValueError(f"moe: router_logits has {router_logits.shape[1]} experts, layer has {num_experts}")
+    if hidden_states.shape[1] != hidden:
+        raise ValueError(f"moe: hidden_states has hidden size {hidden_states.shape[1]}, the layer's experts take {hidden}")
+    if not hidden_states.is_floating_point() or not router_logits.is_floating_point():
+        raise ValueError(f"moe: hidden_states and router_logits must be float, got {hidden_states.dtype} and {router_logits.dtype}")
+    if not 1 <= layer.top_k <= num_experts:
+        raise ValueError(f"moe: top_k must be in [1, {num_experts}] (the number of experts), got {layer.top_k}")
 
 
 def moe_routed(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer) -> torch.Tensor:

@@ -10,6 +10,24 @@ import torch
 from .library import layerpass_op
 
 
+def check_norm_args(op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+    """Clear errors for what would otherwise fail deep in broadcasting (or silently cast)."""
+    if not x.is_floating_point() or x.dtype == torch.float8_e4m3fn:
+        raise ValueError(f"{op}: input must be fp16/bf16/fp32, got {x.dtype}")
+    if x.dim() < 1 or weight.shape != (x.shape[-1],):
+        raise ValueError(f"{op}: weight must have shape ({x.shape[-1] if x.dim() else '?'},) (the input's last dim), got {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"{op}: residual must match the input's shape {tuple(x.shape)} and dtype {x.dtype}, "
+            f"got {tuple(residual.shape)} {residual.dtype}"
+        )
+
+
+def check_silu_and_mul_arg(op: str, x: torch.Tensor) -> None:
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"{op} needs an even last dimension (gate and up halves), got shape {tuple(x.shape)}")
+
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
     xf = x.float()
     out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon)
@@ -18,6 +36,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch
 
 @layerpass_op("rms_norm", fake=lambda x, weight, epsilon: torch.empty_like(x))
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    check_norm_args("rms_norm", x, weight)
     return rms_norm_ref(x, weight, epsilon)
 
 
@@ -30,6 +49,7 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(rms_norm(x + residual), x + residual)``."""
+    check_norm_args("fused_add_rms_norm", x, weight, residual)
     summed = (x.float() + residual.float()).to(x.dtype)
     return rms_norm_ref(summed, weight, epsilon), summed
 
@@ -47,6 +67,5 @@ def _silu_fake(x):
 @layerpass_op("silu_and_mul", fake=_silu_fake)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` with ``d = x.shape[-1] // 2``."""
-    if x.shape[-1] % 2:
-        raise ValueError(f"silu_and_mul needs an even last dimension, got {x.shape[-1]}")
+    check_silu_and_mul_arg("silu_and_mul", x)
     return silu_and_mul_ref(x)

@@ -20,6 +20,11 @@ def _check_scale(scale: torch.Tensor) -> None:
         raise ValueError(f"static per-tensor FP8 needs a one-element scale, got shape {tuple(scale.shape)}")
 
 
+def _check_float_input(op: str, input: torch.Tensor) -> None:
+    if not input.is_floating_point() or input.dtype == FP8_DTYPE:
+        raise ValueError(f"{op}: input must be fp16/bf16/fp32 (the value to quantise), got {input.dtype}")
+
+
 def _quant_fake(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
     return None
 
@@ -28,6 +33,7 @@ def _quant_fake(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) 
 def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
     """Out-variant: ``result`` (fp8, same shape as ``input``) <- quantize(input / scale)."""
     _check_scale(scale)
+    _check_float_input("static_scaled_fp8_quant", input)
     if result.shape != input.shape or result.dtype != FP8_DTYPE:
         raise ValueError(
             f"static_scaled_fp8_quant: result must be {FP8_DTYPE} of shape {tuple(input.shape)}, "
@@ -44,6 +50,7 @@ def _quant_functional_fake(input: torch.Tensor, scale: torch.Tensor) -> torch.Te
 def static_scaled_fp8_quant_functional(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Functional form of ``static_scaled_fp8_quant``: returns the fp8 tensor."""
     _check_scale(scale)
+    _check_float_input("static_scaled_fp8_quant_functional", input)
     return quantize_fp8(input, scale)
 
 
@@ -63,6 +70,8 @@ def scaled_fp8_mm(
     """``(a @ b.T) * scale_a * scale_b (+ bias)``: fp8 ``a [..., K]``, fp8 weight ``b [N, K]``."""
     if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
         raise ValueError(f"scaled_fp8_mm takes {FP8_DTYPE} operands, got {a.dtype} and {b.dtype}")
+    if b.dim() != 2 or a.dim() < 1:
+        raise ValueError(f"scaled_fp8_mm: a must be [..., K] and the weight b 2-D [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[-1] != b.shape[1]:
         raise ValueError(f"scaled_fp8_mm: a [..., {a.shape[-1]}] does not match weight [N, {b.shape[1]}]")
     out = torch.matmul(a.float(), b.float().t()) * (scale_a.float() * scale_b.float())

@@ -126,7 +126,15 @@ class LayerpassBackend:
         compiled: dict[str, tuple[Any, dict[str, Any]]] = {}  # key -> (artifact, stats) within this compile
         backend = self
 
+        # piece inputs that are graph inputs map to the real tensors/objects (for passes that check identity)
+        split_placeholders = [n for n in split_gm.graph.nodes if n.op == "placeholder"]
+        real_of = dict(zip(split_placeholders, example_inputs))
+
         class PieceCompiler(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                self.current = n
+                return super().run_node(n)
+
             def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
                 sub = getattr(split_gm, target)
                 out = super().call_module(target, args, kwargs)
@@ -140,7 +148,8 @@ class LayerpassBackend:
                                 passes=pass_uuid, piece=sig.key, use_layername=layerpass.USE_LAYERNAME)
                 info = PieceInfo(target, "compiled", key, layer, constants=sig.constants)
                 info.shape_key = sig.shape_key  # type: ignore[attr-defined]
-                context = {"str_constants": [c[2] for c in sig.constants], "piece": target, "layer": layer}
+                real_inputs = [real_of.get(a) if isinstance(a, fx.Node) else None for a in self.current.args]
+                context = {"str_constants": sig.constants, "piece": target, "layer": layer, "real_inputs": real_inputs}
                 if key in compiled:
                     info.source = "shared"
                 else:

@@ -1,0 +1,18 @@
+"""``SiluAndMul`` over the ``silu_and_mul`` op (the act+quant fusion's anchor)."""
+
+from __future__ import annotations
+
+import torch
+
+from .pluggable import PluggableLayer
+
+
+@PluggableLayer.register("silu_and_mul")
+class SiluAndMul(PluggableLayer):
+    """``x [..., 2d] -> silu(x[..., :d]) * x[..., d:]``."""
+
+    def __init__(self, prefix: str = "") -> None:
+        super().__init__(prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.layerpass.silu_and_mul(x)

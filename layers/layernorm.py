@@ -1,0 +1,32 @@
+"""``RMSNorm`` over the ``rms_norm`` / ``fused_add_rms_norm`` ops (single graph nodes the
+norm+quant fusion matches)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .pluggable import PluggableLayer
+from .weights import init_normal
+
+
+@PluggableLayer.register("rms_norm")
+class RMSNorm(PluggableLayer):
+    """``forward(x)`` -> normed; ``forward(x, residual)`` -> ``(norm(x + residual), x + residual)``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype: torch.dtype | None = None, prefix: str = "") -> None:
+        super().__init__(prefix)
+        if hidden_size <= 0 or not eps > 0:
+            raise ValueError(f"RMSNorm {prefix!r}: hidden_size must be > 0 and eps > 0, got {hidden_size}, {eps}")
+        self.hidden_size = hidden_size
+        self.variance_epsilon = eps
+        # Near one but not exactly: tests then see a wrong or missing weight.
+        weight = init_normal(prefix, "weight", (hidden_size,), std=0.05, mean=1.0)
+        self.weight = nn.Parameter(weight.to(params_dtype or torch.get_default_dtype()), requires_grad=False)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return torch.ops.layerpass.rms_norm(x, self.weight, self.variance_epsilon)
+        return torch.ops.layerpass.fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
