@@ -18,7 +18,7 @@ $(VENV)/.torch: | $(VENV)/bin/python
 	touch $@
 
 install-test: $(VENV)/.torch
-	$(PIP) install -q "$(TORCH_SPEC)" -e ".[test,transformers]" build
+	$(PIP) install -q "$(TORCH_SPEC)" -e ".[test,transformers,triton]" build
 
 install-bench: $(VENV)/.torch
 	$(PIP) install -q "$(TORCH_SPEC)" -e ".[bench]"
