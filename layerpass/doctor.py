@@ -15,6 +15,7 @@ or a callable that runs a given function on them inside whatever context the mod
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -110,8 +111,15 @@ class DoctorReport:
         return "\n".join(lines)
 
 
+_TORCH_OPS = re.compile(r"^torch\._ops\.(\w+)\.(?:.*\.)?(\w+)$")
+
+
 def _op_label(target: str) -> str:
-    """``layerpass.moe_forward.default`` -> ``layerpass.moe_forward``."""
+    """A readable op name: ``layerpass.moe_forward`` for ``layerpass.moe_forward.default`` or for the
+    ``torch._ops.<namespace>.<module noise>.<op>`` that a custom op's qualified name can render as."""
+    m = _TORCH_OPS.match(target)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}"
     return target[: -len(".default")] if target.endswith(".default") else target
 
 

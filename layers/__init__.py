@@ -10,6 +10,7 @@ from .distributed import (
 )
 from .fused_moe import FusedMoE
 from .layernorm import RMSNorm
+from .linear_attention import BailingMoELinearAttention, BailingRMSNormGated, linear_attention_slopes
 from .linear import (
     ColumnParallelLinear,
     LinearBase,
@@ -47,4 +48,5 @@ __all__ = [
     "oot_layers", "LORA_CLASSES", "BaseLayerWithLoRA", "ColumnParallelLinearWithLoRA", "FusedMoE3DWithLoRA",
     "FusedMoEWithLoRA", "LoRAConfig", "MergedColumnParallelLinearWithLoRA", "MergedQKVParallelLinearWithLoRA",
     "QKVParallelLinearWithLoRA", "RowParallelLinearWithLoRA", "apply_lora", "RotaryEmbedding", "ParallelLMHead", "VocabParallelEmbedding", "init_seed_scope",
+    "BailingMoELinearAttention", "BailingRMSNormGated", "linear_attention_slopes",
 ]

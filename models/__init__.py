@@ -15,7 +15,7 @@ from .step import Request, Step, make_step
 
 from . import llama, moe  # noqa: E402,F401  (register "llama", "llama-fp8", "moe")
 
-for _optional in ("bailing",):
+for _optional in ("bailing", "hf"):
     if importlib.util.find_spec(f"{__name__}.{_optional}") is not None:
         importlib.import_module(f"{__name__}.{_optional}")
 

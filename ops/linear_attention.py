@@ -64,6 +64,11 @@ def check_inputs(
         raise ValueError(
             f"{where}: the layer needs a state_cache of shape [num_state_slots, {h}, {dk}, {dv}], got {got}"
         )
+    if state_cache.device != query.device:
+        raise ValueError(
+            f"{where}: the layer's state_cache is on {state_cache.device} but query is on {query.device}; "
+            f"move it with the model (it is a plain attribute, which Module.to does not move)"
+        )
     if state_cache.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{where}: state_cache must be a float tensor ({_FLOAT_DTYPES}), got {state_cache.dtype}")
     if slopes is None or tuple(slopes.shape) != (h,):

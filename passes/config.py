@@ -50,10 +50,17 @@ class CompilationConfig:
     def __post_init__(self) -> None:
         if self.split not in SPLIT_MODES:
             raise ValueError(f"CompilationConfig.split={self.split!r}; allowed: {', '.join(SPLIT_MODES)}")
+        if isinstance(self.splitting_ops, str) or not isinstance(self.splitting_ops, (tuple, list)):
+            raise TypeError(f"splitting_ops must be a tuple of 'namespace.op_name' strings, got {self.splitting_ops!r}")
+        for op in self.splitting_ops:
+            if not isinstance(op, str):
+                raise TypeError(f"splitting op {op!r} must be a str written 'namespace.op_name'")
         self.splitting_ops = tuple(op.replace("::", ".") for op in self.splitting_ops)
         for op in self.splitting_ops:
-            if not isinstance(op, str) or op.count(".") != 1:
+            if op.count(".") != 1 or not all(op.split(".")):
                 raise ValueError(f"splitting op {op!r} must be written 'namespace.op_name' (e.g. 'layerpass.unified_attention_with_output')")
+        if isinstance(self.compile_sizes, (str, bytes)) or not isinstance(self.compile_sizes, (tuple, list, set, frozenset)):
+            raise TypeError(f"compile_sizes must be a tuple of positive ints, got {self.compile_sizes!r}")
         sizes = tuple(self.compile_sizes)
         if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
             raise ValueError(f"compile_sizes must be positive ints, got {self.compile_sizes!r}")

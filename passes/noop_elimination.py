@@ -22,6 +22,11 @@ def _val(node: object) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def _contiguous(node: object) -> bool:
+    v = _val(node)
+    return v is not None and v.is_contiguous()
+
+
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
 
@@ -36,8 +41,11 @@ class NoOpEliminationPass(LayerpassPass):
                 continue
             if node.target in _VIEWS:
                 src = node.args[0]
-                # view(view(x, s1), s2) -> view(x, s2): the middle view is skipped
-                while isinstance(src, fx.Node) and src.target in _VIEWS and len(src.users) == 1:
+                # view(view(x, s1), s2) -> view(x, s2): the middle view is skipped. Only valid when
+                # the outer op is a reshape (it copies if it must) or x is contiguous: a reshape in the
+                # middle may have copied a non-contiguous x that a view of x itself cannot express.
+                while isinstance(src, fx.Node) and src.target in _VIEWS and len(src.users) == 1 and (
+                        node.target is aten.reshape.default or _contiguous(src.args[0])):
                     node.replace_input_with(src, src.args[0])
                     graph.erase_node(src)
                     src = node.args[0]

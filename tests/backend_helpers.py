@@ -26,10 +26,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULT_PREFIX = "LAYERPASS-TEST-RESULT:"
@@ -72,6 +74,10 @@ INDUCTOR_CACHE_DIR = _session_inductor_dir()
 os.environ[SESSION_ENV] = INDUCTOR_CACHE_DIR
 # In-process compiles use it too (Inductor reads the variable on every cache access).
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = INDUCTOR_CACHE_DIR
+# Every ``layerpass.compile`` is a new backend, and Dynamo counts each backend's entry against
+# the per-code-object recompile limit (8): a worker compiling CausalLM.forward more often would
+# silently fall back to eager. Tests compile many models of one class, so raise it here.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def fresh_cache_dir(tag: str = "lp") -> str:
@@ -107,8 +113,11 @@ class Compiled:
 
 
 def compile_zoo(name: str, num_layers: int, *, cache_dir: str | None = None, step: dict[str, Any] | None = None,
-                **config: Any) -> Compiled:
-    """Build zoo model ``name``, run the step eagerly, compile with ``layerpass.compile`` and run it."""
+                setup: Callable[[Any], None] | None = None, **config: Any) -> Compiled:
+    """Build zoo model ``name``, run the step eagerly, compile with ``layerpass.compile`` and run it.
+
+    ``setup(compiled_model)`` runs before the first call (the compile is lazy), e.g. to
+    install an extra pass into its backend's pass manager."""
     import layerpass
     from layerpass.models import build_model, make_step
     from layerpass.passes.config import CompilationConfig
@@ -120,6 +129,8 @@ def compile_zoo(name: str, num_layers: int, *, cache_dir: str | None = None, ste
     with torch.no_grad():
         ref = s.run(model)
         compiled = layerpass.compile(model, CompilationConfig(cache_dir=cache_dir, **config))
+        if setup is not None:
+            setup(compiled)
         before = len(compile_reports())
         out = s.run(compiled)
     reports = compile_reports()
@@ -131,6 +142,36 @@ def compile_zoo(name: str, num_layers: int, *, cache_dir: str | None = None, ste
 def compiled_zoo(name: str, num_layers: int, split: str = "layers") -> Compiled:
     """``compile_zoo`` memoised per process: tests in one worker share these compiles."""
     return compile_zoo(name, num_layers, split=split)
+
+
+# ---------------------------------------------------------------------------- a toy model
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.relu.default(self.lin(x)) + x  # an OpOverload, so split_by_ops can cut at it
+
+
+class Stack(nn.Module):
+    """Plain torch (no layerpass op): an input projection, a ``ModuleList`` of blocks, a head.
+
+    Cheap to compile, and usable where ``layerpass`` must not be imported yet."""
+
+    def __init__(self, layers: int, width: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.inp = nn.Linear(width, width)
+            self.layers = nn.ModuleList(Block(width) for _ in range(layers))
+            self.out = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x) * 2
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(x).sum(-1)
 
 
 # ---------------------------------------------------------------------------- subprocesses

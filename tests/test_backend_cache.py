@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -128,8 +127,8 @@ def test_cache_load_rejects_every_kind_of_corruption(cold: bh.Compiled, kind: st
     assert not os.path.exists(entry), "an unusable entry must be removed"
 
 
-def test_cache_load_of_an_intact_entry_runs(cold: bh.Compiled) -> None:
-    """The loaded artifact computes what the piece computed (the prologue: embedding lookup)."""
+def test_cache_load_of_an_intact_entry(cold: bh.Compiled) -> None:
+    """An intact entry loads with its metadata; an absent key is a plain miss (no warning needed)."""
     prologue = cold.report.pieces[0]
     entry = ArtifactCache(cold.cache_dir).load(prologue.key)
     assert entry is not None and entry.meta["piece"] == prologue.name
@@ -151,6 +150,7 @@ emit({{"report": bh.report_dict(c.report), "out": c.out.tolist(), "ref": c.ref.t
 """
 
 
+@pytest.mark.slow  # two fresh processes at once: ~40 s on 2 cores
 def test_two_processes_compile_into_one_cache_dir_at_once(cold: bh.Compiled) -> None:
     shared, barrier = bh.fresh_cache_dir("concurrent"), bh.fresh_cache_dir("barrier")
     body = CONCURRENT_BODY.format(barrier=barrier, cache_dir=shared)

@@ -112,29 +112,6 @@ def test_split_ops_runs_attention_eagerly() -> None:
 
 
 # ---------------------------------------------------------------- the splitter without Inductor
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.relu.default(self.lin(x)) + x  # an OpOverload, so split_by_ops can cut at it
-
-
-class Stack(nn.Module):
-    def __init__(self, layers: int, width: int = 8) -> None:
-        super().__init__()
-        self.inp = nn.Linear(width, width)
-        self.layers = nn.ModuleList(Block(width) for _ in range(layers))
-        self.out = nn.Linear(width, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inp(x) * 2
-        for layer in self.layers:
-            x = layer(x)
-        return self.out(x).sum(-1)
-
-
 def dynamo_graph(model: nn.Module, *args: torch.Tensor) -> tuple[fx.GraphModule, list]:
     """The Dynamo graph and example inputs, captured by a backend that compiles nothing."""
     captured: list = []
@@ -152,8 +129,7 @@ def dynamo_graph(model: nn.Module, *args: torch.Tensor) -> tuple[fx.GraphModule,
 @settings(max_examples=5, deadline=None)
 @given(layers=st.integers(2, 5), tokens=st.integers(2, 6))
 def test_split_by_layers_on_a_toy_stack(layers: int, tokens: int) -> None:
-    torch.manual_seed(layers)
-    model = Stack(layers).eval()
+    model = bh.Stack(layers, seed=layers).eval()
     x = torch.randn(tokens, 8)
     gm, inputs = dynamo_graph(model, x)
     assert find_layer_container(gm).endswith("layers")
@@ -177,7 +153,7 @@ def test_split_by_layers_on_a_toy_stack(layers: int, tokens: int) -> None:
 
 
 def test_split_by_ops_isolates_the_splitting_op() -> None:
-    model = Stack(3).eval()
+    model = bh.Stack(3).eval()
     x = torch.randn(4, 8)
     gm, inputs = dynamo_graph(model, x)
     result = split_by_ops(gm, ("aten.relu",))

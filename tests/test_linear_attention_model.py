@@ -9,14 +9,15 @@ state consistency across steps, OOT replacement, its LM head name and under torc
 from __future__ import annotations
 
 import math
-import tempfile
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_linear_attention_op import closed_form  # tests/ is on sys.path (not a package)
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import backend_helpers as bh  # tests/ is on sys.path (not a package)
+from test_linear_attention_op import closed_form
 
 from layerpass.layers import Attention, init_seed_scope
 from layerpass.layers.linear_attention import BailingMoELinearAttention, BailingRMSNormGated, linear_attention_slopes
@@ -28,6 +29,11 @@ _MODELS: dict[tuple, torch.nn.Module] = {}
 
 
 def model_for(dtype=torch.float32, state_dtype=None, num_layers=2, **kw) -> torch.nn.Module:
+    """A cached small model. Reduced-precision models route every token to all experts: top-k
+    selection is discontinuous, so a one-ulp difference upstream may swap an expert and move the
+    logits by tens of percent; these tests are about the linear attention, not about routing."""
+    if dtype != torch.float32:
+        kw.setdefault("top_k", 8)  # == num_experts
     key = (dtype, state_dtype, num_layers, tuple(sorted(kw.items())))
     if key not in _MODELS:
         _MODELS[key] = build_model("bailing-hybrid", num_layers=num_layers, seed=4, dtype=dtype,
@@ -123,7 +129,9 @@ def reference_layer(attn: BailingMoELinearAttention, x, positions, s0):
 @settings(max_examples=8, deadline=None)
 @given(
     num_decodes=st.integers(0, 3),
-    prefills=st.lists(st.tuples(st.integers(1, 20), st.integers(0, 6)), max_size=3),
+    # (query_len, context_len): a resumed prefill (context > 0) has >= 2 tokens, else it is a decode
+    prefills=st.lists(st.tuples(st.integers(1, 20), st.integers(0, 6)).map(lambda p: (max(p[0], 2 if p[1] else 1), p[1])),
+                      max_size=3),
     norm_groups=st.sampled_from([1, 2, 4]),
     seed=st.integers(0, 2**16),
 )
@@ -278,23 +286,45 @@ def test_traces_as_one_graph_and_matches_eager():
     step.release()
 
 
-@pytest.mark.slow
-def test_layerpass_compile_matches_eager_and_pieces_do_not_grow():
+def _piece_keys(report) -> dict[int, str]:
+    return {p.layer: p.key for p in report.pieces if p.layer is not None}
+
+
+@pytest.mark.slow  # ~15 s of CPU for Inductor, far more wall time on the shared box
+def test_layerpass_compile_matches_eager_and_shares_pieces():
+    """Default config (split by layers): 6 layers compile to 5 unique pieces (prologue, first
+    layer, linear layers, softmax layers, epilogue); layer names are graph inputs, not constants."""
     import layerpass
 
-    cache_dir = tempfile.mkdtemp(prefix="layerpass-bailing-")
-    unique = []
-    for num_layers in (4, 6):
-        torch._dynamo.reset()
-        model = build_model("bailing-hybrid", num_layers=num_layers, seed=1)
-        compiled = layerpass.compile(model, layerpass.CompilationConfig(split="ops", cache_dir=cache_dir))
-        for seed, (nd, prefills) in enumerate([(2, [5, 9]), (1, [3])]):  # second batch: new token count
-            step = make_step(model, num_decodes=nd, prefill_lens=prefills, seed=seed)
-            eager = step.run()
-            torch.testing.assert_close(step.run(compiled), eager, atol=1e-5, rtol=1e-5)
-            step.release()
-        report = layerpass.last_compile_report()
-        assert report.num_eager_pieces == num_layers  # one splitting op per layer: linear or softmax attention
-        assert compiled.recompiles == 0
-        unique.append(report.num_unique_pieces)
-    assert unique[0] == unique[1], f"unique compiled pieces grew with the number of layers: {unique}"
+    c = bh.compiled_zoo("bailing-hybrid", 6)
+    bh.assert_matches(c.out, c.ref, "bailing-hybrid-6")
+    r = c.report
+    assert r.num_pieces == 6 + 2 and r.num_eager_pieces == 0, r.summary()
+    if not layerpass.USE_LAYERNAME:
+        pytest.skip("this process runs with the layer-name switch off")
+    keys = _piece_keys(r)
+    assert keys[2] == keys[4] != keys[1] == keys[3] == keys[5], keys  # linear layers share, softmax layers share
+    assert r.num_unique_pieces == 5, r.summary()
+    assert not any("layers." in str(x[2]) for p in r.pieces for x in p.constants)
+    step = make_step(c.model, num_decodes=1, prefill_lens=[7, 2], seed=9)  # a new token count
+    bh.assert_matches(step.run(c.compiled), step.run(c.model), "bailing-hybrid-6, second batch")
+    assert c.compiled.recompiles == 0
+    step.release()
+
+
+@pytest.mark.slow
+def test_unique_pieces_do_not_grow_with_layers():
+    small, large = bh.compiled_zoo("bailing-hybrid", 4), bh.compiled_zoo("bailing-hybrid", 8)
+    bh.assert_matches(large.out, large.ref, "bailing-hybrid-8")
+    assert small.report.num_unique_pieces == large.report.num_unique_pieces, (small.report.summary(), large.report.summary())
+
+
+@pytest.mark.slow
+def test_split_ops_runs_linear_attention_eagerly():
+    """``linear_attention`` is a default splitting op: with ``split="ops"`` it runs between pieces."""
+    from layerpass.passes.config import DEFAULT_SPLITTING_OPS
+
+    assert "layerpass.linear_attention" in DEFAULT_SPLITTING_OPS
+    c = bh.compiled_zoo("bailing-hybrid", 4, split="ops")
+    bh.assert_matches(c.out, c.ref, "bailing-hybrid-4 split=ops")
+    assert c.report.num_eager_pieces == 4  # two linear-attention ops, two softmax-attention ops

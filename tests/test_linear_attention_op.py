@@ -229,6 +229,8 @@ def test_compiles_fullgraph_and_matches_eager():
         (lambda md, layer, out: setattr(md, "has_initial_state", None), "has_initial_state of shape"),
         (lambda md, layer, out: setattr(md, "num_decode_tokens", 2), "exactly one query token"),
         (lambda md, layer, out: setattr(layer, "state_cache", torch.zeros(4, H, DK, DK)), "state_cache of shape"),
+        (lambda md, layer, out: setattr(layer, "state_cache", torch.zeros(4, H, DK, DV, device="meta")), "is on meta"),
+        (lambda md, layer, out: setattr(layer, "state_cache", torch.zeros(4, H, DK, DV, dtype=torch.int32)), "float tensor"),
         (lambda md, layer, out: delattr(layer, "slopes"), "decay slopes"),
         (lambda md, layer, out: setattr(layer, "block_size", 0), "block_size must be a positive int"),
         (lambda md, layer, out: out.resize_(3, H, DV), "must have the value's shape"),

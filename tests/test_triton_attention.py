@@ -7,7 +7,7 @@ from test_triton_common import assert_fp8_close, load_interpreted
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -84,7 +84,9 @@ def _run(fn, md, cache, q, k, v, scale, output_scale=None):
     return out, layer.kv_cache
 
 
-@settings(max_examples=14, deadline=None)
+# No shrink phase: every example runs kernels on the interpreter, and shrinking one failure
+# takes minutes; the failing example is printed as generated.
+@settings(max_examples=14, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(b=batches(), quant=st.booleans())
 def test_attention_matches_cpu_op(b: dict, quant: bool) -> None:
     md, cache, q, k, v = _setup(b)
@@ -93,8 +95,8 @@ def test_attention_matches_cpu_op(b: dict, quant: bool) -> None:
     out, new_cache = _run(attention.unified_attention_with_output, md, cache, q, k, v, scale, out_scale)
     ref, ref_cache = _run(ops.unified_attention_with_output, md, cache, q, k, v, scale, out_scale)
     assert torch.equal(new_cache, ref_cache)  # the KV write is a copy (plus the same cast)
-    if quant:
-        assert_fp8_close(out, ref)
+    if quant:  # half dtypes: the output tolerance below, in the quantised domain
+        assert_fp8_close(out, ref, atol=0.0 if q.dtype == torch.float32 else 2e-2 / 0.02)
     elif q.dtype == torch.float32:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     else:  # probabilities enter the P @ V dot in the model dtype (as on the GPU)

@@ -1,12 +1,12 @@
 """Shared set-up for the Triton kernel tests, plus tests of the exact FP8 rounding helper.
 
-The kernels run on CPU tensors under the Triton interpreter. Triton decides per ``@triton.jit``
-at decoration time whether a function is interpreted, and that includes its own library
-(``tl.sum``, ``tl.cumsum`` ... are jit functions created when ``triton`` is first imported);
-the interpreter also reads ``TRITON_INTERPRET`` while a kernel runs. So the variable is set
-here, before the first ``import triton``, and left set for the test process: a CPU tensor can
-only run through the interpreter anyway. If something imported triton earlier without it, the
-kernels cannot run on CPU and these tests skip with that reason.
+The kernels run on CPU tensors under the Triton interpreter. ``@triton.jit`` decides at
+decoration time whether a function is interpreted, and the interpreter reads
+``TRITON_INTERPRET`` again while a kernel runs; so the variable is set here, before the kernel
+modules are imported, and left set for the test process (a CPU tensor can only run through the
+interpreter anyway). The kernels use none of triton's own ``@jit`` helpers (``tl.sum`` ...),
+so it does not matter whether something imported triton earlier. If a kernel module itself was
+imported earlier without the variable, these tests skip with that reason.
 """
 
 from __future__ import annotations
@@ -31,15 +31,13 @@ from layerpass.ops import FP8_DTYPE, FP8_MAX  # noqa: E402
 
 KERNEL_PACKAGE = "layerpass.ops.triton"
 _NOT_INTERPRETED = (
-    "triton was imported before TRITON_INTERPRET=1 was set, so its kernels target a GPU and cannot "
-    "run on CPU tensors; run the tests/test_triton_*.py files in a fresh process"
+    "the kernel module was imported before TRITON_INTERPRET=1 was set, so its kernels target a GPU "
+    "and cannot run on CPU tensors; run the tests/test_triton_*.py files in a fresh process"
 )
 
 
 def load_interpreted(name: str) -> ModuleType:
-    """Import ``layerpass.ops.triton.<name>``, skipping the calling module if the interpreter is off."""
-    if not isinstance(triton.language.standard.sum, InterpretedFunction):
-        pytest.skip(_NOT_INTERPRETED, allow_module_level=True)
+    """Import ``layerpass.ops.triton.<name>``, skipping the calling module if its kernels target a GPU."""
     module = importlib.import_module(f"{KERNEL_PACKAGE}.{name}")
     kernels = [v for v in vars(module).values() if isinstance(v, triton.runtime.JITFunction)]
     if any(not isinstance(v, InterpretedFunction) for v in kernels):
@@ -57,15 +55,20 @@ def fp8_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ordinal(a) - ordinal(b)).abs()
 
 
-def assert_fp8_close(out: torch.Tensor, ref: torch.Tensor, max_ulps: int = 1) -> None:
-    """fp8 results may differ from the reference by ``max_ulps`` grid steps, where the float32
-    value before rounding differed in its last bits (a sum order, exp) and straddled a tie."""
+def assert_fp8_close(out: torch.Tensor, ref: torch.Tensor, max_ulps: int = 1, atol: float = 0.0) -> None:
+    """Each fp8 value within ``max_ulps`` grid steps of the reference, or within ``atol`` of it.
+
+    One step: the float32 value before rounding differed in its last bits (a sum order, an
+    ``exp``) and straddled a rounding boundary. ``atol`` (in the quantised domain, i.e. the
+    kernel's own tolerance divided by the scale) covers kernels that compute in the model
+    dtype, whose absolute error spans several of the fine fp8 steps near zero."""
     assert out.dtype == FP8_DTYPE and ref.dtype == FP8_DTYPE, (out.dtype, ref.dtype)
     assert out.shape == ref.shape, (out.shape, ref.shape)
     dist = fp8_ulps(out, ref)
-    assert (int(dist.max()) if dist.numel() else 0) <= max_ulps, (
-        f"{int((dist > max_ulps).sum())} of {dist.numel()} fp8 values differ by more than {max_ulps} step(s); "
-        f"worst {int(dist.max())}"
+    bad = (dist > max_ulps) & ((out.float() - ref.float()).abs() > atol)
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} of {bad.numel()} fp8 values differ by more than {max_ulps} step(s) and {atol}; "
+        f"e.g. {out.float()[bad][:4].tolist()} vs reference {ref.float()[bad][:4].tolist()}"
     )
 
 

@@ -23,12 +23,12 @@ def _inputs(seed: int, shape: tuple[int, ...], dtype: torch.dtype, scale: float 
     return (torch.randn(shape, generator=g) * scale).to(dtype)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
-    rows=st.integers(1, 6),
-    h=st.integers(1, 200),
+    rows=st.integers(1, 4),
+    h=st.integers(1, 160),
     dtype=DTYPES,
-    block=st.sampled_from([None, 16, 64]),  # small tiles force the chunked row loop
+    block=st.sampled_from([None, 32]),  # a small tile forces the chunked row loop
     eps=st.sampled_from([1e-6, 1e-5, 0.1]),
     seed=st.integers(0, 2**16),
 )

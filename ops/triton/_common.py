@@ -19,11 +19,34 @@ import triton.language as tl
 
 from ..quant import FP8_DTYPE, FP8_MAX
 
+# Reductions and scans call ``tl.reduce`` / ``tl.associative_scan`` with triton's own combine
+# functions instead of ``tl.sum`` / ``tl.max`` / ``tl.cumsum`` (and ``tl.full`` instead of
+# ``tl.zeros``). Those wrappers are ``@jit`` functions of triton's standard library, fixed as
+# compiled or interpreted when ``triton`` is first imported, so a kernel calling them cannot
+# run on the interpreter in a process that imported triton earlier (importing torch._inductor
+# does). The combine functions are never called by the interpreter: it recognises them by
+# identity and reduces with numpy; compiled, this is exactly what ``tl.sum`` etc. expand to.
+@triton.jit
+def reduce_sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def reduce_max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def cumsum(x, axis: tl.constexpr):
+    return tl.associative_scan(x, axis, tl.standard._sum_combine)
+
+
 @triton.jit
 def fp8_round(x):
     """Saturate float32 ``x`` to +-448 and round it onto the e4m3 grid (RNE, signed zero kept)."""
-    nan = tl.PropagateNan.ALL  # like torch.clamp: NaN stays NaN (the fp8 NaN)
-    x = tl.minimum(tl.maximum(x, -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
+    # like torch.clamp, NaN stays NaN (and encodes as the fp8 NaN)
+    x = tl.maximum(x, -448.0, propagate_nan=tl.PropagateNan.ALL)
+    x = tl.minimum(x, 448.0, propagate_nan=tl.PropagateNan.ALL)
     bits = x.to(tl.int32, bitcast=True)
     # e4m3: 3 mantissa bits, smallest normal exponent -6 (subnormals share its 2**-9 step).
     exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
@@ -120,5 +143,5 @@ def scale_as_f32(scale: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "as_fp8_bytes", "cast_rne", "fp8_e4m3_bits", "fp8_round", "quantize_fp8_value", "row_block", "dot_block", "scale_as_f32",
-    "DOT_NATIVE", "DOT_IEEE", "DOT_UPCAST", "dot_f32acc", "dot_mode",
+    "DOT_NATIVE", "DOT_IEEE", "DOT_UPCAST", "dot_f32acc", "dot_mode", "cumsum", "reduce_max", "reduce_sum",
 ]

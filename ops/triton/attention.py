@@ -26,7 +26,9 @@ from ..attention import _check, write_kv_cache
 from ..forward_context import BatchMetadata, get_batch_metadata
 from ..layer_name import LayerNameType
 from ..state import lookup_layer
-from ._common import as_fp8_bytes, cast_rne, dot_block, dot_f32acc, dot_mode, quantize_fp8_value, scale_as_f32
+from ._common import (
+    as_fp8_bytes, cast_rne, dot_block, dot_f32acc, dot_mode, quantize_fp8_value, reduce_max, reduce_sum, scale_as_f32,
+)
 
 _KERNEL_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -100,8 +102,8 @@ def _paged_attention_kernel(
         kv_head = head // GROUP
         # finite start: fully masked rows (padding) then give exp(-inf - m) = 0, never NaN
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
         kv_end = tl.minimum(seq_len, context + tl.minimum(q_len, (local + 1) * BLOCK_M))  # causal bound
         bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
         for start in range(0, kv_end, BLOCK_N):
@@ -114,10 +116,10 @@ def _paged_attention_kernel(
             s = dot_f32acc(q, tl.trans(k), DOT) * sm_scale
             causal = m_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(causal, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_new = tl.maximum(m_i, reduce_max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            l_i = l_i * alpha + reduce_sum(p, 1)
             v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             # P enters the second dot in the model dtype (no-op for float32), as flash attention does
             acc = acc * alpha[:, None] + dot_f32acc(cast_rne(p, v.dtype), v, DOT)

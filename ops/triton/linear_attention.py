@@ -193,7 +193,7 @@ def linear_attention_triton(
     check_inputs(query, key, value, output, state_cache, slopes, md, where="linear_attention (triton)")
     nd = md.num_decodes
     slots, init = md.state_indices, md.has_initial_state
-    slopes = slopes.float().contiguous()
+    slopes = slopes.to(device=query.device, dtype=torch.float32).contiguous()  # a no-op when already there
     linear_attention_decode_triton(
         query[:nd], key[:nd], value[:nd], output[:nd], state_cache, slopes, slots[:nd], init[:nd]
     )

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..norm import check_norm_args
 from ..quant import _check_scale
-from ._common import FP8_DTYPE, as_fp8_bytes, cast_rne, quantize_fp8_value, row_block, scale_as_f32
+from ._common import FP8_DTYPE, as_fp8_bytes, cast_rne, quantize_fp8_value, reduce_sum, row_block, scale_as_f32
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    sq = tl.zeros([BLOCK], dtype=tl.float32)
+    sq = tl.full([BLOCK], 0.0, dtype=tl.float32)
     for start in range(0, H, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < H
@@ -37,7 +37,7 @@ def _rms_norm_kernel(
             x = summed.to(tl.float32)
         sq += x * x
     # torch.rsqrt(mean + eps), with correctly rounded sqrt and division (rsqrt.approx is not)
-    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.sum(sq, axis=0) / H + eps))
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(reduce_sum(sq, 0) / H + eps))
     if QUANT:
         scale = tl.load(scale_ptr)
     for start in range(0, H, BLOCK):

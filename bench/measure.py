@@ -1,0 +1,225 @@
+"""One measurement, run inside its own process: ``python -m layerpass.bench.measure ...``.
+
+The sweep (``bench/sweep.py``) starts this with ``TORCHINDUCTOR_CACHE_DIR`` and
+``LAYERPASS_CACHE_DIR`` pointing at fresh temporary directories (``--phase cold``), then again
+in a new process on the same directories (``--phase warm``). It builds the zoo model, runs the
+step eagerly as the reference, compiles it in the requested mode, times the first call and
+(cold only) the steady-state step latency of compiled and eager, and writes one JSON object.
+
+Why a process per measurement: Dynamo, Inductor and layerpass keep in-process caches; only a
+fresh process measures what a user's first (or restarted) run pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+MODES = ("layerpass", "layerpass-str", "inductor", "regional")
+PHASES = ("cold", "warm")
+ROW_PREFIX = "LAYERPASS_BENCH_ROW "
+# A fixed decode-first batch: 2 decodes (random history) then prefills of 3 and 5 tokens.
+NUM_DECODES = 2
+PREFILL_LENS = (3, 5)
+
+
+class _CompileClock:
+    """Dynamo time (compile start -> backend entry) and backend time, summed over compiled frames."""
+
+    def __init__(self) -> None:
+        import torch._dynamo.callback
+
+        self.start = 0.0
+        self.dynamo_s = 0.0
+        self.compile_s = 0.0
+        self.frames = 0
+        torch._dynamo.callback.on_compile_start(self._on_start)
+
+    def _on_start(self, *_args: Any) -> None:
+        self.start = time.perf_counter()
+
+    def wrap(self, backend: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(gm: Any, example_inputs: Any) -> Any:
+            enter = time.perf_counter()
+            if self.start:
+                self.dynamo_s += enter - self.start
+            try:
+                return backend(gm, example_inputs)
+            finally:
+                self.compile_s += time.perf_counter() - enter
+                self.frames += 1
+
+        return timed
+
+
+def _dynamic_tokens(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark the token dim of every tensor input dynamic, as ``layerpass.compile`` does (fairness)."""
+    import torch
+
+    def call(*args: Any) -> Any:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return fn(*args)
+
+    return call
+
+
+def _reason(exc: BaseException) -> str:
+    """The first informative lines of an exception, short enough for a table cell."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: " + " | ".join(lines[:2]) if lines else type(exc).__name__
+    return text[:300]
+
+
+def _layerpass_stats(before: int) -> dict[str, Any]:
+    from layerpass.passes.report import compile_reports
+
+    reports = compile_reports()[before:]
+    if not reports:
+        raise RuntimeError("layerpass mode: the backend produced no compile report (was the model compiled?)")
+    matches: dict[str, int] = {}
+    for r in reports:
+        for k, v in r.matches.items():
+            matches[k] = matches.get(k, 0) + int(v)
+    return {
+        "dynamo_s": sum(r.dynamo_s for r in reports),
+        "compile_s": sum(r.compile_s for r in reports),
+        "graphs": len(reports),
+        "pieces": sum(r.num_pieces for r in reports),
+        "unique_pieces": sum(r.num_unique_pieces for r in reports),
+        "compiled_pieces": sum(r.num_compiled for r in reports),
+        "cache_hits": sum(r.num_cache_hits for r in reports),
+        "fusion_matches": matches,
+        "pass_failures": [f for r in reports for f in r.pass_failures],
+    }
+
+
+def _build_compiled(model: Any, mode: str, clock: _CompileClock) -> Callable[..., Any]:
+    import torch
+
+    import layerpass
+
+    if mode in ("layerpass", "layerpass-str"):
+        want = mode == "layerpass"
+        if layerpass.USE_LAYERNAME != want:
+            raise RuntimeError(
+                f"mode {mode!r} needs the layer-name switch {'on' if want else 'off'}, but USE_LAYERNAME="
+                f"{layerpass.USE_LAYERNAME} (HAS_OPAQUE_TYPE={layerpass.HAS_OPAQUE_TYPE}); run with "
+                f"VLLM_USE_LAYERNAME={'1' if want else '0'} (the sweep sets it)"
+            )
+        return layerpass.compile(model, layerpass.CompilationConfig())  # cache dir: $LAYERPASS_CACHE_DIR
+    from torch._inductor.compile_fx import compile_fx
+
+    if mode == "regional":
+        from layerpass.bench.regional import apply_nested_compile_region
+
+        apply_nested_compile_region(model)
+    elif mode != "inductor":
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    return _dynamic_tokens(torch.compile(model, backend=clock.wrap(compile_fx)))
+
+
+def _timed_steps(step: Any, fns: dict[str, Callable[..., Any]], repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) milliseconds per step of each fn, interleaved so load drift hits all alike.
+
+    The min is reported too: on a shared machine it is the figure least disturbed by other load."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            step.run(fn)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
+def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int = 20) -> dict[str, Any]:
+    """Run one measurement in this process and return its row fragment (see bench/README.md)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; allowed: {', '.join(PHASES)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    import torch
+
+    import layerpass
+    from layerpass.models import build_model, make_step
+    from layerpass.passes.report import compile_reports
+
+    row: dict[str, Any] = {"model": model_name, "layers": layers, "mode": mode, "phase": phase,
+                           "use_layername": layerpass.USE_LAYERNAME}
+    stage = "build"
+    try:
+        with torch.no_grad():
+            model = build_model(model_name, num_layers=layers)
+            step = make_step(model, num_decodes=NUM_DECODES, prefill_lens=list(PREFILL_LENS))
+            ref = step.run(model)
+            stage = "compile"
+            clock = _CompileClock()
+            before = len(compile_reports())
+            compiled = _build_compiled(model, mode, clock)
+            t = time.perf_counter()
+            out = step.run(compiled)
+            first = time.perf_counter() - t
+            row["first_call_s"] = first
+            if mode.startswith("layerpass"):
+                row.update(_layerpass_stats(before))
+            else:
+                row.update({"dynamo_s": clock.dynamo_s, "compile_s": clock.compile_s, "graphs": clock.frames})
+            stage = "check"
+            row["max_abs_err"] = float((out.float() - ref.float()).abs().max())
+            row["ref_max_abs"] = float(ref.float().abs().max())
+            if phase == "cold":
+                stage = "steady-state"
+                ms = _timed_steps(step, {"compiled": compiled, "eager": model}, repeats)
+                row.update({"step_ms_compiled": ms["compiled"][0], "step_ms_eager": ms["eager"][0],
+                            "step_ms_compiled_min": ms["compiled"][1], "step_ms_eager_min": ms["eager"][1],
+                            "repeats": repeats})
+            if mode.startswith("layerpass"):
+                row["recompiles"] = compiled.recompiles
+        row["status"] = "ok"
+    except Exception as e:  # recorded, not hidden: the row says what failed and why
+        row.update({"status": "failed", "failed_stage": stage, "reason": _reason(e),
+                    "traceback_tail": traceback.format_exc()[-2000:]})
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m layerpass.bench.measure", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--mode", required=True, choices=MODES)
+    p.add_argument("--phase", required=True, choices=PHASES)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (eager and compiled alike)")
+    p.add_argument("--import", dest="imports", action="append", default=[],
+                   help="module to import first (registers extra zoo models)")
+    p.add_argument("--out", help="write the row here as JSON (also printed on stdout)")
+    args = p.parse_args(argv)
+    import importlib
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    for name in args.imports:
+        importlib.import_module(name)
+    row = measure(args.model, args.layers, args.mode, args.phase, repeats=args.repeats)
+    row["pid"] = os.getpid()
+    text = json.dumps(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(ROW_PREFIX + text, flush=True)
+    return 0 if row["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
