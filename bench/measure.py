@@ -72,9 +72,12 @@ def _dynamic_tokens(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+_BOILERPLATE = ("Set TORCHDYNAMO_VERBOSE", "Use tlparse", "For even more developer context")
+
+
 def _reason(exc: BaseException) -> str:
     """The first informative lines of an exception, short enough for a table cell."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(_BOILERPLATE)]
     text = f"{type(exc).__name__}: " + " | ".join(lines[:2]) if lines else type(exc).__name__
     return text[:300]
 
@@ -187,7 +190,7 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
                 row["recompiles"] = compiled.recompiles
         row["status"] = "ok"
     except Exception as e:  # recorded, not hidden: the row says what failed and why
-        row.update({"status": "failed", "failed_stage": stage, "reason": _reason(e),
+        row.update({"status": "failed", "failed_stage": stage, "reason": f"[{stage}] {_reason(e)}",
                     "traceback_tail": traceback.format_exc()[-2000:]})
     return row
 

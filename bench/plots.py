@@ -56,6 +56,11 @@ def plot_compile_time(doc: dict[str, Any], path: str) -> str:
                   if r["model"] == model and r["mode"] == mode and r["status"] == "timeout" and r["timeout_s"]]
             if to:
                 ax.plot([p[0] for p in to], [p[1] for p in to], "x", color=color, markersize=10, label=f"{mode} timeout")
+        failed = [f"{r['mode']} {r['status']} at {r['layers']}" for r in rows
+                  if r["model"] == model and r["status"] in ("failed", "skipped")]
+        if failed:  # rows with no time to plot are named, not silently missing
+            ax.text(0.98, 0.02, "\n".join(failed[:8] + (["..."] if len(failed) > 8 else [])), transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=6, color="0.3")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(model)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,8 +56,10 @@ def markdown_table(doc: dict[str, Any]) -> str:
         if r["status"] != "ok":
             notes.append(f"- {r['model']} / {r['layers']} layers / {r['mode']}: **{r['status']}**: {r['reason']}")
     m = doc.get("machine", {})
+    load = m.get("loadavg_start")
+    load = [round(x, 1) for x in load] if load else load
     footer = [f"\nMachine: {m.get('cpu')} ({m.get('cpu_count')} cores), torch {m.get('torch')}, "
-              f"load average at start {m.get('loadavg_start')}; sweep wall time {doc.get('wall_s', 0):.0f} s."]
+              f"load average at start {load}; sweep wall time {doc.get('wall_s', 0):.0f} s."]
     return "\n".join(lines + ([""] + notes if notes else []) + footer)
 
 
@@ -88,7 +91,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         cfg = sweep.SweepConfig(models=tuple(models), layers=tuple(layers), modes=tuple(modes), out_dir=args.out,
                                 timeout_s=args.timeout, budget_s=budget or None, repeats=args.repeats,
-                                threads=args.threads, jobs=args.jobs if args.jobs is not None else (sweep.QUICK_JOBS if args.quick else 1),
+                                threads=args.threads, jobs=args.jobs if args.jobs is not None else sweep.DEFAULT_JOBS,
                                 rel_tolerance=args.tolerance, imports=tuple(args.imports),
                                 quick=args.quick, keep_cache=args.keep_cache)
         sweep.check_models(cfg.models, cfg.imports)
@@ -132,8 +135,6 @@ def cmd_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
     torch.set_num_threads(args.threads)
-    import tempfile
-
     config = CompilationConfig(split=args.split, cache_dir=tempfile.mkdtemp(prefix="layerpass-doctor-"), disable_cache=True)
     model = build_model(args.model, num_layers=args.layers)
     step = make_step(model, num_decodes=2, prefill_lens=[3, 5])
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="compile-time sweep: models x layers x modes (cold and warm)",
                        description="Sweep models x layer counts x modes; each cold/warm measurement in a fresh process.")
-    b.add_argument("--quick", action="store_true", help="llama only, 2 and 8 layers, 2 jobs (under 2 minutes)")
+    b.add_argument("--quick", action="store_true", help="llama only, 2 and 8 layers (under 2 minutes)")
     b.add_argument("--models", type=_csv(str), action="append", help="comma-separated zoo models (default: llama,llama-fp8,moe)")
     b.add_argument("--layers", type=_csv(int), action="append", help="comma-separated layer counts (default: 2,8,32,80)")
     b.add_argument("--modes", type=_csv(str), action="append", help=f"comma-separated modes (default: all: {','.join(MODES)})")
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole sweep, 0 = unlimited (default: 100 with --quick, else 870)")
     b.add_argument("--repeats", type=int, default=20, help="steady-state steps timed per row (median; default 20)")
     b.add_argument("--jobs", type=int, default=None,
-                   help="measurements at once, each single-threaded (default: 2 with --quick, else 1)")
+                   help="measurements at once, each single-threaded (default: 2 on 2+ cores; 1 = quietest timings)")
     b.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads in each measurement (default 1)")
     b.add_argument("--tolerance", type=float, default=0.05,
                    help="max abs error vs eager allowed, relative to max(1, max |logits|) (default 0.05)")

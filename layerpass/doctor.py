@@ -250,7 +250,9 @@ def diagnose(model: nn.Module, example: Example, *, compile: bool = True, config
     - ``compile=True`` goes through the real backend (``layerpass.compile``, Inductor per unique piece,
       cache disabled); ``compile=False`` splits and hashes identically but runs eagerly (seconds, not minutes).
     - ``config``: a ``CompilationConfig`` (its ``split`` decides the pieces).
-    """
+
+    Calls ``torch._dynamo.reset()`` first, so the model is traced afresh even if it was compiled
+    before (other compiled functions of the process recompile on their next call)."""
     from layerpass.passes.config import CompilationConfig
     from layerpass.passes.report import compile_reports
 

@@ -29,4 +29,9 @@ __all__ = [
     "FP8_MAX", "DEFAULT_REGISTRY", "DuplicateLayerError", "LayerNotFoundError", "LayerRegistry",
     "current_registry", "layer_registry_scope", "lookup_layer",
 ]
-if __import__("importlib.util").util.find_spec(__name__ + ".triton"): from .triton import register_triton_kernels as _rt; _rt()  # noqa: E701,E702  Triton CUDA kernels (no-op without triton; lazy)
+
+# Serve the ops on CUDA with Triton kernels: a no-op without triton, and triton itself is
+# imported only on an op's first CUDA call.
+from .triton import register_triton_kernels as _register_triton_kernels  # noqa: E402
+
+_register_triton_kernels()

@@ -27,6 +27,19 @@ from .base import LayerpassPass
 logger = logging.getLogger("layerpass")
 
 
+def names_op(target: str, named_op: str) -> bool:
+    """Whether the piece-constant ``target`` string names ``named_op`` ("namespace.op").
+
+    The backend describes a constant's node target with its Python qualified name, which for an
+    op packet reads ``torch._ops.layerpass.<pybind11 record>.unified_attention_with_output`` and
+    for an overload ``torch._ops.layerpass.layerpass::unified_attention_with_output``; so match
+    the namespace and, after it, the exact op name as dotted parts (``moe_forward`` must not
+    match ``moe_forward_shared``)."""
+    namespace, op = named_op.split(".", 1)
+    parts = target.replace("::", ".").split(".")
+    return namespace in parts and op in parts[parts.index(namespace) + 1:]
+
+
 class PatternFusionPass(LayerpassPass):
     """Base of the fusion passes: owns one ``PatternMatcherPass`` and counts registrations."""
 
@@ -59,7 +72,7 @@ class PatternFusionPass(LayerpassPass):
             self._static_done = True
         if not USE_LAYERNAME and self.named_op is not None:
             for _, target, value in context.get("str_constants", []):
-                if target.startswith(self.named_op) and value not in self._names:
+                if names_op(target, self.named_op) and value not in self._names:
                     self._names.add(value)
                     self.register_for_name(value)
 

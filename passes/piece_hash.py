@@ -18,9 +18,15 @@ from torch import fx
 
 
 def _target_name(target: Any) -> str:
+    """``namespace.op.overload`` for torch ops, ``module.qualname`` for Python callables."""
     if isinstance(target, str):
         return target
-    return getattr(target, "__qualname__", None) and f"{getattr(target, '__module__', '')}.{target.__qualname__}" or str(target)
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return str(target._qualified_op_name).replace("::", ".")
+    qualname = getattr(target, "__qualname__", None)
+    return f"{getattr(target, '__module__', '')}.{qualname}" if qualname else str(target)
 
 
 def describe_value(value: Any) -> Any:
@@ -38,7 +44,7 @@ def describe_value(value: Any) -> Any:
 @dataclass
 class PieceSignature:
     key: str  # full structural hash
-    shape_key: str  # the same with str/number constants masked: equal shape_key, different key => constants differ
+    shape_key: str  # the same with str / opaque constants masked: equal shape_key, different key => they differ
     constants: list[tuple[str, str, Any]] = field(default_factory=list)  # (node name, op target, str constant)
 
 

@@ -1,7 +1,8 @@
 """The on-disk artifact cache: warm start, corruption, concurrent writers.
 
-The cold compile is this process's memoised llama-2 (``backend_helpers.compiled_zoo``); its
-cache dir is only ever read by the warm-start subprocess, and copied before anything corrupts it.
+The cold compile is this module's own llama-2 (not the memoised one another module might
+call again); its cache dir is only read by the warm-start subprocess and copied before
+anything corrupts it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from layerpass.passes.cache import ArtifactCache
 
 @pytest.fixture(scope="module")
 def cold() -> bh.Compiled:
-    return bh.compiled_zoo("llama", 2)
+    return bh.compile_zoo("llama", 2)
 
 
 def entries(cache_dir: str) -> list[str]:
@@ -48,10 +49,11 @@ def test_cold_compile_fills_the_cache(cold: bh.Compiled) -> None:
 def test_warm_start_in_a_fresh_process_compiles_nothing(cold: bh.Compiled) -> None:
     res = bh.run_python(bh.compile_zoo_body("llama", 2, cold.cache_dir), what="warm start").result
     r = res["report"]
+    keys = [p["key"] for p in r["pieces"]]
+    assert keys == [p.key for p in cold.report.pieces], "a fresh process hashed the same model differently"
     assert r["num_compiled"] == 0, r
     assert r["num_cache_hits"] == cold.report.num_unique_pieces > 0
     assert [p["source"] for p in r["pieces"]].count("cache") == r["num_cache_hits"]
-    assert [p["key"] for p in r["pieces"]] == [p.key for p in cold.report.pieces]
     bh.assert_matches(torch.tensor(res["out"]), cold.out, "warm-start output")
     bh.assert_matches(torch.tensor(res["out"]), torch.tensor(res["ref"]), "warm-start output vs its own eager")
 

@@ -193,7 +193,6 @@ def test_cli_doctor_rejects_unknown_model(capsys: pytest.CaptureFixture[str]) ->
     assert "unknown model 'no-such-model'; registered models:" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 @needs_layername
 def test_through_the_real_backend() -> None:
     """compile=True: Inductor compiles each unique piece; the findings match the analysis-only run."""

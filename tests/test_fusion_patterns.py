@@ -287,8 +287,9 @@ def test_moe_shared_not_fused_for_foreign_mlp(gated) -> None:
 
 
 def test_moe_single_token_static_is_not_fused_but_correct() -> None:
-    """Known limit, pinned: a piece compiled for a static token count of 1 decomposes one of the shared MLP's
-    ``mm`` into pointwise ops, the pattern does not match, and the graph stays correct unfused."""
+    """Known limit, pinned: with a static token count of 1, Inductor's decompositions turn one of the
+    shared MLP's ``mm`` calls into pointwise ops, the pattern does not match, and the graph stays
+    correct unfused (a ``compile_sizes=(1,)`` piece of the ``moe`` model keeps its shared MLP)."""
     eager, out, matches, fused = _moe_case(1, 16, 4, 2, True, True, 5)
     assert matches == {"fuse_moe": 0} and fh.op_counts(fused.graph)["aten.sum"] >= 1  # an mm became mul + sum
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)

@@ -48,3 +48,27 @@ def test_fusions_that_apply_without_fp8_are_reported(name: str, expected: dict[s
         report = bh.compiled_zoo(name, layers).report
         got = {f: report.matches.get(f, 0) for f in FUSIONS}
         assert got == {f: expected.get(f, 0) * layers for f in FUSIONS}, f"{name} with {layers} layers: {got}"
+
+
+def test_bench_accepts_the_hf_zoo_names() -> None:
+    from layerpass.bench.sweep import check_models
+
+    check_models(["hf-llama", "hf-qwen2-moe", "hf-mixtral", "hf-qwen3-moe"])
+
+
+@pytest.mark.slow
+def test_bench_runs_converted_hf_models(tmp_path) -> None:
+    """``layerpass bench --models hf-llama,hf-qwen2-moe``: cold + warm measurements (about 2 minutes)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "layerpass", "bench", "--models", "hf-llama,hf-qwen2-moe", "--layers", "2",
+                           "--modes", "layerpass", "--out", str(out), "--jobs", "1", "--repeats", "3", "--no-plots",
+                           "--budget", "500", "--strict"], capture_output=True, text=True, timeout=600,
+                          env=bh.subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "results.json").read_text()
+    assert "hf-llama" in text and "hf-qwen2-moe" in text, text[:2000]
+    json.loads(text)

@@ -4,9 +4,10 @@ The kernels run on CPU tensors under the Triton interpreter. ``@triton.jit`` dec
 decoration time whether a function is interpreted, and the interpreter reads
 ``TRITON_INTERPRET`` again while a kernel runs; so the variable is set here, before the kernel
 modules are imported, and left set for the test process (a CPU tensor can only run through the
-interpreter anyway). The kernels use none of triton's own ``@jit`` helpers (``tl.sum`` ...),
-so it does not matter whether something imported triton earlier. If a kernel module itself was
-imported earlier without the variable, these tests skip with that reason.
+interpreter anyway). Where CUDA is present the tests skip unless the caller set it, so that a
+GPU run's other Triton kernels (Inductor's) stay compiled. The kernels use none of triton's own
+``@jit`` helpers (``tl.sum`` ...), so it does not matter whether something imported triton
+earlier; if a kernel module itself was imported earlier without the variable, they skip.
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ import os
 import sys
 from types import ModuleType
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if os.environ.get("TRITON_INTERPRET") != "1":
+    if torch.cuda.is_available():  # keep the interpreter away from a GPU run's compiled kernels
+        pytest.skip(
+            "CUDA is present: these CPU-tensor tests need the Triton interpreter process-wide; run them "
+            "on their own with TRITON_INTERPRET=1 pytest tests/test_triton_*.py", allow_module_level=True,
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton", reason="triton is not installed (optional extra: pip install 'layerpass[triton]')")
 

@@ -1,7 +1,7 @@
 """``from_transformers``: run a Hugging Face decoder on layerpass layers, keeping its weights.
 
-The HF model keeps its own module tree and forwards (decoder layers, residual adds, rotary
-cos/sin); the converter swaps, in place, what layerpass runs:
+The HF model keeps its own module tree and the forwards of its decoder layers (residual adds,
+rotary cos/sin); the converter swaps, in place, what layerpass runs:
 
 - ``q/k/v_proj`` -> one ``QKVParallelLinear`` and ``o_proj`` -> ``RowParallelLinear``, inside a
   ``TransformersAttention`` whose attention is the ``"layerpass"`` AttentionInterface function
@@ -53,8 +53,12 @@ from .moe import TransformersFusedMoE, TransformersSharedExpert, TransformersSpa
 class TransformersForCausalLM(nn.Module):
     """``forward(input_ids [T], positions [T]) -> logits [T, vocab]``, like the zoo models.
 
-    The step's tokens (all requests, decode-first) run through the HF base model as one
-    sequence of batch 1; attention separates the requests by the step's metadata."""
+    The step's tokens (all requests, decode-first) run as one sequence of batch 1; attention
+    separates the requests by the step's metadata. The HF base model's own forward is not used:
+    it only adds a mask (not needed: the attention op masks per request) and output capturing
+    whose global registry Dynamo guards on, so every new HF model class seen in the process
+    would invalidate the compiled code of every converted model. This loop calls the same
+    modules: embedding, rotary cos/sin, each HF decoder layer (its own forward), final norm."""
 
     packed_modules_mapping: dict[str, list[str]] = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -75,8 +79,15 @@ class TransformersForCausalLM(nn.Module):
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(f"model forward takes input_ids [T] and positions [T], got {tuple(input_ids.shape)} "
                              f"and {tuple(positions.shape)}")
-        out = self.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False)
-        return self.logits_processor(self.lm_head, out[0][0])
+        base = self.model
+        hidden_states = base.embed_tokens(input_ids).unsqueeze(0)
+        position_ids = positions.unsqueeze(0)
+        position_embeddings = base.rotary_emb(hidden_states, position_ids)
+        for layer in base.layers:
+            hidden_states = layer(hidden_states, attention_mask=None, position_ids=position_ids,
+                                  position_embeddings=position_embeddings, use_cache=False)
+        hidden_states = base.norm(hidden_states)
+        return self.logits_processor(self.lm_head, hidden_states[0])
 
 
 @dataclass
@@ -87,8 +98,11 @@ class _Converter:
     cache_config: CacheConfig
     quant_config: Fp8Config | None
 
+    def __post_init__(self) -> None:
+        self._handlers = self._build_handlers()
+
     # -- the walk ---------------------------------------------------------------------------
-    def handlers(self) -> dict[type, Callable[[nn.Module, str], nn.Module | None]]:
+    def _build_handlers(self) -> dict[type, Callable[[nn.Module, str], nn.Module | None]]:
         """Exact class -> handler(module, path); a handler returns the replacement, or None to
         keep the module (after converting its children)."""
         f = self.family
@@ -109,10 +123,10 @@ class _Converter:
         return table
 
     def supported(self) -> list[str]:
-        return sorted(c.__name__ for c in self.handlers())
+        return sorted(c.__name__ for c in self._handlers)
 
     def convert(self, module: nn.Module, path: str) -> nn.Module | None:
-        handler = self.handlers().get(type(module))
+        handler = self._handlers.get(type(module))
         if handler is None:
             raise UnsupportedModuleError(
                 f"from_transformers: module {path!r} ({type(module).__module__}.{type(module).__qualname__}) is not "

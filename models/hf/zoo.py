@@ -1,13 +1,14 @@
 """Hugging Face models built from configs (random, seeded weights; nothing downloaded), and the
 zoo names ``hf-llama``, ``hf-qwen2-moe``, ``hf-mixtral``, ``hf-qwen3-moe``.
 
-``build_model("hf-llama", num_layers=...)`` maps the layerpass ``ModelConfig`` onto the HF config
+Where transformers is installed, ``build_model("hf-llama", num_layers=...)`` maps the layerpass ``ModelConfig`` onto the HF config
 of the family, builds the HF model with weights drawn from the build seed, and converts it in
 ``build_model``'s layer registry, so ``make_step`` and ``layerpass bench`` take it like any zoo model.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import zlib
 from collections.abc import Callable
@@ -126,5 +127,8 @@ def _builder(make_config: Callable[[ModelConfig], Any]) -> Callable[[ModelConfig
     return build
 
 
-for _name, _make in HF_ZOO.items():
-    register_model(_name)(_builder(_make))
+# Registered only where transformers is installed (found without importing it: that takes
+# seconds), so zoo-wide tests and the bench never list a model they cannot build.
+if importlib.util.find_spec("transformers") is not None:
+    for _name, _make in HF_ZOO.items():
+        register_model(_name)(_builder(_make))
