@@ -19,7 +19,9 @@ for _optional in ("bailing", "hf"):
     if importlib.util.find_spec(f"{__name__}.{_optional}") is not None:
         importlib.import_module(f"{__name__}.{_optional}")
 
+from .hf import from_config, from_transformers  # noqa: E402  (transformers itself is imported lazily)
+
 __all__ = [
     "IdAllocator", "CausalLM", "DecoderLayer", "DecoderModel", "LlamaAttention", "LlamaMLP", "ModelConfig",
-    "build_model", "register_model", "registered_models", "Request", "Step", "make_step",
+    "build_model", "from_config", "from_transformers", "register_model", "registered_models", "Request", "Step", "make_step",
 ]
