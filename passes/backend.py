@@ -245,7 +245,7 @@ class CompiledModel(nn.Module):
     """What ``layerpass.compile`` returns: the model compiled with a layerpass backend.
 
     With ``dynamic_tokens`` the first dimension of every tensor input is marked dynamic
-    before the first call, so a new token count never recompiles."""
+    (unbacked) before each call, so a new token count, one token included, never recompiles."""
 
     def __init__(self, model: nn.Module, config: CompilationConfig) -> None:
         super().__init__()
@@ -258,8 +258,19 @@ class CompiledModel(nn.Module):
         if self.config.dynamic_tokens:
             for a in list(args) + list(kwargs.values()):
                 if isinstance(a, torch.Tensor) and a.dim() > 0:
-                    torch._dynamo.maybe_mark_dynamic(a, 0)
-        return self.compiled(*args, **kwargs)
+                    # unbacked, not just dynamic: a backed size is specialised on 0/1, so a
+                    # one-token step would recompile
+                    torch._dynamo.decorators.mark_unbacked(a, 0)
+        out = self.compiled(*args, **kwargs)
+        if self.backend.num_calls == 0:
+            # Dynamo gave up before reaching the backend (e.g. its recompile limit for this
+            # forward's code object): the model ran eagerly. Say so instead of pretending.
+            raise RuntimeError(
+                "layerpass: torch.compile ran the model eagerly without calling the layerpass backend "
+                f"(Dynamo recompile limit {torch._dynamo.config.recompile_limit} reached for this forward, or "
+                "compilation disabled); raise torch._dynamo.config.recompile_limit or call torch._dynamo.reset()"
+            )
+        return out
 
     @property
     def recompiles(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from torch._prims_common import is_contiguous_or_false
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .base import LayerpassPass
@@ -24,7 +25,7 @@ def _val(node: object) -> torch.Tensor | None:
 
 def _contiguous(node: object) -> bool:
     v = _val(node)
-    return v is not None and v.is_contiguous()
+    return v is not None and is_contiguous_or_false(v)  # no guard on unbacked sizes
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -52,7 +53,7 @@ class NoOpEliminationPass(LayerpassPass):
                     removed += 1
                 out, inp = _val(node), _val(src)
                 if out is not None and inp is not None and out.dtype == inp.dtype and _same_shape(out, inp) \
-                        and (inp.is_contiguous() or node.target is aten.view.default):
+                        and (is_contiguous_or_false(inp) or node.target is aten.view.default):
                     node.replace_all_uses_with(src)
                     graph.erase_node(node)
                     removed += 1

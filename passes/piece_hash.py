@@ -29,6 +29,10 @@ def _target_name(target: Any) -> str:
     return f"{getattr(target, '__module__', '')}.{qualname}" if qualname else str(target)
 
 
+# ops whose str argument is a diagnostic message, not something a layer passes (not listed as constants)
+_MESSAGE_OPS = {torch.ops.aten._assert_scalar.default, torch.ops.aten._assert_async.msg}
+
+
 def describe_value(value: Any) -> Any:
     """Metadata of a piece input that the compiled code specialises on (never a layer name's value)."""
     if isinstance(value, torch.Tensor):
@@ -61,7 +65,7 @@ def piece_signature(gm: fx.GraphModule, example_args: Sequence[Any]) -> PieceSig
         if isinstance(a, dict):
             return ("dict", tuple((k, norm(v, node, mask)) for k, v in sorted(a.items())))
         if isinstance(a, str):
-            if not mask:
+            if not mask and node.target not in _MESSAGE_OPS:
                 constants.append((node.name, _target_name(node.target), a))
             return ("str", "?" if mask else a)
         if isinstance(a, (int, float, bool)) or a is None:

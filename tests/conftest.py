@@ -10,6 +10,10 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# One test process compiles many models whose forward is the same code object; Dynamo's
+# default limit (8 per code object) would silently fall back to eager after the 8th.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
 
 
 @pytest.fixture
