@@ -13,11 +13,17 @@ import math
 import torch
 from torch import nn
 
-from layerpass.ops import encode_layer_name
+from layerpass.ops import FP8_DTYPE, FP8_MAX, encode_layer_name
+from layerpass.ops.quant import quantize_fp8
 
 from .distributed import divide, get_tp_rank, get_tp_world_size, tensor_model_parallel_all_reduce
 from .pluggable import PluggableLayer
 from .weights import init_normal, shard
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # avoids an import cycle
+    from .linear_methods import Fp8Config
 
 
 @PluggableLayer.register("fused_moe")
@@ -26,7 +32,7 @@ class FusedMoE(PluggableLayer):
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool = True,
                  prefix: str = "", shared_experts: nn.Module | None = None, reduce_results: bool = True,
-                 params_dtype: torch.dtype | None = None) -> None:
+                 params_dtype: torch.dtype | None = None, quant_config: "Fp8Config | None" = None) -> None:
         super().__init__(prefix)
         if not 0 < top_k <= num_experts or hidden_size <= 0 or intermediate_size <= 0:
             raise ValueError(f"FusedMoE {prefix!r}: need 0 < top_k <= num_experts and positive sizes, got top_k={top_k}, "
@@ -41,12 +47,33 @@ class FusedMoE(PluggableLayer):
         up = init_normal(prefix, "w3", (num_experts, intermediate_size, hidden_size), std=hidden_size ** -0.5)
         down = init_normal(prefix, "w2", (num_experts, hidden_size, intermediate_size), std=1 / math.sqrt(intermediate_size))
         w13 = torch.cat([shard(gate, 1, self.tp_rank, self.tp_size), shard(up, 1, self.tp_rank, self.tp_size)], dim=1)
-        self.w13_weight = nn.Parameter(w13.to(dtype), requires_grad=False)
-        self.w2_weight = nn.Parameter(shard(down, 2, self.tp_rank, self.tp_size).to(dtype), requires_grad=False)
+        w2 = shard(down, 2, self.tp_rank, self.tp_size)
+        self.quant_config = quant_config
+        if quant_config is None:
+            self.w13_weight = nn.Parameter(w13.to(dtype), requires_grad=False)
+            self.w2_weight = nn.Parameter(w2.to(dtype), requires_grad=False)
+        else:
+            # static per-tensor FP8: scales from the FULL (unsharded) weights, so every rank agrees
+            w13_scale = torch.tensor([max(float(torch.cat([gate, up]).abs().max()), 1e-12) / FP8_MAX])
+            w2_scale = torch.tensor([max(float(down.abs().max()), 1e-12) / FP8_MAX])
+            self.w13_weight = nn.Parameter(quantize_fp8(w13, w13_scale), requires_grad=False)
+            self.w2_weight = nn.Parameter(quantize_fp8(w2, w2_scale), requires_grad=False)
+            self.w13_scale = nn.Parameter(w13_scale, requires_grad=False)
+            self.w2_scale = nn.Parameter(w2_scale, requires_grad=False)
+            self.input_scale = nn.Parameter(torch.tensor([quant_config.activation_absmax / FP8_MAX]), requires_grad=False)
         self.shared_experts = shared_experts
 
+    def routed(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """The routed experts; under FP8 the input is quantised by a separate op (a fusion target)."""
+        name = encode_layer_name(self.prefix)
+        if self.quant_config is None:
+            return torch.ops.layerpass.moe_forward(hidden_states, router_logits, name)
+        q = torch.empty(hidden_states.shape, dtype=FP8_DTYPE, device=hidden_states.device)
+        torch.ops.layerpass.static_scaled_fp8_quant(q, hidden_states, self.input_scale)
+        return torch.ops.layerpass.moe_forward_fp8(q, self.input_scale, router_logits, name, hidden_states.dtype)
+
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.layerpass.moe_forward(hidden_states, router_logits, encode_layer_name(self.prefix))
+        out = self.routed(hidden_states, router_logits)
         if self.shared_experts is not None:
             # A separate module call, so a fusion pass can fold it into moe_forward_shared.
             out = out + self.shared_experts(hidden_states)

@@ -1,4 +1,4 @@
-"""``moe``: a Qwen2-MoE-like decoder. Every layer's MLP is a sparse block: a replicated router
+"""``moe`` / ``moe-fp8``: a Qwen2-MoE-like decoder. Every layer's MLP is a sparse block: a replicated router
 gate, routed experts (``FusedMoE``) and a shared expert MLP scaled by a sigmoid gate."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layerpass.layers import FusedMoE, ReplicatedLinear
+from layerpass.layers import Fp8Config, FusedMoE, ReplicatedLinear
 
 from .common import CausalLM, DecoderLayer, LlamaMLP
 from .config import ModelConfig
@@ -35,7 +35,7 @@ class SparseMoeBlock(nn.Module):
         self.gate = ReplicatedLinear(c.hidden_size, c.num_experts, bias=False, prefix=f"{prefix}.gate", params_dtype=c.dtype)
         self.experts = FusedMoE(c.num_experts, c.top_k, c.hidden_size, c.moe_intermediate_size, c.norm_topk_prob,
                                 prefix=f"{prefix}.experts", shared_experts=SharedExpert(c, f"{prefix}.shared_expert"),
-                                params_dtype=c.dtype)
+                                params_dtype=c.dtype, quant_config=c.quant_config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden_states, self.gate(hidden_states))
@@ -52,4 +52,12 @@ class MoeForCausalLM(CausalLM):
 
 @register_model("moe")
 def build_moe(config: ModelConfig) -> CausalLM:
+    return MoeForCausalLM(config, moe_layer)
+
+
+@register_model("moe-fp8", quant_config=Fp8Config())
+def build_moe_fp8(config: ModelConfig) -> CausalLM:
+    """``moe`` with static FP8 linears and FP8 routed experts (router gate unquantised)."""
+    if config.quant_config is None:
+        raise ValueError("moe-fp8 needs a quant_config (Fp8Config); use 'moe' for the unquantised model")
     return MoeForCausalLM(config, moe_layer)

@@ -1,6 +1,6 @@
 """layerpass custom ops (``torch.ops.layerpass.*``), each with a CPU kernel in plain torch."""
 
-from . import attention, fused, linear_attention, moe, norm, quant  # noqa: F401  (registers the ops)
+from . import attention, fused, linear_attention, moe, moe_quant, norm, quant  # noqa: F401  (registers the ops)
 from .forward_context import (
     BatchMetadata,
     ForwardContext,

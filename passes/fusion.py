@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from layerpass.config import USE_LAYERNAME
 from layerpass.ops import LayerName, lookup_layer, resolve_layer_name
-from layerpass.patterns import act_quant, attn_quant, moe, norm_quant
+from layerpass.patterns import act_quant, attn_quant, moe, moe_quant, norm_quant
 
 from .base import LayerpassPass
 
@@ -29,16 +29,9 @@ logger = logging.getLogger("layerpass")
 
 
 def names_op(target: str, named_op: str) -> bool:
-    """Whether the piece-constant ``target`` string names ``named_op`` ("namespace.op").
-
-    The backend describes a constant's node target with its Python qualified name, which for an
-    op packet reads ``torch._ops.layerpass.<pybind11 record>.unified_attention_with_output`` and
-    for an overload ``torch._ops.layerpass.layerpass::unified_attention_with_output``; so match
-    the namespace and, after it, the exact op name as dotted parts (``moe_forward`` must not
-    match ``moe_forward_shared``)."""
-    namespace, op = named_op.split(".", 1)
-    parts = target.replace("::", ".").split(".")
-    return namespace in parts and op in parts[parts.index(namespace) + 1:]
+    """Whether a piece constant's op target (``"namespace.op.overload"``, as ``piece_hash``
+    writes it) is ``named_op`` (``"namespace.op"``); ``moe_forward`` is not ``moe_forward_shared``."""
+    return target == named_op or target.startswith(named_op + ".")
 
 
 class PatternFusionPass(LayerpassPass):
@@ -179,3 +172,20 @@ class MoEFusionPass(PatternFusionPass):
         except Exception as e:  # unresolvable: do not fuse
             logger.info("layerpass: %s: not fusing MoE shared experts (%s: %s)", self.name, type(e).__name__, e)
             return False
+
+
+class MoEQuantInputFusionPass(PatternFusionPass):
+    """Static FP8 quant -> ``moe_forward_fp8`` becomes ``moe_forward_quant_input``: the op
+    quantises while it reads, so the fp8 copy of the activations never goes through memory."""
+
+    name = "fuse_moe_quant_input"
+    named_op = "layerpass.moe_forward_fp8"
+
+    def register_static(self) -> None:
+        if USE_LAYERNAME:
+            pattern, replacement = moe_quant.moe_quant_input_pattern(None)
+            self.register(pattern, replacement, lambda: moe_quant.moe_quant_example_inputs(LayerName("example")))
+
+    def register_for_name(self, name: str) -> None:
+        pattern, replacement = moe_quant.moe_quant_input_pattern(name)
+        self.register(pattern, replacement, lambda: moe_quant.moe_quant_example_inputs(None))

@@ -22,6 +22,7 @@ PASS_ORDER: list[tuple[str | None, str]] = [
     ("fuse_norm_quant", "layerpass.passes.fusion:NormQuantFusionPass"),
     ("fuse_act_quant", "layerpass.passes.fusion:ActQuantFusionPass"),
     ("fuse_moe", "layerpass.passes.fusion:MoEFusionPass"),
+    ("fuse_moe", "layerpass.passes.fusion:MoEQuantInputFusionPass"),
     (None, "layerpass.passes.cleanup:DeadCodeEliminationPass"),
     (None, "layerpass.passes.fix_functionalization:FixFunctionalizationPass"),
 ]

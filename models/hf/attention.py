@@ -93,12 +93,13 @@ class TransformersAttention(nn.Module):
                              f"call it without past_key_values (use_cache=False)")
         lead = hidden_states.shape[:-1]
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(*lead, -1, self.head_dim)
-        k = k.reshape(*lead, -1, self.head_dim)
+        # explicit head counts, no -1: the token count may be an unbacked symbol under compile
+        q = q.reshape(*lead, self.q_size // self.head_dim, self.head_dim)
+        k = k.reshape(*lead, self.kv_size // self.head_dim, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.reshape(*lead, -1, self.head_dim).transpose(1, 2)
+        v = v.reshape(*lead, self.kv_size // self.head_dim, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = self.apply_rotary(q, k, cos, sin)
         out, weights = _attention_function()(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0,
