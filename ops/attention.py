@@ -89,6 +89,20 @@ def _check(query, key, value, output, layer, output_scale) -> None:
         )
 
 
+def resolve_attention(query, key, value, output, layer_name, output_scale):
+    """The layer and batch metadata of one attention call, after every argument check
+    (shared by the CPU op and the Triton kernel)."""
+    layer = lookup_layer(layer_name)
+    _check(query, key, value, output, layer, output_scale)
+    md = get_batch_metadata()
+    if md.slot_mapping.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"attention: {query.shape[0]} query tokens but the batch metadata has "
+            f"{md.slot_mapping.shape[0]} (slot_mapping); the step's tokens must match its metadata"
+        )
+    return layer, md
+
+
 def _attn_fake(query, key, value, output, layer_name, output_scale=None) -> None:
     return None
 
@@ -105,14 +119,7 @@ def unified_attention_with_output(
     """``query [T, Hq, D]``, ``key``/``value [T, Hkv, D]``; writes ``output [T, Hq, D]``.
 
     With ``output_scale``, ``output`` is fp8 and receives the static per-tensor quantised result."""
-    layer = lookup_layer(layer_name)
-    _check(query, key, value, output, layer, output_scale)
-    md = get_batch_metadata()
-    if md.slot_mapping.shape[0] != query.shape[0]:
-        raise ValueError(
-            f"attention: {query.shape[0]} query tokens but the batch metadata has "
-            f"{md.slot_mapping.shape[0]} (slot_mapping); the step's tokens must match its metadata"
-        )
+    layer, md = resolve_attention(query, key, value, output, layer_name, output_scale)
     write_kv_cache(layer.kv_cache, key, value, md.slot_mapping)
     out = paged_attention_ref(query, layer.kv_cache, md, layer.scale)
     if output_scale is not None:

@@ -82,6 +82,13 @@ def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_
     return moe_routed(hidden_states, router_logits, lookup_layer(layer_name))
 
 
+def shared_experts_of(layer):
+    """The layer's shared-experts module; a clear error when it has none."""
+    if getattr(layer, "shared_experts", None) is None:
+        raise ValueError(f"moe_forward_shared: layer {getattr(layer, 'prefix', '?')!r} has no shared_experts")
+    return layer.shared_experts
+
+
 def _shared_fake(hidden_states, router_logits, layer_name):
     return torch.empty_like(hidden_states), torch.empty_like(hidden_states)
 
@@ -92,7 +99,5 @@ def moe_forward_shared(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(routed_output, shared_experts_output)`` of layer ``layer_name``."""
     layer = lookup_layer(layer_name)
-    if getattr(layer, "shared_experts", None) is None:
-        raise ValueError(f"moe_forward_shared: layer {getattr(layer, 'prefix', '?')!r} has no shared_experts")
-    routed = moe_routed(hidden_states, router_logits, layer)
-    return routed, layer.shared_experts(hidden_states)
+    shared = shared_experts_of(layer)
+    return moe_routed(hidden_states, router_logits, layer), shared(hidden_states)

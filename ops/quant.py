@@ -25,13 +25,8 @@ def _check_float_input(op: str, input: torch.Tensor) -> None:
         raise ValueError(f"{op}: input must be fp16/bf16/fp32 (the value to quantise), got {input.dtype}")
 
 
-def _quant_fake(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
-    return None
-
-
-@layerpass_op("static_scaled_fp8_quant", mutates_args=("result",), fake=_quant_fake)
-def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
-    """Out-variant: ``result`` (fp8, same shape as ``input``) <- quantize(input / scale)."""
+def check_quant_out(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
+    """Argument checks of the out-variant quant (shared by the CPU op and the Triton kernel)."""
     _check_scale(scale)
     _check_float_input("static_scaled_fp8_quant", input)
     if result.shape != input.shape or result.dtype != FP8_DTYPE:
@@ -39,6 +34,16 @@ def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: to
             f"static_scaled_fp8_quant: result must be {FP8_DTYPE} of shape {tuple(input.shape)}, "
             f"got {result.dtype} of shape {tuple(result.shape)}"
         )
+
+
+def _quant_fake(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
+    return None
+
+
+@layerpass_op("static_scaled_fp8_quant", mutates_args=("result",), fake=_quant_fake)
+def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
+    """Out-variant: ``result`` (fp8, same shape as ``input``) <- quantize(input / scale)."""
+    check_quant_out(result, input, scale)
     result.copy_(quantize_fp8(input, scale))
 
 

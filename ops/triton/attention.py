@@ -22,10 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention import _check, write_kv_cache
-from ..forward_context import BatchMetadata, get_batch_metadata
+from ..attention import resolve_attention, write_kv_cache
+from ..forward_context import BatchMetadata
 from ..layer_name import LayerNameType
-from ..state import lookup_layer
 from ._common import (
     as_fp8_bytes, cast_rne, dot_block, dot_f32acc, dot_mode, quantize_fp8_value, reduce_max, reduce_sum, scale_as_f32,
 )
@@ -211,13 +210,6 @@ def unified_attention_with_output(
     output_scale: torch.Tensor | None = None,
 ) -> None:
     """CUDA kernel of ``layerpass::unified_attention_with_output``: same contract as the CPU op."""
-    layer = lookup_layer(layer_name)
-    _check(query, key, value, output, layer, output_scale)
-    md = get_batch_metadata()
-    if md.slot_mapping.shape[0] != query.shape[0]:
-        raise ValueError(
-            f"attention: {query.shape[0]} query tokens but the batch metadata has "
-            f"{md.slot_mapping.shape[0]} (slot_mapping); the step's tokens must match its metadata"
-        )
+    layer, md = resolve_attention(query, key, value, output, layer_name, output_scale)
     write_kv_cache_triton(layer.kv_cache, key, value, md.slot_mapping)
     paged_attention_triton(query, layer.kv_cache, md, layer.scale, output, output_scale)

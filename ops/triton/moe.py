@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..layer_name import LayerNameType
-from ..moe import _check, select_experts
+from ..moe import _check, select_experts, shared_experts_of
 from ..state import lookup_layer
 from ._common import DOT_UPCAST, cast_rne, cumsum, dot_block, dot_f32acc, dot_mode, reduce_sum
 from .activation import silu_and_mul_launch
@@ -212,6 +212,5 @@ def moe_forward_shared(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA kernel of ``layerpass::moe_forward_shared``: routed experts here, shared experts as the layer's module."""
     layer = lookup_layer(layer_name)
-    if getattr(layer, "shared_experts", None) is None:
-        raise ValueError(f"moe_forward_shared: layer {getattr(layer, 'prefix', '?')!r} has no shared_experts")
-    return _routed(hidden_states, router_logits, layer), layer.shared_experts(hidden_states)
+    shared = shared_experts_of(layer)
+    return _routed(hidden_states, router_logits, layer), shared(hidden_states)

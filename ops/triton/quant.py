@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import _check_float_input, _check_scale
+from ..quant import _check_float_input, _check_scale, check_quant_out
 from ._common import FP8_DTYPE, as_fp8_bytes, quantize_fp8_value, scale_as_f32
 
 BLOCK = 1024
@@ -33,13 +33,7 @@ def quantize_into(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> No
 
 def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
     """CUDA kernel of ``layerpass::static_scaled_fp8_quant``: same contract as the CPU op."""
-    _check_scale(scale)
-    _check_float_input("static_scaled_fp8_quant", input)
-    if result.shape != input.shape or result.dtype != FP8_DTYPE:
-        raise ValueError(
-            f"static_scaled_fp8_quant: result must be {FP8_DTYPE} of shape {tuple(input.shape)}, "
-            f"got {result.dtype} of shape {tuple(result.shape)}"
-        )
+    check_quant_out(result, input, scale)
     if result.is_contiguous():
         quantize_into(result, input, scale)
     else:  # the kernel writes a flat buffer; honour the caller's strides with one copy
