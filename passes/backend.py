@@ -80,6 +80,15 @@ class LayerpassBackend:
 
     def __init__(self, config: CompilationConfig | None = None) -> None:
         self.config = config or CompilationConfig()
+        import layerpass.ops  # noqa: F401  (the default splitting ops must be registered)
+
+        for name in self.config.splitting_ops:
+            namespace, op = name.split(".")
+            try:
+                getattr(getattr(torch.ops, namespace), op)
+            except (AttributeError, RuntimeError):
+                raise ValueError(f"splitting op {name!r} is not a registered torch op; register it before "
+                                 f"compiling, or drop it from CompilationConfig.splitting_ops") from None
         self.pass_manager = PassManager(build_passes(self.config), self.config.fingerprint())
         self.cache = ArtifactCache(self.config.cache_dir)  # type: ignore[arg-type]
         self.num_calls = 0

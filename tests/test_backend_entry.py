@@ -141,3 +141,12 @@ def test_compile_report_and_info_summary_line(caplog) -> None:
     assert r.dynamo_s >= 0 and r.compile_s > 0 and r.total_s >= r.compile_s and r.recompiles == 0
     assert isinstance(r.matches, dict)
     assert compiled.recompiles == 0
+
+
+def test_unknown_splitting_op_is_rejected_when_the_backend_is_built() -> None:
+    from layerpass.passes.backend import LayerpassBackend
+    from layerpass.passes.config import CompilationConfig
+
+    with pytest.raises(ValueError, match="'layerpass.no_such_op' is not a registered torch op"):
+        LayerpassBackend(CompilationConfig(split="ops", splitting_ops=("layerpass.no_such_op",)))
+    LayerpassBackend(CompilationConfig(split="ops"))  # the defaults resolve
