@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
+
+from layerpass.bench.fresh_process import run_cold
 
 RESULT_PREFIX = "COMPILE-TIME-RESULT:"
 COLUMNS = [("layers", "{:>6}"), ("switch", "{:>6}"), ("pieces", "{:>6}"), ("unique", "{:>6}"),
@@ -56,24 +54,11 @@ def worker(model_name: str, layers: int) -> dict[str, Any]:
 
 
 def run_cell(model_name: str, layers: int, switch_on: bool, timeout: float) -> dict[str, Any]:
-    """``worker`` in a fresh interpreter with empty caches; the caches are removed afterwards."""
-    lp_cache, ind_cache = tempfile.mkdtemp(prefix="lp-bench-cache-"), tempfile.mkdtemp(prefix="lp-bench-inductor-")
-    env = dict(os.environ, VLLM_USE_LAYERNAME="1" if switch_on else "0", LAYERPASS_CACHE_DIR=lp_cache,
-               TORCHINDUCTOR_CACHE_DIR=ind_cache)
-    cmd = [sys.executable, "-m", "layerpass.bench.compile_time", "--worker", "--model", model_name,
-           "--layers", str(layers)]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    finally:
-        shutil.rmtree(lp_cache, ignore_errors=True)
-        shutil.rmtree(ind_cache, ignore_errors=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or len(lines) != 1:
-        raise RuntimeError(f"{model_name} at {layers} layers (switch {'on' if switch_on else 'off'}) failed "
-                           f"with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[0][len(RESULT_PREFIX):])
-    result["process_s"] = time.perf_counter() - t0
+    """``worker`` in a fresh interpreter with empty caches (``bench.fresh_process.run_cold``)."""
+    result, wall = run_cold(["-m", "layerpass.bench.compile_time", "--worker", "--model", model_name, "--layers", str(layers)],
+                            use_layername=switch_on, prefix=RESULT_PREFIX, timeout=timeout,
+                            what=f"{model_name} at {layers} layers")
+    result["process_s"] = wall
     return result
 
 

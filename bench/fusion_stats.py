@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import textwrap
 from typing import Any
+
+from layerpass.bench.fresh_process import run_cold
 
 RESULT_PREFIX = "FUSION-STATS:"
 
@@ -30,12 +28,12 @@ _CHILD = textwrap.dedent("""\
     import layerpass
     from layerpass.models import build_model, make_step
     from layerpass.passes.config import CompilationConfig
-    name, layers, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    name, layers = sys.argv[1], int(sys.argv[2])
     model = build_model(name, num_layers=layers)
     step = make_step(model, num_decodes=2, prefill_lens=[3, 5])
     with torch.no_grad():
         ref = step.run(model)
-        compiled = layerpass.compile(model, CompilationConfig(cache_dir=cache, disable_cache=True))
+        compiled = layerpass.compile(model, CompilationConfig(disable_cache=True))
         t0 = time.perf_counter()
         out = step.run(compiled)
         wall = time.perf_counter() - t0
@@ -55,20 +53,9 @@ def measure(model: str, layers: int, use_layername: bool, timeout: float = 1800)
     """Compile ``model`` with ``layers`` layers in a fresh process; returns its pass statistics."""
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
-    tmp = tempfile.mkdtemp(prefix="layerpass-fusion-stats-")
-    try:
-        env = dict(os.environ, VLLM_USE_LAYERNAME="1" if use_layername else "0",
-                   TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"))
-        env.pop("LAYERPASS_DEBUG_DUMP", None)
-        proc = subprocess.run([sys.executable, "-c", _CHILD, model, str(layers), os.path.join(tmp, "lp")], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or len(lines) != 1:
-        raise RuntimeError(f"fusion_stats child ({model}, {layers} layers, switch {'on' if use_layername else 'off'}) "
-                           f"failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[0][len(RESULT_PREFIX):])
+    result, _ = run_cold(["-c", _CHILD, model, str(layers)], use_layername=use_layername, prefix=RESULT_PREFIX,
+                         timeout=timeout, what=f"fusion_stats child ({model}, {layers} layers)")
+    return result
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

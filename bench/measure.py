@@ -61,12 +61,10 @@ class _CompileClock:
 
 def _dynamic_tokens(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark the token dim of every tensor input dynamic, as ``layerpass.compile`` does (fairness)."""
-    import torch
+    from layerpass.passes.backend import mark_token_dims
 
     def call(*args: Any) -> Any:
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.dim() > 0:
-                torch._dynamo.maybe_mark_dynamic(a, 0)
+        mark_token_dims(args)
         return fn(*args)
 
     return call

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch._guards import detect_fake_mode
 
 import layerpass
 
@@ -184,37 +183,30 @@ class _AnalysisBackend:
         self.graphs: list[list[PieceRecord]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        from layerpass.passes.backend import walk_pieces
         from layerpass.passes.piece_hash import piece_signature
-        from layerpass.passes.split import split_by_layers, split_by_ops
+        from layerpass.passes.split import split_graph
 
-        result = split_by_layers(gm) if self.split == "layers" else split_by_ops(gm, self.splitting_ops)
-        split_gm = result.graph_module
+        result = split_graph(gm, self.split, self.splitting_ops)
         records: list[PieceRecord] = []
 
-        class Recorder(fx.Interpreter):
-            def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
-                out = super().call_module(target, args, kwargs)
-                if target not in result.eager_pieces:
-                    sig = piece_signature(getattr(split_gm, target), args)
-                    records.append(PieceRecord(target, result.piece_layers.get(target), sig.key, sig.shape_key,
-                                               list(sig.constants)))
-                return out
+        def record(target: str, sub: fx.GraphModule, node: fx.Node, args: tuple[Any, ...]) -> None:
+            if target not in result.eager_pieces:
+                sig = piece_signature(sub, args)
+                records.append(PieceRecord(target, result.piece_layers.get(target), sig.key, sig.shape_key,
+                                           list(sig.constants)))
 
-        fake_mode = detect_fake_mode(example_inputs)
-        if fake_mode is None:
-            raise RuntimeError("doctor: Dynamo passed no fake tensors to the backend; cannot analyse the graph")
-        fake_args = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-        with fake_mode:
-            Recorder(split_gm).run(*fake_args)
+        walk_pieces(result.graph_module, example_inputs, record)
         self.graphs.append(records)
         return gm.forward
 
 
 def _mark_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark the token dims as ``layerpass.compile`` does, so the pieces hash identically."""
+    from layerpass.passes.backend import mark_token_dims
+
     def call(*args: Any, **kwargs: Any) -> Any:
-        for a in list(args) + list(kwargs.values()):
-            if isinstance(a, torch.Tensor) and a.dim() > 0:
-                torch._dynamo.maybe_mark_dynamic(a, 0)
+        mark_token_dims([*args, *kwargs.values()])
         return fn(*args, **kwargs)
 
     return call
@@ -268,7 +260,7 @@ def diagnose(model: nn.Module, example: Example, *, compile: bool = True, config
         _run_example(example, layerpass.compile(model, config))
         graphs = []
         for report in compile_reports()[before:]:
-            graphs.append([PieceRecord(p.name, p.layer, p.key, getattr(p, "shape_key", None) or p.key, list(p.constants))
+            graphs.append([PieceRecord(p.name, p.layer, p.key, p.shape_key or p.key, list(p.constants))
                            for p in report.pieces if p.kind == "compiled" and p.key is not None])
     else:
         backend = _AnalysisBackend(config.split, config.splitting_ops)

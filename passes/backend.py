@@ -28,7 +28,7 @@ from .pass_manager import PassManager
 from .piece_hash import piece_signature
 from .registry import build_passes
 from .report import CompileReport, PieceInfo, publish
-from .split import SplitResult, split_by_layers, split_by_ops
+from .split import SplitResult, split_graph
 
 logger = logging.getLogger("layerpass")
 
@@ -42,12 +42,48 @@ def _on_dynamo_start(*_args: Any) -> None:
 torch._dynamo.callback.on_compile_start(_on_dynamo_start)
 
 
-class PieceRunner:
-    """Calls a compiled artifact with the piece's calling convention; optional static-size variants."""
+def walk_pieces(split_gm: fx.GraphModule, example_inputs: Sequence[Any],
+                visit: Callable[[str, fx.GraphModule, fx.Node, tuple[Any, ...]], None]) -> None:
+    """Run the split graph on fake copies of Dynamo's example inputs, calling
+    ``visit(name, submodule, call_node, fake_args)`` after each piece has produced its output."""
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        raise RuntimeError("layerpass: Dynamo passed no fake tensors to the backend; cannot walk the pieces")
+    fake_args = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+
+    class Walker(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            self.current = n
+            return super().run_node(n)
+
+        def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+            sub = getattr(split_gm, target)
+            out = super().call_module(target, args, kwargs)
+            visit(target, sub, self.current, args)
+            return out
+
+    with fake_mode:
+        Walker(split_gm).run(*fake_args)
+
+
+def mark_token_dims(values: Sequence[Any]) -> None:
+    """Mark dim 0 (tokens) of every tensor in ``values`` dynamic before a compiled call.
+
+    Unbacked, not just dynamic: a backed size is specialised on 0/1, so a one-token step
+    would recompile."""
+    for a in values:
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            torch._dynamo.decorators.mark_unbacked(a, 0)
+
+
+class PieceRunner(nn.Module):
+    """Stands in for a piece in the split graph: calls its compiled artifact with the piece's
+    calling convention; optional static-size variants compiled on first use."""
 
     def __init__(self, artifact: Callable[..., Any], single_output: bool, token_arg: int | None = None,
                  compile_static: Callable[[list[Any]], Callable[..., Any]] | None = None,
                  compile_sizes: Sequence[int] = ()) -> None:
+        super().__init__()
         self.artifact = artifact
         self.single_output = single_output
         self.token_arg = token_arg
@@ -55,7 +91,7 @@ class PieceRunner:
         self.compile_sizes = set(compile_sizes)
         self.static: dict[int, Callable[..., Any]] = {}
 
-    def __call__(self, *args: Any) -> Any:
+    def forward(self, *args: Any) -> Any:
         fn = self.artifact
         if self.compile_sizes and self.token_arg is not None:
             n = int(args[self.token_arg].shape[0])
@@ -107,12 +143,10 @@ class LayerpassBackend:
                        static: bool = False) -> tuple[Any, dict[str, Any]]:
         self.pass_manager.begin_piece(name, context)
         runs = self.pass_manager.runs
-        if static:
-            artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes="from_example_inputs",
-                                                          options=self._inductor_options())
-        else:
-            artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes="from_tracing_context",
-                                                          options=self._inductor_options())
+        # a static variant specialises on the real args; otherwise reuse Dynamo's symbolic shapes
+        dynamic_shapes = "from_example_inputs" if static else "from_tracing_context"
+        artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes=dynamic_shapes,
+                                                      options=self._inductor_options())
         ran = self.pass_manager.runs > runs
         stats = {"passes": {k: dict(v) for k, v in self.pass_manager.stats.items()},
                  "failures": list(self.pass_manager.failures), "passes_ran": ran}
@@ -125,71 +159,57 @@ class LayerpassBackend:
         self.num_calls += 1
         cfg = self.config
         report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1, dynamo_s=dynamo_s)
-        result: SplitResult = split_by_layers(gm) if cfg.split == "layers" else split_by_ops(gm, cfg.splitting_ops)
-        if cfg.split == "ops" and (cfg.fuse_attn_quant):
+        result: SplitResult = split_graph(gm, cfg.split, cfg.splitting_ops)
+        if cfg.split == "ops" and cfg.fuse_attn_quant:
             report.notes.append("split='ops': the splitting ops run eagerly, so no fusion can cross them (attention+quant is off)")
-        pass_uuid = self.pass_manager.uuid()
-        fake_mode = detect_fake_mode(example_inputs)
-        fake_args = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        key_parts = dict(layerpass=layerpass.__version__, torch=torch.__version__, config=cfg.fingerprint(),
+                         passes=self.pass_manager.uuid(), use_layername=layerpass.USE_LAYERNAME)
         split_gm = result.graph_module
         compiled: dict[str, tuple[Any, dict[str, Any]]] = {}  # key -> (artifact, stats) within this compile
-        backend = self
-
         # piece inputs that are graph inputs map to the real tensors/objects (for passes that check identity)
         split_placeholders = [n for n in split_gm.graph.nodes if n.op == "placeholder"]
         real_of = dict(zip(split_placeholders, example_inputs))
 
-        class PieceCompiler(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                self.current = n
-                return super().run_node(n)
-
-            def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
-                sub = getattr(split_gm, target)
-                out = super().call_module(target, args, kwargs)
-                layer = result.piece_layers.get(target)
-                if target in result.eager_pieces:
-                    report.num_eager_pieces += 1
-                    report.pieces.append(PieceInfo(target, "eager", None, layer, "eager"))
-                    return out
-                sig = piece_signature(sub, args)
-                key = cache_key(layerpass=layerpass.__version__, torch=torch.__version__, config=cfg.fingerprint(),
-                                passes=pass_uuid, piece=sig.key, use_layername=layerpass.USE_LAYERNAME)
-                info = PieceInfo(target, "compiled", key, layer, constants=sig.constants)
-                info.shape_key = sig.shape_key  # type: ignore[attr-defined]
-                real_inputs = [real_of.get(a) if isinstance(a, fx.Node) else None for a in self.current.args]
-                context = {"str_constants": sig.constants, "piece": target, "layer": layer, "real_inputs": real_inputs}
-                if key in compiled:
-                    info.source = "shared"
+        def visit(target: str, sub: fx.GraphModule, node: fx.Node, args: tuple[Any, ...]) -> None:
+            layer = result.piece_layers.get(target)
+            if target in result.eager_pieces:
+                report.num_eager_pieces += 1
+                report.pieces.append(PieceInfo(target, "eager", None, layer, "eager"))
+                return
+            sig = piece_signature(sub, args)
+            key = cache_key(piece=sig.key, **key_parts)
+            info = PieceInfo(target, "compiled", key, layer, constants=sig.constants, shape_key=sig.shape_key)
+            real_inputs = [real_of.get(a) if isinstance(a, fx.Node) else None for a in node.args]
+            context = {"str_constants": sig.constants, "piece": target, "layer": layer, "real_inputs": real_inputs}
+            if key in compiled:
+                info.source = "shared"
+            else:
+                entry = None if cfg.disable_cache else self.cache.load(key)
+                if entry is not None:
+                    compiled[key] = (entry.artifact, entry.meta.get("stats", {}))
+                    info.source = "cache"
+                    report.num_cache_hits += 1
                 else:
-                    entry = None if cfg.disable_cache else backend.cache.load(key)
-                    if entry is not None:
-                        compiled[key] = (entry.artifact, entry.meta.get("stats", {}))
-                        info.source = "cache"
-                        report.num_cache_hits += 1
-                    else:
-                        artifact, stats = backend._compile_piece(target, sub, list(args), context)
-                        stats = backend._resolve_stats(key, stats)
-                        compiled[key] = (artifact, stats)
-                        info.source = "compiled"
-                        report.num_compiled += 1
-                        for name, s in stats.get("passes", {}).items():
-                            report.matches_compiled[name] = report.matches_compiled.get(name, 0) + int(s["matches"])
-                            report.pass_time_s[name] = report.pass_time_s.get(name, 0.0) + float(s["time_s"])
-                        report.pass_failures.extend(stats.get("failures", []))
-                        if not cfg.disable_cache:
-                            backend.cache.store(key, artifact, {"stats": stats, "piece": target, "torch": torch.__version__})
-                artifact, stats = compiled[key]
-                for name, s in stats.get("passes", {}).items():
-                    report.matches[name] = report.matches.get(name, 0) + int(s["matches"])
-                    report.registrations[name] = max(report.registrations.get(name, 0), int(s.get("registrations", 0)))
-                report.num_pieces += 1
-                report.pieces.append(info)
-                setattr(split_gm, target, backend._runner(sub, args, artifact, target, context))
-                return out
+                    artifact, stats = self._compile_piece(target, sub, list(args), context)
+                    stats = self._resolve_stats(key, stats)
+                    compiled[key] = (artifact, stats)
+                    info.source = "compiled"
+                    report.num_compiled += 1
+                    for name, s in stats.get("passes", {}).items():
+                        report.matches_compiled[name] = report.matches_compiled.get(name, 0) + int(s["matches"])
+                        report.pass_time_s[name] = report.pass_time_s.get(name, 0.0) + float(s["time_s"])
+                    report.pass_failures.extend(stats.get("failures", []))
+                    if not cfg.disable_cache:
+                        self.cache.store(key, artifact, {"stats": stats, "piece": target, "torch": torch.__version__})
+            artifact, stats = compiled[key]
+            for name, s in stats.get("passes", {}).items():
+                report.matches[name] = report.matches.get(name, 0) + int(s["matches"])
+                report.registrations[name] = max(report.registrations.get(name, 0), int(s.get("registrations", 0)))
+            report.num_pieces += 1
+            report.pieces.append(info)
+            setattr(split_gm, target, self._runner(sub, args, artifact, target, context))
 
-        with fake_mode:
-            PieceCompiler(split_gm).run(*fake_args)
+        walk_pieces(split_gm, example_inputs, visit)
         report.num_unique_pieces = len(compiled)
         report.compile_s = time.perf_counter() - t_enter
         report.total_s = report.dynamo_s + report.compile_s
@@ -216,27 +236,15 @@ class LayerpassBackend:
         return stats
 
     def _runner(self, sub: fx.GraphModule, fake_args: Sequence[Any], artifact: Any, name: str,
-                context: dict[str, Any]) -> nn.Module:
+                context: dict[str, Any]) -> PieceRunner:
         out_node = next(n for n in reversed(sub.graph.nodes) if n.op == "output")
         single = isinstance(out_node.args[0], fx.Node)
         token_arg = next((i for i, a in enumerate(fake_args) if isinstance(a, torch.Tensor) and a.dim() > 0
                           and isinstance(a.shape[0], torch.SymInt)), None)
-        compile_static = None
-        if self.config.compile_sizes:
-            def compile_static(real_args: list[Any]) -> Callable[..., Any]:
-                art, _ = self._compile_piece(f"{name}-static", sub, real_args, context, static=True)
-                return art
-        runner = PieceRunner(artifact, single, token_arg, compile_static, self.config.compile_sizes)
-        return _RunnerModule(runner)
+        def compile_static(real_args: list[Any]) -> Callable[..., Any]:
+            return self._compile_piece(f"{name}-static", sub, real_args, context, static=True)[0]
 
-
-class _RunnerModule(nn.Module):
-    def __init__(self, runner: PieceRunner) -> None:
-        super().__init__()
-        self.runner = runner
-
-    def forward(self, *args: Any) -> Any:
-        return self.runner(*args)
+        return PieceRunner(artifact, single, token_arg, compile_static, self.config.compile_sizes)
 
 
 _default_backend: LayerpassBackend | None = None
@@ -265,11 +273,7 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.config.dynamic_tokens:
-            for a in list(args) + list(kwargs.values()):
-                if isinstance(a, torch.Tensor) and a.dim() > 0:
-                    # unbacked, not just dynamic: a backed size is specialised on 0/1, so a
-                    # one-token step would recompile
-                    torch._dynamo.decorators.mark_unbacked(a, 0)
+            mark_token_dims([*args, *kwargs.values()])
         out = self.compiled(*args, **kwargs)
         if self.backend.num_calls == 0:
             # Dynamo gave up before reaching the backend (e.g. its recompile limit for this

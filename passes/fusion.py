@@ -166,9 +166,8 @@ class MoEFusionPass(PatternFusionPass):
             if shared is None:
                 return False
             owned = {id(p) for p in shared.parameters()}
-            weights = [match.kwargs[k] for k in ("wg", "w13", "w2") if k in match.kwargs]
-            return all(id(self._real(w)) in owned for w in weights if self._real(w) is not None) and \
-                all(self._real(w) is not None for w in weights)
+            weights = [self._real(match.kwargs[k]) for k in ("wg", "w13", "w2") if k in match.kwargs]
+            return all(w is not None and id(w) in owned for w in weights)
         except Exception as e:  # unresolvable: do not fuse
             logger.info("layerpass: %s: not fusing MoE shared experts (%s: %s)", self.name, type(e).__name__, e)
             return False

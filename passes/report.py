@@ -19,6 +19,7 @@ class PieceInfo:
     layer: int | None  # decoder-layer index in "layers" mode
     source: str = ""  # "compiled", "cache", "shared" (reused an artifact of this compile), "eager"
     constants: list[tuple[str, str, Any]] = field(default_factory=list)  # (node, target, value) str constants
+    shape_key: str | None = None  # the hash with constants masked (see piece_hash.PieceSignature)
 
 
 @dataclass

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -112,3 +111,8 @@ def split_by_ops(gm: fx.GraphModule, splitting_ops: tuple[str, ...]) -> SplitRes
     split = split_module(gm, None, lambda n: part[n], keep_original_order=True)
     names = {name for name, _ in split.named_children()}
     return SplitResult(split, {n: None for n in names}, {f"submod_{i}" for i in eager} & names)
+
+
+def split_graph(gm: fx.GraphModule, split: str, splitting_ops: tuple[str, ...]) -> SplitResult:
+    """The split a ``CompilationConfig`` asks for (``split`` is ``"layers"`` or ``"ops"``)."""
+    return split_by_layers(gm) if split == "layers" else split_by_ops(gm, splitting_ops)

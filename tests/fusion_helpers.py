@@ -196,22 +196,13 @@ class CompiledRun:
 
 
 def compile_recorded(name: str, num_layers: int, *, step: dict[str, Any] | None = None, **config: Any) -> CompiledRun:
-    """Build zoo model ``name``, run the standard step eagerly and compiled (the recorder sees every
-    piece whose passes ran in this process; pieces Inductor served from its cache are not re-recorded)."""
-    import layerpass
-    from layerpass.models import build_model, make_step
-    from layerpass.passes.config import CompilationConfig
-
-    model = build_model(name, num_layers=num_layers)
-    s = make_step(model, **(step or bh.STANDARD_STEP))
+    """``backend_helpers.compile_zoo`` (cache disabled) with a ``RecordingPass`` installed: the
+    recorder sees every piece whose passes ran in this process; pieces Inductor served from its
+    cache are not re-recorded."""
     recorder = RecordingPass()
-    with torch.no_grad():
-        ref = s.run(model)
-        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir(f"fusion-{name}{num_layers}"),
-                                                              disable_cache=True, **config))
-        compiled.backend.pass_manager.passes.append(recorder)  # type: ignore[arg-type]
-        out = s.run(compiled)
-    return CompiledRun(model, compiled, s, ref, out, layerpass.last_compile_report(), recorder.graphs)
+    c = bh.compile_zoo(name, num_layers, step=step, disable_cache=True,
+                       setup=lambda compiled: compiled.backend.pass_manager.passes.append(recorder), **config)
+    return CompiledRun(c.model, c.compiled, c.step, c.ref, c.out, c.report, recorder.graphs)
 
 
 # ----------------------------------------------------------------------------- numerics
