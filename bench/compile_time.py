@@ -36,7 +36,7 @@ def worker(model_name: str, layers: int) -> dict[str, Any]:
     torch.set_num_threads(1)  # the eager reference; compile time is what is measured
     import layerpass
     from layerpass.models import build_model, make_step
-    from layerpass.passes.config import CompilationConfig
+    from layerpass.backend.config import CompilationConfig
 
     model = build_model(model_name, num_layers=layers)
     step = make_step(model, num_decodes=2, prefill_lens=[3, 5])

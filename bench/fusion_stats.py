@@ -27,7 +27,7 @@ _CHILD = textwrap.dedent("""\
     torch.set_num_threads(1)
     import layerpass
     from layerpass.models import build_model, make_step
-    from layerpass.passes.config import CompilationConfig
+    from layerpass.backend.config import CompilationConfig
     name, layers = sys.argv[1], int(sys.argv[2])
     model = build_model(name, num_layers=layers)
     step = make_step(model, num_decodes=2, prefill_lens=[3, 5])

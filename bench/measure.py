@@ -61,7 +61,7 @@ class _CompileClock:
 
 def _dynamic_tokens(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark the token dim of every tensor input dynamic, as ``layerpass.compile`` does (fairness)."""
-    from layerpass.passes.backend import mark_token_dims
+    from layerpass.backend.compiler import mark_token_dims
 
     def call(*args: Any) -> Any:
         mark_token_dims(args)
@@ -81,7 +81,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _layerpass_stats(before: int) -> dict[str, Any]:
-    from layerpass.passes.report import compile_reports
+    from layerpass.backend.report import compile_reports
 
     reports = compile_reports()[before:]
     if not reports:
@@ -153,7 +153,7 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
 
     import layerpass
     from layerpass.models import build_model, make_step
-    from layerpass.passes.report import compile_reports
+    from layerpass.backend.report import compile_reports
 
     row: dict[str, Any] = {"model": model_name, "layers": layers, "mode": mode, "phase": phase,
                            "use_layername": layerpass.USE_LAYERNAME}

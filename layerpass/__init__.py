@@ -11,15 +11,15 @@ lazily so ``import layerpass`` stays cheap.
 
 from typing import Any
 
-from .config import HAS_OPAQUE_TYPE, USE_LAYERNAME
+from .envs import HAS_OPAQUE_TYPE, USE_LAYERNAME
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "compile": ("layerpass.passes.backend", "compile"),
-    "CompilationConfig": ("layerpass.passes.config", "CompilationConfig"),
-    "last_compile_report": ("layerpass.passes.report", "last_compile_report"),
-    "CompileReport": ("layerpass.passes.report", "CompileReport"),
+    "compile": ("layerpass.backend.compiler", "compile"),
+    "CompilationConfig": ("layerpass.backend.config", "CompilationConfig"),
+    "last_compile_report": ("layerpass.backend.report", "last_compile_report"),
+    "CompileReport": ("layerpass.backend.report", "CompileReport"),
 }
 __all__ = ["HAS_OPAQUE_TYPE", "USE_LAYERNAME", "__version__", *_LAZY]
 

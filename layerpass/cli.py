@@ -124,9 +124,9 @@ def cmd_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     import torch
 
-    from layerpass.doctor import diagnose
+    from layerpass.backend.doctor import diagnose
     from layerpass.models import build_model, make_step, registered_models
-    from layerpass.passes.config import CompilationConfig
+    from layerpass.backend.config import CompilationConfig
 
     for name in args.imports:
         importlib.import_module(name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Union
 
-from layerpass.config import HAS_OPAQUE_TYPE, USE_LAYERNAME
+from layerpass.envs import HAS_OPAQUE_TYPE, USE_LAYERNAME
 
 
 class LayerName:

@@ -19,7 +19,7 @@ from torch._prims_common import is_contiguous_or_false
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass, fwd_only, register_replacement
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from layerpass.config import USE_LAYERNAME
+from layerpass.envs import USE_LAYERNAME
 from layerpass.ops import LayerName, lookup_layer, resolve_layer_name
 from layerpass.patterns import act_quant, attn_quant, moe, moe_quant, norm_quant
 

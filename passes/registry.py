@@ -11,7 +11,7 @@ import importlib
 import logging
 
 from .base import LayerpassPass
-from .config import CompilationConfig
+from layerpass.backend.config import CompilationConfig
 
 logger = logging.getLogger("layerpass")
 

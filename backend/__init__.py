@@ -1,0 +1,1 @@
+"""The ``layerpass`` compile backend: split, piece hash and dedup, cache, report, config, doctor."""

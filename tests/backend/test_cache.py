@@ -1,0 +1,169 @@
+"""The on-disk artifact cache: warm start, corruption, concurrent writers.
+
+The cold compile is this module's own llama-2 (not the memoised one another module might
+call again); its cache dir is only read by the warm-start subprocess and copied before
+anything corrupts it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import backend as bh
+from layerpass.backend.cache import ArtifactCache
+
+
+@pytest.fixture(scope="module")
+def cold() -> bh.Compiled:
+    return bh.compile_zoo("llama", 2)
+
+
+def entries(cache_dir: str) -> list[str]:
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(cache_dir, "artifacts", "*", "*", "meta.json")))
+
+
+def entry_is_valid(entry: str) -> bool:
+    with open(os.path.join(entry, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(entry, "artifact.bin"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest() == meta["sha256"]
+
+
+def test_cold_compile_fills_the_cache(cold: bh.Compiled) -> None:
+    found = entries(cold.cache_dir)
+    assert len(found) == cold.report.num_unique_pieces
+    assert {os.path.basename(e) for e in found} == {p.key for p in cold.report.pieces}
+    assert all(entry_is_valid(e) for e in found)
+
+
+def test_warm_start_in_a_fresh_process_compiles_nothing(cold: bh.Compiled) -> None:
+    res = bh.run_python(bh.compile_zoo_body("llama", 2, cold.cache_dir), what="warm start").result
+    r = res["report"]
+    keys = [p["key"] for p in r["pieces"]]
+    assert keys == [p.key for p in cold.report.pieces], "a fresh process hashed the same model differently"
+    assert r["num_compiled"] == 0, r
+    assert r["num_cache_hits"] == cold.report.num_unique_pieces > 0
+    assert [p["source"] for p in r["pieces"]].count("cache") == r["num_cache_hits"]
+    bh.assert_matches(torch.tensor(res["out"]), cold.out, "warm-start output")
+    bh.assert_matches(torch.tensor(res["out"]), torch.tensor(res["ref"]), "warm-start output vs its own eager")
+
+
+def test_corrupted_entries_are_detected_logged_and_recompiled(cold: bh.Compiled) -> None:
+    broken_dir = bh.fresh_cache_dir("corrupt")
+    shutil.copytree(cold.cache_dir, broken_dir, dirs_exist_ok=True)
+    found = entries(broken_dir)
+    assert len(found) >= 2
+    truncated, garbled = found[0], found[1]
+    art = os.path.join(truncated, "artifact.bin")
+    with open(art, "r+b") as f:
+        f.truncate(os.path.getsize(art) // 2)
+    art = os.path.join(garbled, "artifact.bin")
+    with open(art, "r+b") as f:
+        f.seek(os.path.getsize(art) // 3)
+        f.write(b"\xde\xad\xbe\xef" * 8)
+
+    proc = bh.run_python(bh.compile_zoo_body("llama", 2, broken_dir), what="compile over a corrupted cache")
+    r = proc.result["report"]
+    for entry in (truncated, garbled):
+        assert os.path.basename(entry) in proc.stderr and "unusable" in proc.stderr, proc.stderr[-3000:]
+    assert r["num_compiled"] == 2 and r["num_cache_hits"] == cold.report.num_unique_pieces - 2, r
+    bh.assert_matches(torch.tensor(proc.result["out"]), cold.ref, "output after recompiling corrupted entries")
+    assert all(entry_is_valid(e) for e in entries(broken_dir)), "recompiled entries must be stored again, intact"
+    assert len(entries(broken_dir)) == cold.report.num_unique_pieces
+
+
+CORRUPTIONS = ["truncate", "flip", "meta-json", "meta-sha", "missing-artifact", "format"]
+
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(CORRUPTIONS), where=st.floats(0.0, 0.999))
+def test_cache_load_rejects_every_kind_of_corruption(cold: bh.Compiled, kind: str, where: float) -> None:
+    root = bh.fresh_cache_dir("unit")
+    shutil.copytree(cold.cache_dir, root, dirs_exist_ok=True)
+    entry = entries(root)[0]
+    key = os.path.basename(entry)
+    art, meta_path = os.path.join(entry, "artifact.bin"), os.path.join(entry, "meta.json")
+    size = os.path.getsize(art)
+    if kind == "truncate":
+        with open(art, "r+b") as f:
+            f.truncate(int(size * where))
+    elif kind == "flip":
+        with open(art, "r+b") as f:
+            f.seek(int(size * where))
+            byte = f.read(1)
+            f.seek(int(size * where))
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif kind == "missing-artifact":
+        os.remove(art)
+    else:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        text = json.dumps(dict(meta, sha256="0" * 64) if kind == "meta-sha" else dict(meta, format=-1))
+        if kind == "meta-json":
+            text = text[: int(len(text) * where)]
+        with open(meta_path, "w") as f:
+            f.write(text)
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("layerpass")
+    logger.addHandler(handler)
+    try:
+        assert ArtifactCache(root).load(key) is None, f"{kind} at {where} was not detected"
+    finally:
+        logger.removeHandler(handler)
+        shutil.rmtree(root, ignore_errors=True)
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and key in warnings[0] and "recompiling" in warnings[0], warnings
+    assert not os.path.exists(entry), "an unusable entry must be removed"
+
+
+def test_cache_load_of_an_intact_entry(cold: bh.Compiled) -> None:
+    """An intact entry loads with its metadata; an absent key is a plain miss (no warning needed)."""
+    prologue = cold.report.pieces[0]
+    entry = ArtifactCache(cold.cache_dir).load(prologue.key)
+    assert entry is not None and entry.meta["piece"] == prologue.name
+    assert ArtifactCache(cold.cache_dir).load("0" * 64) is None  # absent: a plain miss
+
+
+CONCURRENT_BODY = """\
+import os, time, glob
+from tests.helpers import backend as bh
+barrier = {barrier!r}
+open(os.path.join(barrier, f"ready-{{os.getpid()}}"), "w").close()
+deadline = time.time() + 120
+while len(glob.glob(os.path.join(barrier, "ready-*"))) < 2:
+    if time.time() > deadline:
+        raise SystemExit("the other writer never started")
+    time.sleep(0.05)
+c = bh.compile_zoo("llama", 2, cache_dir={cache_dir!r})
+emit({{"report": bh.report_dict(c.report), "out": c.out.tolist(), "ref": c.ref.tolist(), "t": time.time()}})
+"""
+
+
+@pytest.mark.slow  # two fresh processes at once: ~40 s on 2 cores
+def test_two_processes_compile_into_one_cache_dir_at_once(cold: bh.Compiled) -> None:
+    shared, barrier = bh.fresh_cache_dir("concurrent"), bh.fresh_cache_dir("barrier")
+    body = CONCURRENT_BODY.format(barrier=barrier, cache_dir=shared)
+    procs = [bh.start_python(body) for _ in range(2)]
+    results = [bh.finish_python(p, what=f"concurrent writer {i}").result for i, p in enumerate(procs)]
+    for res in results:
+        r = res["report"]
+        assert r["num_compiled"] + r["num_cache_hits"] == r["num_unique_pieces"] == cold.report.num_unique_pieces
+        bh.assert_matches(torch.tensor(res["out"]), torch.tensor(res["ref"]), "concurrent writer output")
+        bh.assert_matches(torch.tensor(res["out"]), cold.ref, "concurrent writer output vs this process's eager")
+    found = entries(shared)
+    assert len(found) == cold.report.num_unique_pieces and all(entry_is_valid(e) for e in found)
+    leftovers = [p for p in glob.glob(os.path.join(shared, "artifacts", "*", "*")) if os.path.basename(p).startswith(".tmp")]
+    assert leftovers == [], f"temporary entries left behind: {leftovers}"

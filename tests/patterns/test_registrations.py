@@ -1,0 +1,110 @@
+"""Version-conditional registration: with ``VLLM_USE_LAYERNAME`` on, one registration per pattern
+serves every layer; off, the layer name is a closure constant and each layer gets its own.
+
+The switch is read at import, so each setting runs in a fresh subprocess. The fast tests drive the
+passes' ``prepare`` with the layer-name constants the backend would pass and apply the per-name
+pattern to a captured graph; the slow ones compile real models (``bench/fusion_stats.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import backend as bh
+
+NAMED = {"fuse_attn_quant": "layerpass.unified_attention_with_output", "fuse_moe": "layerpass.moe_forward"}
+
+_COUNT_BODY = """\
+import torch
+from layerpass.backend.config import CompilationConfig
+from layerpass.backend.piece_hash import _target_name
+from layerpass.passes.registry import build_passes
+import layerpass
+lp = torch.ops.layerpass
+out = {}
+for layers in (2, 32):
+    passes = build_passes(CompilationConfig())
+    # described exactly as the backend describes a piece's str constants (op packet and overload)
+    consts = [(f"n{i}", _target_name(op), f"model.layers.{i}.{suffix}")
+              for i in range(layers) for op, suffix in ((lp.unified_attention_with_output, "self_attn.attn"),
+                                                         (lp.moe_forward.default, "mlp.experts"),
+                                                         (lp.moe_forward_shared, "mlp.not_a_moe_forward"))]
+    for piece in range(layers):  # one prepare per piece, each seeing its own layer's constants
+        for p in passes:
+            p.prepare({"str_constants": [c for c in consts if c[2].startswith(f"model.layers.{piece}.")]})
+    out[layers] = {p.name: p.registrations for p in passes}
+emit({"use_layername": layerpass.USE_LAYERNAME, "counts": out})
+"""
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_registration_counts(switch) -> None:
+    env = dict(bh.subprocess_env(), VLLM_USE_LAYERNAME=switch)
+    res = bh.run_python(_COUNT_BODY, env=env, what=f"registration count (VLLM_USE_LAYERNAME={switch})").result
+    assert res["use_layername"] is (switch == "1")
+    two, many = res["counts"]["2"], res["counts"]["32"]
+    for name in ("fuse_norm_quant", "fuse_act_quant"):  # no layer name in these patterns
+        assert two[name] == many[name] > 0
+    if switch == "1":
+        assert two == many and two["fuse_attn_quant"] == 1 and two["fuse_moe"] == 2  # moe: gated + ungated
+    else:
+        assert (two["fuse_attn_quant"], many["fuse_attn_quant"]) == (2, 32)
+        assert (two["fuse_moe"], many["fuse_moe"]) == (4, 64)
+
+
+_PER_NAME_BODY = """\
+import torch
+from tests.helpers import fusion as fh
+from tests.patterns.test_patterns import AttnQuant
+from layerpass.ops import LayerRegistry, build_batch_metadata, layer_registry_scope, set_forward_context
+from layerpass.passes.fusion import AttnQuantFusionPass
+from layerpass.backend.piece_hash import _target_name
+import layerpass
+registry = LayerRegistry("per-name")
+name = "model.layers.7.self_attn.attn"
+with layer_registry_scope(registry):
+    m = AttnQuant(4, 2, 16, 0.05, torch.float32, name)
+md = build_batch_metadata([1, 4], [9, 0], [[0], [1]], 16)
+q, k, v = torch.randn(5, 64), torch.randn(5, 32), torch.randn(5, 32)
+with torch.no_grad(), set_forward_context(md, registry):
+    eager = m(q, k, v)
+cap = fh.capture_graph(m, [q, k, v], metadata=md, registry=registry)
+results = {}
+for seen in (["model.layers.3.self_attn.attn"], [name]):
+    p = AttnQuantFusionPass()
+    fused, matches = fh.apply_passes(cap.gm, [p], {"str_constants": [("n", _target_name(torch.ops.layerpass.unified_attention_with_output), s) for s in seen]})
+    with torch.no_grad(), set_forward_context(md, registry):
+        out = cap.run(fused)
+    results[seen[0]] = {"matches": matches["fuse_attn_quant"], "registrations": p.registrations,
+                        "equal": bool(torch.equal(fh.fp8_bits(out), fh.fp8_bits(eager)))}
+placeholders = [str(type(a).__name__) for a in cap.args]
+emit({"use_layername": layerpass.USE_LAYERNAME, "results": results, "arg_types": placeholders})
+"""
+
+
+def test_per_name_pattern_matches_only_its_layer() -> None:
+    """Switch off: the pattern registered for layer 7's name fuses layer 7's chain; one registered
+    for another layer's name does not (the name is part of the pattern, not a wildcard)."""
+    env = dict(bh.subprocess_env(), VLLM_USE_LAYERNAME="0")
+    res = bh.run_python(_PER_NAME_BODY, env=env, what="per-name attention pattern").result
+    assert res["use_layername"] is False and "LayerName" not in res["arg_types"]
+    other, own = res["results"]["model.layers.3.self_attn.attn"], res["results"]["model.layers.7.self_attn.attn"]
+    assert other == {"matches": 0, "registrations": 1, "equal": True}
+    assert own == {"matches": 1, "registrations": 1, "equal": True}
+
+
+@pytest.mark.slow
+def test_registrations_compiled_models() -> None:
+    """Real compiles: switch on, 2 vs 32 layers register the same number of patterns and every layer
+    is fused; switch off (2 vs 4 layers: each layer is its own compile there), registrations grow."""
+    from layerpass.bench.fusion_stats import measure
+
+    on2, on32 = measure("llama-fp8", 2, True), measure("llama-fp8", 32, True)
+    assert on2["use_layername"] and on2["registrations"] == on32["registrations"]
+    assert on32["matches"]["fuse_attn_quant"] == 32 and on32["matches_compiled"] == on2["matches_compiled"]
+    off2, off4 = measure("llama-fp8", 2, False), measure("llama-fp8", 4, False)
+    assert not off2["use_layername"]
+    assert (off2["registrations"]["fuse_attn_quant"], off4["registrations"]["fuse_attn_quant"]) == (2, 4)
+    assert off4["matches"]["fuse_attn_quant"] == 4 and off4["matches_compiled"]["fuse_attn_quant"] == 4
+    for r in (on2, on32, off2, off4):
+        assert r["pass_failures"] == [] and r["max_abs_diff"] < 0.5
