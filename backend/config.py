@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 SPLIT_MODES = ("layers", "ops")
 # Ops that hold per-layer state behind a name; in "ops" mode they run eagerly between pieces.
 DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.linear_attention")
-CACHE_DIR_ENV = "LAYERPASS_CACHE_DIR"
-
-
-def default_cache_dir() -> str:
-    return os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "layerpass")
+from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
+from layerpass.envs import cache_dir as default_cache_dir
 
 
 @dataclass

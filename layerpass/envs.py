@@ -1,4 +1,16 @@
-"""The layer-name switch: the one place that reads ``VLLM_USE_LAYERNAME``.
+"""The one module that reads layerpass's environment variables (as ``vllm/envs.py`` does).
+
+| variable | read | meaning |
+| --- | --- | --- |
+| ``VLLM_USE_LAYERNAME`` | once, at import | the layer-name switch (below) |
+| ``LAYERPASS_CACHE_DIR`` | when a ``CompilationConfig`` is built | default artifact cache dir |
+| ``LAYERPASS_DEBUG_DUMP`` | at each piece's pass run | dir for before/after graph dumps |
+
+``VLLM_USE_LAYERNAME`` keeps vLLM's name on purpose: layerpass is the layer-name mechanism of
+vLLM (PR "hoisted LayerName") packaged for other engines, and an engine that runs both reads one
+switch, so a deployment flips them together.
+
+The layer-name switch:
 
 ``USE_LAYERNAME`` is computed ONCE, at import, because the custom ops' schemas are
 built from it (a layer-name argument is typed ``LayerName`` or ``str``). Changing the
@@ -47,3 +59,17 @@ def _has_opaque_type() -> bool:
 HAS_OPAQUE_TYPE: bool = _has_opaque_type()
 LAYERNAME_ENV_ON: bool = parse_bool_env(ENV_VAR, os.environ.get(ENV_VAR), default=True)
 USE_LAYERNAME: bool = HAS_OPAQUE_TYPE and LAYERNAME_ENV_ON
+
+
+CACHE_DIR_ENV = "LAYERPASS_CACHE_DIR"
+DEBUG_DUMP_ENV = "LAYERPASS_DEBUG_DUMP"
+
+
+def cache_dir() -> str:
+    """``$LAYERPASS_CACHE_DIR`` or ``~/.cache/layerpass``; read on each call (a test may set it)."""
+    return os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "layerpass")
+
+
+def debug_dump_dir() -> str | None:
+    """``$LAYERPASS_DEBUG_DUMP`` (unset or empty: no dumps); read on each call."""
+    return os.environ.get(DEBUG_DUMP_ENV) or None

@@ -21,10 +21,11 @@ from typing import Any
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from layerpass import envs
+
 from .base import LayerpassPass
 
 logger = logging.getLogger("layerpass")
-DEBUG_DUMP_ENV = "LAYERPASS_DEBUG_DUMP"
 
 
 def _snapshot(graph: fx.Graph) -> fx.Graph:
@@ -66,7 +67,7 @@ class PassManager(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         self.runs += 1
-        dump_dir = os.environ.get(DEBUG_DUMP_ENV)
+        dump_dir = envs.debug_dump_dir()
         piece_dir = None
         if dump_dir:
             piece_dir = os.path.join(dump_dir, re.sub(r"[^\w.-]", "_", self.piece_name))

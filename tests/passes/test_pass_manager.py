@@ -20,7 +20,8 @@ from torch import fx
 from tests.helpers import backend as bh
 from layerpass.passes.base import LayerpassPass
 from layerpass.backend.config import CompilationConfig
-from layerpass.passes.pass_manager import DEBUG_DUMP_ENV, PassManager
+from layerpass.envs import DEBUG_DUMP_ENV
+from layerpass.passes.pass_manager import PassManager
 from layerpass.passes.registry import PASS_ORDER, build_passes
 
 aten = torch.ops.aten
