@@ -39,6 +39,9 @@ class CompileReport:
     total_s: float = 0.0
     recompiles: int = 0
     split: str = "layers"
+    trace: str = "whole-model"  # "regions": each distinct decoder layer traced once; "whole-model": every layer traced
+    num_regions: int = 0  # distinct region traces (bodies compiled once, called at every layer)
+    warm_start: str = "off"  # "loaded" (no Dynamo), "saved", "fallback: <why>", "off" (disabled)
     pieces: list[PieceInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
