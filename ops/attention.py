@@ -1,10 +1,25 @@
 """``unified_attention_with_output``: paged KV cache write + causal GQA attention.
 
 The layer (resolved by name) owns ``kv_cache`` of shape
-``[2, num_blocks, block_size, num_kv_heads, head_size]`` and its ``scale``.
+``[2, num_blocks, block_size, num_kv_heads, head_size]`` and its ``scale``, and optionally the
+per-layer attention features below (read with ``getattr``: a layer without one does without it).
+They are layer attributes, never op arguments, so the op's schema and every traced graph are the
+same whatever their values, and layers differing only in them share one compiled piece:
+
+- ``sliding_window: int | None``: a query at absolute position ``p`` sees the keys at positions
+  ``(p - sliding_window, p]`` (the last ``sliding_window`` positions, itself included; transformers'
+  ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``);
+- ``logits_soft_cap: float | None``: ``scores = cap * tanh(scores / cap)`` after scaling, before
+  masking (Gemma 2);
+- ``sinks: Tensor [num_heads] | None``: one learned logit per query head added to the softmax
+  denominator, with no value (GPT-OSS): ``p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``.
 """
 
 from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
 
 import torch
 
@@ -22,8 +37,93 @@ def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     kv_cache[1].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
-def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: BatchMetadata, scale: float) -> torch.Tensor:
-    """Causal attention of each request's queries over its whole cached history.
+def _name(prefix) -> str:
+    return f"attention layer {prefix!r}"
+
+
+def check_scale(scale, prefix: str = "") -> float:
+    """The softmax scale as a float: any finite real number (Gemma's ``query_pre_attn_scalar**-0.5``,
+    Granite's ``attention_multiplier``, ...)."""
+    try:
+        if isinstance(scale, bool):
+            raise TypeError
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"{_name(prefix)}: scale must be a finite real number, got {scale!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{_name(prefix)}: scale must be a finite real number, got {scale!r}")
+    return value
+
+
+def check_sliding_window(sliding_window, prefix: str = "") -> int | None:
+    """``None`` (full causal attention) or a positive int: the number of most recent positions,
+    the query's own included, that a query attends to."""
+    if sliding_window is None:
+        return None
+    try:
+        if isinstance(sliding_window, bool):
+            raise TypeError
+        value = operator.index(sliding_window)
+    except TypeError:
+        value = None
+    if value is None or value <= 0:
+        raise ValueError(
+            f"{_name(prefix)}: sliding_window must be None or a positive int (the last sliding_window "
+            f"positions, the query's own included), got {sliding_window!r}"
+        )
+    return value
+
+
+def check_logits_soft_cap(logits_soft_cap, prefix: str = "") -> float | None:
+    """``None`` or a positive finite float ``cap``: scores become ``cap * tanh(scores / cap)``."""
+    if logits_soft_cap is None:
+        return None
+    try:
+        if isinstance(logits_soft_cap, bool):
+            raise TypeError
+        value = float(logits_soft_cap)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(
+            f"{_name(prefix)}: logits_soft_cap must be None or a positive finite float, got {logits_soft_cap!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class AttentionFeatures:
+    """What one layer's attention computes besides plain causal softmax (see the module docstring)."""
+
+    scale: float
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+    sinks: torch.Tensor | None = None  # float32 [num_heads], on the query's device
+
+
+def attention_features(layer, query: torch.Tensor) -> AttentionFeatures:
+    """Read and check the layer's scale and optional features (shared by the CPU op and the Triton kernel)."""
+    prefix = getattr(layer, "prefix", type(layer).__name__)
+    sinks = getattr(layer, "sinks", None)
+    if sinks is not None:
+        hq = query.shape[1]
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (hq,):
+            got = f"shape {tuple(sinks.shape)} {sinks.dtype}" if isinstance(sinks, torch.Tensor) else repr(sinks)
+            raise ValueError(f"{_name(prefix)}: sinks must be a float tensor of shape [{hq}] (one per query head), got {got}")
+        sinks = sinks.detach().to(device=query.device, dtype=torch.float32)
+    return AttentionFeatures(
+        scale=check_scale(getattr(layer, "scale", None), prefix),
+        sliding_window=check_sliding_window(getattr(layer, "sliding_window", None), prefix),
+        logits_soft_cap=check_logits_soft_cap(getattr(layer, "logits_soft_cap", None), prefix),
+        sinks=sinks,
+    )
+
+
+def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: BatchMetadata, scale: float, *,
+                        sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each request's queries over its whole cached history, with the optional
+    features of the module docstring.
 
     Vectorised over requests by padding; returns float32 ``[num_tokens, Hq, D]``."""
     _, nb, bs, hkv, d = kv_cache.shape
@@ -49,9 +149,18 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: BatchMe
     q = query[tok].float()  # [B, Q, Hq, D]
     q_pos = (seq_lens - q_lens)[:, None] + j  # absolute position of each query
     mask = valid_k[:, None, :] & (pos[None, None, :] <= q_pos[:, :, None])  # [B, Q, S]
+    if sliding_window is not None:
+        mask &= pos[None, None, :] > q_pos[:, :, None] - sliding_window
     scores = torch.einsum("bqhd,bshd->bhqs", q, keys) * scale
+    if logits_soft_cap is not None:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded query rows are all -inf
+    if sinks is not None:  # one extra logit per head in the denominator, dropped from the weights
+        b, _, nq, _ = scores.shape
+        sink_col = sinks.to(device=scores.device, dtype=scores.dtype).view(1, hq, 1, 1).expand(b, hq, nq, 1)
+        probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded query rows are all -inf
     out = torch.einsum("bhqs,bshd->bqhd", probs, values)
     return out[valid_q]
 
@@ -118,10 +227,13 @@ def unified_attention_with_output(
 ) -> None:
     """``query [T, Hq, D]``, ``key``/``value [T, Hkv, D]``; writes ``output [T, Hq, D]``.
 
-    With ``output_scale``, ``output`` is fp8 and receives the static per-tensor quantised result."""
+    With ``output_scale``, ``output`` is fp8 and receives the static per-tensor quantised result.
+    The layer's scale, sliding window, soft cap and sinks are read from the layer itself."""
     layer, md = resolve_attention(query, key, value, output, layer_name, output_scale)
+    feats = attention_features(layer, query)
     write_kv_cache(layer.kv_cache, key, value, md.slot_mapping)
-    out = paged_attention_ref(query, layer.kv_cache, md, layer.scale)
+    out = paged_attention_ref(query, layer.kv_cache, md, feats.scale, sliding_window=feats.sliding_window,
+                              logits_soft_cap=feats.logits_soft_cap, sinks=feats.sinks)
     if output_scale is not None:
         output.copy_(quantize_fp8(out.to(query.dtype), output_scale))
     else:
