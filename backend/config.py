@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,37 @@ SPLIT_MODES = ("layers", "ops")
 DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.linear_attention")
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
 from layerpass.envs import cache_dir as default_cache_dir
+
+
+BOOL_FIELDS = ("fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "eliminate_noops",
+               "disable_cache", "dynamic_tokens")
+# Inductor options layerpass sets itself: overriding them would silently turn the passes off.
+RESERVED_INDUCTOR_OPTIONS = ("post_grad_custom_post_pass",)
+
+
+def _check_cache_dir(value: Any) -> str:
+    """A non-empty str or ``os.PathLike`` (to a str path); returned as a str."""
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str):
+        raise TypeError(f"CompilationConfig.cache_dir must be a non-empty str or os.PathLike (a directory), or None "
+                        f"for $LAYERPASS_CACHE_DIR / ~/.cache/layerpass; got {type(value).__name__} {value!r}")
+    if not path.strip():
+        raise ValueError(f"CompilationConfig.cache_dir must be a non-empty str or os.PathLike (a directory), or None "
+                         f"for the default; got {value!r} (an empty path would mean the working directory)")
+    return path
+
+
+def _check_inductor_options(value: Any) -> dict[str, Any]:
+    """A dict of Inductor config names to values (copied); none that layerpass sets itself."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TypeError(f"CompilationConfig.inductor_options must be a dict with str keys (Inductor config names), "
+                        f"got {type(value).__name__} {value!r}")
+    reserved = [k for k in value if k in RESERVED_INDUCTOR_OPTIONS]
+    if reserved:
+        raise ValueError(f"CompilationConfig.inductor_options may not set {reserved}: layerpass installs its pass "
+                         f"manager there; turn passes off with fuse_attn_quant / fuse_norm_quant / fuse_act_quant / "
+                         f"fuse_moe / eliminate_noops instead")
+    return dict(value)
 
 
 @dataclass
@@ -45,7 +77,8 @@ class CompilationConfig:
 
     def __post_init__(self) -> None:
         if self.split not in SPLIT_MODES:
-            raise ValueError(f"CompilationConfig.split={self.split!r}; allowed: {', '.join(SPLIT_MODES)}")
+            raise ValueError(f"CompilationConfig.split={self.split!r} ({type(self.split).__name__}); "
+                             f"allowed: {', '.join(SPLIT_MODES)}")
         if isinstance(self.splitting_ops, str) or not isinstance(self.splitting_ops, (tuple, list)):
             raise TypeError(f"splitting_ops must be a tuple of 'namespace.op_name' strings, got {self.splitting_ops!r}")
         for op in self.splitting_ops:
@@ -61,8 +94,15 @@ class CompilationConfig:
         if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
             raise ValueError(f"compile_sizes must be positive ints, got {self.compile_sizes!r}")
         self.compile_sizes = tuple(sorted(set(sizes)))
+        for name in BOOL_FIELDS:  # a str like "no" or "false" is truthy: only real bools are taken
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"CompilationConfig.{name} must be a bool (True or False), got "
+                                f"{type(value).__name__} {value!r}")
         if self.cache_dir is None:
             self.cache_dir = default_cache_dir()
+        self.cache_dir = _check_cache_dir(self.cache_dir)
+        self.inductor_options = _check_inductor_options(self.inductor_options)
 
     def fingerprint(self) -> str:
         """What changes compiled code (cache location and switch excluded)."""

@@ -1,0 +1,88 @@
+"""``CompilationConfig`` validates every field when it is built, naming the field and what is allowed."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from layerpass.backend.config import CompilationConfig
+
+BOOL_FIELDS = ("fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "eliminate_noops",
+               "disable_cache", "dynamic_tokens")
+NOT_BOOLS = ["no", "false", "False", "", 0, 1, None, 1.0, [], "0"]
+
+
+@pytest.mark.parametrize("name", BOOL_FIELDS)
+@pytest.mark.parametrize("value", NOT_BOOLS)
+def test_bool_fields_take_only_real_bools(name: str, value) -> None:
+    with pytest.raises(TypeError, match=rf"CompilationConfig\.{name} must be a bool \(True or False\), got {type(value).__name__}"):
+        CompilationConfig(cache_dir="/tmp/x", **{name: value})
+
+
+@pytest.mark.parametrize("name", BOOL_FIELDS)
+def test_bool_fields_keep_their_value(name: str) -> None:
+    for value in (True, False):
+        assert getattr(CompilationConfig(cache_dir="/tmp/x", **{name: value}), name) is value
+
+
+@pytest.mark.parametrize("value", ["", 123, b"/tmp/x", 1.5, ["/tmp"], True, "   "])
+def test_cache_dir_must_be_a_non_empty_path(value) -> None:
+    with pytest.raises((TypeError, ValueError), match=r"CompilationConfig\.cache_dir must be a non-empty str or os\.PathLike"):
+        CompilationConfig(cache_dir=value)
+
+
+def test_cache_dir_accepts_str_and_pathlike(tmp_path: pathlib.Path) -> None:
+    assert CompilationConfig(cache_dir=str(tmp_path)).cache_dir == str(tmp_path)
+    cfg = CompilationConfig(cache_dir=tmp_path / "c")
+    assert cfg.cache_dir == os.fspath(tmp_path / "c") and isinstance(cfg.cache_dir, str)
+
+
+def test_empty_cache_dir_never_means_the_working_directory() -> None:
+    """Before: ``cache_dir=""`` was kept and the cache wrote ``./artifacts``."""
+    with pytest.raises(ValueError, match=r"cache_dir"):
+        CompilationConfig(cache_dir="")
+
+
+@pytest.mark.parametrize("value", [["x"], "x", None, 3, {1: True}, {("a",): 1}])
+def test_inductor_options_must_be_a_dict_with_str_keys(value) -> None:
+    with pytest.raises(TypeError, match=r"CompilationConfig\.inductor_options must be a dict with str keys"):
+        CompilationConfig(cache_dir="/tmp/x", inductor_options=value)
+
+
+def test_inductor_options_may_not_replace_the_pass_manager() -> None:
+    with pytest.raises(ValueError, match=r"inductor_options.*post_grad_custom_post_pass.*fuse_"):
+        CompilationConfig(cache_dir="/tmp/x", inductor_options={"post_grad_custom_post_pass": None})
+
+
+def test_inductor_options_are_copied() -> None:
+    opts = {"max_autotune": False}
+    cfg = CompilationConfig(cache_dir="/tmp/x", inductor_options=opts)
+    opts["max_autotune"] = True
+    assert cfg.inductor_options == {"max_autotune": False}
+
+
+@pytest.mark.parametrize("value", [1, None, ["layers"], b"layers"])
+def test_split_of_the_wrong_type_names_the_field(value) -> None:
+    with pytest.raises(ValueError, match=r"CompilationConfig\.split=.*allowed: layers, ops"):
+        CompilationConfig(cache_dir="/tmp/x", split=value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(BOOL_FIELDS),
+       value=st.one_of(st.text(max_size=5), st.integers(), st.none(), st.floats(allow_nan=False), st.booleans()))
+def test_any_non_bool_is_rejected_any_bool_kept(name: str, value) -> None:
+    if isinstance(value, bool):
+        assert getattr(CompilationConfig(cache_dir="/tmp/x", **{name: value}), name) is value
+    else:
+        with pytest.raises(TypeError, match=rf"CompilationConfig\.{name}"):
+            CompilationConfig(cache_dir="/tmp/x", **{name: value})
+
+
+def test_defaults_are_valid() -> None:
+    cfg = CompilationConfig()
+    assert isinstance(cfg.cache_dir, str) and cfg.cache_dir
+    assert cfg.fingerprint() == CompilationConfig(cache_dir="/elsewhere").fingerprint()
