@@ -89,10 +89,10 @@ class CompilationConfig:
             if op.count(".") != 1 or not all(op.split(".")):
                 raise ValueError(f"splitting op {op!r} must be written 'namespace.op_name' (e.g. 'layerpass.unified_attention_with_output')")
         if isinstance(self.compile_sizes, (str, bytes)) or not isinstance(self.compile_sizes, (tuple, list, set, frozenset)):
-            raise TypeError(f"compile_sizes must be a tuple of positive ints, got {self.compile_sizes!r}")
+            raise TypeError(f"CompilationConfig.compile_sizes must be a tuple of positive ints, got {self.compile_sizes!r}")
         sizes = tuple(self.compile_sizes)
         if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
-            raise ValueError(f"compile_sizes must be positive ints, got {self.compile_sizes!r}")
+            raise ValueError(f"CompilationConfig.compile_sizes must be positive ints (token counts >= 1), got {self.compile_sizes!r}")
         self.compile_sizes = tuple(sorted(set(sizes)))
         for name in BOOL_FIELDS:  # a str like "no" or "false" is truthy: only real bools are taken
             value = getattr(self, name)
