@@ -45,7 +45,7 @@ def check_scale(scale, prefix: str = "") -> float:
     """The softmax scale as a float: any finite real number (Gemma's ``query_pre_attn_scalar**-0.5``,
     Granite's ``attention_multiplier``, ...)."""
     try:
-        if isinstance(scale, bool):
+        if isinstance(scale, (bool, str, bytes)):
             raise TypeError
         value = float(scale)
     except (TypeError, ValueError):
@@ -79,7 +79,7 @@ def check_logits_soft_cap(logits_soft_cap, prefix: str = "") -> float | None:
     if logits_soft_cap is None:
         return None
     try:
-        if isinstance(logits_soft_cap, bool):
+        if isinstance(logits_soft_cap, (bool, str, bytes)):
             raise TypeError
         value = float(logits_soft_cap)
     except (TypeError, ValueError):

@@ -129,6 +129,51 @@ def attention(requests: Sequence[Request], scale: float) -> torch.Tensor:
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
+def attention_features_request(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
+                               sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                               sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """``attention_request`` with the per-layer features, from their definitions, float64, explicit loops.
+
+    Query ``i`` is absolute position ``p = S - Q + i``; it sees key positions ``j`` with
+    ``j <= p`` and, with a window ``W``, ``j > p - W`` (transformers' ``kv_idx > q_idx - W``).
+    Each score is ``scale * q.k``, then ``cap * tanh(score / cap)``; the weights are
+    ``exp(score_j) / (exp(sink_h) + sum_visible exp(score))`` (no sink: the plain softmax)."""
+    nq, hq, _ = q.shape
+    s, hkv, _ = k.shape
+    group = hq // hkv
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for h in range(hq):
+        for i in range(nq):
+            p = s - nq + i
+            logits, rows = [], []
+            for j in range(s):
+                if j > p or (sliding_window is not None and j <= p - sliding_window):
+                    continue
+                x = float(k[j, h // group].double() @ q[i, h].double()) * scale
+                if logits_soft_cap is not None:
+                    x = logits_soft_cap * math.tanh(x / logits_soft_cap)
+                logits.append(x)
+                rows.append(v[j, h // group].double())
+            extra = [float(sinks[h])] if sinks is not None else []
+            m = max(logits + extra)
+            weights = [math.exp(x - m) for x in logits]
+            denom = sum(weights) + sum(math.exp(x - m) for x in extra)
+            for w, row in zip(weights, rows):
+                out[i, h] += (w / denom) * row
+    return out
+
+
+def attention_features(requests: Sequence[Request], scale: float, *, sliding_window: int | None = None,
+                       logits_soft_cap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole step with features (``attention_features_request`` per request); ``[T, Hq, D]`` float64."""
+    outs = [
+        attention_features_request(r.new_q, torch.cat([r.hist_k, r.new_k]), torch.cat([r.hist_v, r.new_v]), scale,
+                                   sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks)
+        for r in requests
+    ]
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
 class AttnLayer(nn.Module):
     """The state ``unified_attention_with_output`` resolves by name: a paged KV cache and a scale."""
 
