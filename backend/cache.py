@@ -1,10 +1,14 @@
 """On-disk cache of compiled pieces (Inductor ``CompiledArtifact``s).
 
 Layout: ``<cache_dir>/artifacts/<key[:2]>/<key>/{artifact.bin, meta.json}``; ``meta.json``
-holds the artifact's sha256, so a truncated or corrupted entry is detected, logged,
-removed and recompiled. Entries are written into a private temporary directory and
-renamed into place, so concurrent writers never expose a half-written entry (the
-first rename wins; the loser's identical entry is discarded).
+holds the key the entry belongs to and the artifact's sha256, so a truncated, corrupted or
+misplaced (moved, swapped) entry is detected, logged, removed and recompiled. Entries are
+written into a private temporary directory and renamed into place, so concurrent writers never
+expose a half-written entry (the first rename wins; the loser's identical entry is discarded).
+
+The cache is best-effort: a cache that cannot be written (read-only, a file, a path under
+/proc, a full disk) is warned about once per cache directory and the compile goes on without
+storing; an unusable entry is recompiled (and removed when it can be).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Any
 import torch
 
 logger = logging.getLogger("layerpass")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records its key
+_unwritable_warned: set[str] = set()  # cache roots already warned about (once per process)
 
 
 def cache_key(**parts: Any) -> str:
@@ -45,6 +50,7 @@ class CacheEntry:
 class ArtifactCache:
     def __init__(self, root: str) -> None:
         self.root = os.path.join(root, "artifacts")
+        self.writable = True
 
     def path(self, key: str) -> str:
         return os.path.join(self.root, key[:2], key)
@@ -56,26 +62,49 @@ class ArtifactCache:
         try:
             with open(os.path.join(entry, "meta.json")) as f:
                 meta = json.load(f)
+            if not isinstance(meta, dict):
+                raise ValueError(f"meta.json holds a {type(meta).__name__}, not an object")
             art_path = os.path.join(entry, "artifact.bin")
             if meta.get("format") != FORMAT_VERSION:
                 raise ValueError(f"format {meta.get('format')!r} != {FORMAT_VERSION}")
+            if meta.get("key") != key:
+                raise ValueError(f"the entry belongs to key {meta.get('key')!r} (moved or swapped)")
             if _sha256(art_path) != meta["sha256"]:
                 raise ValueError("artifact checksum mismatch (truncated or corrupted)")
             artifact = torch._inductor.CompiledArtifact.load(path=art_path, format="binary")
         except Exception as e:
-            logger.warning("layerpass: cache entry %s is unusable (%s: %s); removing it and recompiling", entry, type(e).__name__, e)
             shutil.rmtree(entry, ignore_errors=True)
+            if os.path.exists(entry):  # e.g. a read-only cache dir
+                logger.warning("layerpass: cache entry %s is unusable (%s: %s); recompiling (could not remove it)",
+                               entry, type(e).__name__, e)
+            else:
+                logger.warning("layerpass: cache entry %s is unusable (%s: %s); removed it, recompiling",
+                               entry, type(e).__name__, e)
             return None
         return CacheEntry(artifact, meta)
 
+    def _cannot_write(self, error: OSError) -> None:
+        """Warn once per cache directory per process; the compile goes on without storing."""
+        self.writable = False
+        if self.root in _unwritable_warned:
+            return
+        _unwritable_warned.add(self.root)
+        logger.warning("layerpass: cannot write the artifact cache at %s (%s: %s); compiling without storing to it "
+                       "(set CompilationConfig.cache_dir / $LAYERPASS_CACHE_DIR to a writable directory, or "
+                       "disable_cache=True)", self.root, type(error).__name__, error)
+
     def store(self, key: str, artifact: Any, meta: dict[str, Any]) -> bool:
+        """Write the entry; ``False`` (never an exception) when it was not stored."""
+        if not self.writable or self.root in _unwritable_warned:
+            return False
         final = self.path(key)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=os.path.dirname(final))
+        tmp = None
         try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=os.path.dirname(final))
             art_path = os.path.join(tmp, "artifact.bin")
             artifact.save(path=art_path, format="binary")
-            meta = dict(meta, format=FORMAT_VERSION, sha256=_sha256(art_path))
+            meta = dict(meta, key=key, format=FORMAT_VERSION, sha256=_sha256(art_path))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=2, default=str)
             try:
@@ -86,8 +115,12 @@ class ArtifactCache:
                 shutil.rmtree(final, ignore_errors=True)  # a broken leftover: replace it
                 os.rename(tmp, final)
             return True
-        except Exception as e:
+        except OSError as e:  # the location cannot be written: stop trying
+            self._cannot_write(e)
+            return False
+        except Exception as e:  # this artifact could not be saved: the next one may be
             logger.warning("layerpass: could not store cache entry %s: %s: %s", final, type(e).__name__, e)
             return False
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -167,3 +168,162 @@ def test_two_processes_compile_into_one_cache_dir_at_once(cold: bh.Compiled) -> 
     assert len(found) == cold.report.num_unique_pieces and all(entry_is_valid(e) for e in found)
     leftovers = [p for p in glob.glob(os.path.join(shared, "artifacts", "*", "*")) if os.path.basename(p).startswith(".tmp")]
     assert leftovers == [], f"temporary entries left behind: {leftovers}"
+
+
+# ------------------------------------------------------------------ faults: degrade, never fail
+class FakeArtifact:
+    """Stands in for a ``CompiledArtifact``: ``save`` writes its payload; the stub ``load`` reads it back."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def save(self, *, path: str, format: str) -> None:
+        with open(path, "wb") as f:
+            f.write(self.payload)
+
+
+@pytest.fixture
+def fake_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CompiledArtifact.load`` returns a ``FakeArtifact`` of the file's bytes (no Inductor involved)."""
+    def load(*, path: str, format: str = "binary") -> FakeArtifact:
+        with open(path, "rb") as f:
+            return FakeArtifact(f.read())
+    monkeypatch.setattr(torch._inductor.CompiledArtifact, "load", staticmethod(load))
+
+
+@pytest.fixture
+def layerpass_log():
+    """The WARNING messages the ``layerpass`` logger emits during the test."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("layerpass")
+    logger.addHandler(handler)
+    try:
+        yield lambda: [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    finally:
+        logger.removeHandler(handler)
+
+
+def unwritable_roots(tmp_path) -> dict[str, str]:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    return {"a file": str(a_file), "under a file": str(a_file / "sub"), "under /proc": "/proc/layerpass-cache"}
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "under /proc"])
+def test_unwritable_cache_warns_once_and_never_raises(tmp_path, where: str, layerpass_log, fake_load) -> None:
+    """Before: ``makedirs`` / ``mkdtemp`` sat outside the ``try`` and the OSError failed the compile."""
+    root = unwritable_roots(tmp_path)[where]
+    cache = ArtifactCache(root)
+    for i in range(3):
+        key = hashlib.sha256(f"{where}-{i}".encode()).hexdigest()
+        assert cache.store(key, FakeArtifact(b"x"), {}) is False
+        assert cache.load(key) is None
+    warnings = layerpass_log()
+    assert len(warnings) == 1, warnings
+    assert "cannot write" in warnings[0] and "without" in warnings[0] and root in warnings[0], warnings
+    # a second cache object on the same root (a second compile in this process) stays quiet too
+    assert ArtifactCache(root).store("ab" * 32, FakeArtifact(b"x"), {}) is False
+    assert len(layerpass_log()) == 1
+
+
+def test_read_only_cache_dir_warns_once(tmp_path, monkeypatch: pytest.MonkeyPatch, layerpass_log, fake_load) -> None:
+    """A read-only dir, simulated (the tests may run as root, which ignores mode bits)."""
+    root = str(tmp_path / "ro")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", root)
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    cache = ArtifactCache(root)
+    assert cache.store("cd" * 32, FakeArtifact(b"x"), {}) is False
+    assert cache.store("ef" * 32, FakeArtifact(b"x"), {}) is False
+    warnings = layerpass_log()
+    assert len(warnings) == 1 and "Permission denied" in warnings[0], warnings
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_cache_dir_for_real(tmp_path, layerpass_log, fake_load) -> None:
+    root = tmp_path / "ro"
+    (root / "artifacts").mkdir(parents=True)
+    os.chmod(root / "artifacts", 0o500)
+    try:
+        assert ArtifactCache(str(root)).store("12" * 32, FakeArtifact(b"x"), {}) is False
+    finally:
+        os.chmod(root / "artifacts", 0o700)
+    assert len(layerpass_log()) == 1
+
+
+def test_corrupt_entry_that_cannot_be_removed_is_not_said_to_be(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                                 layerpass_log, fake_load) -> None:
+    cache = ArtifactCache(str(tmp_path))
+    key = "34" * 32
+    assert cache.store(key, FakeArtifact(b"payload"), {})
+    with open(os.path.join(cache.path(key), "artifact.bin"), "wb") as f:
+        f.write(b"garbled")
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # a read-only dir: removal does nothing
+    assert cache.load(key) is None
+    warnings = layerpass_log()
+    assert len(warnings) == 1 and key in warnings[0] and "recompiling" in warnings[0], warnings
+    assert "removing it" not in warnings[0] and "could not remove" in warnings[0], warnings
+
+
+def test_meta_records_its_key(tmp_path, fake_load) -> None:
+    cache = ArtifactCache(str(tmp_path))
+    key = "56" * 32
+    assert cache.store(key, FakeArtifact(b"payload"), {"piece": "p"})
+    with open(os.path.join(cache.path(key), "meta.json")) as f:
+        assert json.load(f)["key"] == key
+    entry = cache.load(key)
+    assert entry is not None and entry.artifact.payload == b"payload" and entry.meta["piece"] == "p"
+
+
+def swap_entries(cache: ArtifactCache, a: str, b: str) -> None:
+    pa, pb = cache.path(a), cache.path(b)
+    tmp = pa + ".swap"
+    os.rename(pa, tmp)
+    os.makedirs(os.path.dirname(pb), exist_ok=True)
+    os.rename(pb, pa)
+    os.makedirs(os.path.dirname(pa), exist_ok=True)
+    os.rename(tmp, pb)
+
+
+@settings(max_examples=10, deadline=None)
+@given(a=st.binary(min_size=1, max_size=16), b=st.binary(min_size=1, max_size=16), same_prefix=st.booleans())
+def test_swapped_entries_are_evicted_not_served(a: bytes, b: bytes, same_prefix: bool) -> None:
+    """Before: both checksums stayed valid, so each key loaded the other's artifact."""
+    root = bh.fresh_cache_dir("swap")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch._inductor.CompiledArtifact, "load",
+                   staticmethod(lambda *, path, format="binary": FakeArtifact(open(path, "rb").read())))
+        cache = ArtifactCache(root)
+        ka = hashlib.sha256(a + b"a").hexdigest()
+        kb = (ka[:2] if same_prefix else "") + hashlib.sha256(b + b"b").hexdigest()[(2 if same_prefix else 0):]
+        assert cache.store(ka, FakeArtifact(b"A" + a), {}) and cache.store(kb, FakeArtifact(b"B" + b), {})
+        swap_entries(cache, ka, kb)
+        assert cache.load(ka) is None and cache.load(kb) is None
+        assert not os.path.exists(cache.path(ka)) and not os.path.exists(cache.path(kb)), "mismatched entries are evicted"
+        assert cache.store(ka, FakeArtifact(b"A" + a), {}) and cache.load(ka).artifact.payload == b"A" + a
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_swapped_real_entries_are_evicted(cold: bh.Compiled, layerpass_log) -> None:
+    root = bh.fresh_cache_dir("swap-real")
+    shutil.copytree(cold.cache_dir, root, dirs_exist_ok=True)
+    keys = [os.path.basename(e) for e in entries(root)][:2]
+    cache = ArtifactCache(root)
+    swap_entries(cache, *keys)
+    assert cache.load(keys[0]) is None and cache.load(keys[1]) is None
+    warnings = layerpass_log()
+    assert len(warnings) == 2 and all("belongs to key" in w for w in warnings), warnings
+
+
+@pytest.mark.slow  # a real compile (~10 s)
+def test_compile_with_an_unwritable_cache_dir_succeeds(tmp_path, layerpass_log) -> None:
+    """The compile goes on without the cache, with one warning; the output is right."""
+    cache_dir = unwritable_roots(tmp_path)["a file"]
+    c = bh.compile_zoo("llama", 2, cache_dir=cache_dir)
+    bh.assert_matches(c.out, c.ref)
+    assert c.report.num_compiled == c.report.num_unique_pieces > 0
+    warnings = [w for w in layerpass_log() if "cache" in w]
+    assert len(warnings) == 1 and cache_dir in warnings[0], warnings
