@@ -14,6 +14,14 @@ Two kernels:
   cache block size), with an online softmax in float32, up to the block's last causal
   position. With ``output_scale`` the result is rounded to the query dtype (the unfused
   attention's output) and quantised to FP8 in the epilogue.
+
+The layer's features (see ``ops/attention.py``) are compile-time switches of the kernel, their
+values runtime arguments: a sliding window also starts the key walk at the block's first
+visible position (``q_pos - window + 1``), so a long history costs only the window; the soft cap
+``cap * tanh(s / cap)`` is applied to the scaled scores before masking (``tanh`` written with
+``exp``, which both the GPU and the interpreter have); sinks seed the online softmax with
+``m = sink, l = exp(sink - m) = 1`` and no value, which is exactly one extra logit in the
+denominator.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention import resolve_attention, write_kv_cache
+from ..attention import AttentionFeatures, attention_features, resolve_attention, write_kv_cache
 from ..forward_context import BatchMetadata
 from ..layer_name import LayerNameType
 from ._common import (
@@ -72,12 +80,13 @@ def _find_request(qsl_ptr, num_reqs, qb, BLOCK_M: tl.constexpr):
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, out_scale_ptr,
     block_table_ptr, seq_lens_ptr, qsl_ptr,
-    num_reqs, sm_scale, block_size,
+    num_reqs, sm_scale, block_size, window, soft_cap, sinks_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT: tl.constexpr, DOT: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
 ):
     qb = tl.program_id(0)
     head = tl.program_id(1)
@@ -102,10 +111,17 @@ def _paged_attention_kernel(
         # finite start: fully masked rows (padding) then give exp(-inf - m) = 0, never NaN
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        if SINKS:  # the sink is the first logit seen: m = max(sink, -1e30), l = exp(sink - m), no value
+            sink = tl.load(sinks_ptr + head).to(tl.float32)
+            m_i = tl.maximum(m_i, sink)
+            l_i = tl.exp(sink - m_i)
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
         kv_end = tl.minimum(seq_len, context + tl.minimum(q_len, (local + 1) * BLOCK_M))  # causal bound
+        kv_start = 0
+        if SLIDING:  # nothing before the first row's window is visible to any row of the block
+            kv_start = tl.maximum(context + local * BLOCK_M - window + 1, 0)
         bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
-        for start in range(0, kv_end, BLOCK_N):
+        for start in range(kv_start, kv_end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_valid = offs_n < kv_end
             blk = tl.load(bt_row + offs_n // block_size, mask=n_valid, other=0).to(tl.int64)
@@ -113,7 +129,11 @@ def _paged_attention_kernel(
             kv_mask = n_valid[:, None] & d_valid[None, :]
             k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             s = dot_f32acc(q, tl.trans(k), DOT) * sm_scale
+            if SOFTCAP:  # cap * tanh(s / cap), tanh(x) = 1 - 2 / (exp(2x) + 1) (saturates to +-1, no NaN)
+                s = soft_cap * (1.0 - 2.0 / (tl.exp(s * (2.0 / soft_cap)) + 1.0))
             causal = m_valid[:, None] & n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            if SLIDING:  # keys in (q_pos - window, q_pos]
+                causal = causal & (offs_n[None, :] > q_pos[:, None] - window)
             s = tl.where(causal, s, float("-inf"))
             m_new = tl.maximum(m_i, reduce_max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -169,8 +189,13 @@ def paged_attention_triton(
     output_scale: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int = 32,
+    *,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
-    """Causal GQA attention of each request's queries over its cached history, into ``output``."""
+    """Causal GQA attention of each request's queries over its cached history, into ``output``,
+    with the optional features of ``ops/attention.py`` (``sinks``: float ``[Hq]``)."""
     num_tokens, hq, d = query.shape
     _, _, block_size, hkv, _ = kv_cache.shape
     if num_tokens == 0 or md.num_reqs == 0:
@@ -186,16 +211,22 @@ def paged_attention_triton(
     if k_cache.stride(-1) != 1:
         raise ValueError(f"paged attention: the KV cache's head_size dimension must be contiguous, strides {kv_cache.stride()}")
     qsl = md.query_start_loc.to(torch.int32)
+    if sinks is not None:
+        if tuple(sinks.shape) != (hq,):
+            raise ValueError(f"paged attention: sinks must have shape [{hq}] (one per query head), got {tuple(sinks.shape)}")
+        sinks = sinks.detach().to(device=query.device, dtype=torch.float32).contiguous()
     grid = (num_tokens // block_m + md.num_reqs, hq)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, as_fp8_bytes(target),
         scale_as_f32(output_scale) if output_scale is not None else query,
         md.block_table, md.seq_lens, qsl,
         md.num_reqs, float(scale), block_size,
+        int(sliding_window or 0), float(logits_soft_cap or 0.0), sinks if sinks is not None else query,
         query.stride(0), query.stride(1), target.stride(0), target.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), md.block_table.stride(0),
         GROUP=hq // hkv, HEAD=d, BLOCK_D=dot_block(d), BLOCK_M=block_m, BLOCK_N=block_n,
         QUANT=output_scale is not None, DOT=dot_mode(query.dtype, query.device),
+        SLIDING=sliding_window is not None, SOFTCAP=logits_soft_cap is not None, SINKS=sinks is not None,
     )
     if target is not output:
         output.copy_(target)
@@ -211,5 +242,7 @@ def unified_attention_with_output(
 ) -> None:
     """CUDA kernel of ``layerpass::unified_attention_with_output``: same contract as the CPU op."""
     layer, md = resolve_attention(query, key, value, output, layer_name, output_scale)
+    feats: AttentionFeatures = attention_features(layer, query)
     write_kv_cache_triton(layer.kv_cache, key, value, md.slot_mapping)
-    paged_attention_triton(query, layer.kv_cache, md, layer.scale, output, output_scale)
+    paged_attention_triton(query, layer.kv_cache, md, feats.scale, output, output_scale,
+                           sliding_window=feats.sliding_window, logits_soft_cap=feats.logits_soft_cap, sinks=feats.sinks)
