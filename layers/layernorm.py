@@ -30,3 +30,24 @@ class RMSNorm(PluggableLayer):
         if residual is None:
             return torch.ops.layerpass.rms_norm(x, self.weight, self.variance_epsilon)
         return torch.ops.layerpass.fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+
+
+@PluggableLayer.register("gemma_rms_norm")
+class GemmaRMSNorm(RMSNorm):
+    """RMS norm scaled by ``1 + w`` (Gemma's convention: a zero weight is the identity scale).
+
+    The same ``rms_norm`` op as ``RMSNorm`` (so the norm+quant fusion matches it too): the layer
+    holds the effective scale ``1 + w`` as its ``weight``, in float32 whatever the model dtype,
+    because Gemma computes ``normed(x.float()) * (1 + w.float())`` in float32 before casting back
+    (the op multiplies by ``weight.float()`` in float32 too), so a bf16 model rounds exactly like
+    Hugging Face's. Load a Gemma checkpoint's ``w`` with ``load_offset_weight``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, params_dtype: torch.dtype | None = None, prefix: str = "") -> None:
+        super().__init__(hidden_size, eps, torch.float32, prefix)
+
+    def load_offset_weight(self, weight: torch.Tensor) -> None:
+        """Set the scale from a checkpoint weight ``w`` (shape ``[hidden_size]``): ``1 + w`` in float32."""
+        if tuple(weight.shape) != (self.hidden_size,):
+            raise ValueError(f"GemmaRMSNorm {self.prefix!r}: weight must have shape ({self.hidden_size},), got {tuple(weight.shape)}")
+        with torch.no_grad():
+            self.weight.copy_(1.0 + weight.detach().float())
