@@ -307,12 +307,15 @@ class _Model(nn.Module):
 
 
 @pytest.mark.slow
-def test_layers_differing_only_in_features_share_one_piece() -> None:
+@pytest.mark.parametrize("trace", ["regions", "whole-model"])
+def test_layers_differing_only_in_features_share_one_piece(trace: str) -> None:
     """Sliding vs global, different windows, caps and sink values: one compiled decoder-layer piece,
-    outputs equal eager (which really uses the features: it differs from a feature-free model)."""
+    outputs equal eager (which really uses the features: it differs from a feature-free model).
+    ``regions``: ``layerpass.compile``; ``whole-model``: Dynamo traces the model, the backend splits it."""
     from tests.helpers import backend as bh
 
     import layerpass
+    from layerpass.backend.compiler import LayerpassBackend
     from layerpass.backend.config import CompilationConfig
 
     features = [
@@ -354,9 +357,15 @@ def test_layers_differing_only_in_features_share_one_piece() -> None:
     for layer, (w, cap, sinks) in zip(model.layers, saved):
         layer.attn.sliding_window, layer.attn.logits_soft_cap, layer.attn.sinks = w, cap, sinks
     torch.testing.assert_close(step(model), eager, rtol=0, atol=0)
-    compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("attnfeat"), disable_cache=True))
+    config = CompilationConfig(cache_dir=bh.fresh_cache_dir("attnfeat"), disable_cache=True)
+    if trace == "regions":
+        compiled = layerpass.compile(model, config)
+    else:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=LayerpassBackend(config))
     out = step(compiled)
     report = layerpass.last_compile_report()
+    assert report.trace == trace
     layer_keys = {p.key for p in report.pieces if p.layer is not None}
     assert len([p for p in report.pieces if p.layer is not None]) == len(features)
     assert len(layer_keys) == 1, f"layers differing only in attention features got {len(layer_keys)} pieces"
