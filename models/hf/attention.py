@@ -1,34 +1,73 @@
-"""The ``"layerpass"`` attention implementation for Hugging Face models, and the attention module
-that a converted model's decoder layers call.
+"""The ``"layerpass"`` attention implementation for Hugging Face models, and the attention
+modules of a converted model.
 
-``layerpass_attention_forward`` has the signature of a transformers attention function
-(``AttentionInterface``): ``(module, query, key, value, attention_mask, *, scaling, dropout, ...)``
-with ``query [1, Hq, T, D]``. A converted model runs every step as ONE flattened sequence of the
-batch's tokens (batch 1), so the function ignores HF's mask and instead calls the module's
-layerpass ``Attention`` (``module.attn``), whose op, ``unified_attention_with_output``, writes the
-paged KV cache and masks per request from the step's batch metadata, looked up by LayerName.
+A converted model keeps every HF attention module and ITS OWN forward (projections, q/k norms,
+rotary, whatever the family does); only the attention itself changes: the module calls the
+function registered as ``"layerpass"`` with transformers' ``AttentionInterface``,
+``layerpass_attention_forward(module, query [1, H, T, D], key, value, mask, *, scaling, ...)``,
+which runs the module's layerpass ``Attention`` (``module.attn``). Its op,
+``unified_attention_with_output``, writes the paged KV cache and masks per request from the
+step's batch metadata (looked up by ``LayerName``), so the HF mask is not used (it is not even
+built: transformers builds none for an attention function without a mask function).
 
-Registration (``register_attention_function``) is lazy and idempotent: importing layerpass must
-not import transformers.
+The per-layer features the module passes (``scaling``, ``sliding_window``, ``softcap``, sinks as
+``s_aux``) are read ONCE, at conversion, by a one-token dry run through
+``"layerpass_probe"`` (``probe_attention``), and given to the layer's ``Attention``: they are
+layer attributes its op reads by name, so layers that differ only in them share a compiled
+piece. In eager mode every call checks that the module still passes what the layer was built
+with.
+
+``TransformersAttention`` wraps an HF attention module whose q/k/v projections are three linears:
+one ``QKVParallelLinear`` computes them, and the HF module's ``q_proj``/``k_proj``/``v_proj``
+become ``PackedSlice`` views of that output (the HF forward receives the packed projections as its
+``hidden_states``). Registration is lazy and idempotent: importing layerpass does not import
+transformers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from layerpass.layers import Attention, QKVParallelLinear, RowParallelLinear
+from layerpass.layers import Attention, ColumnParallelLinear, tensor_model_parallel_all_gather
 
 ATTN_IMPLEMENTATION = "layerpass"
+PROBE_IMPLEMENTATION = "layerpass_probe"
+
+
+def _feature(attn: Attention, name: str, default: Any = None) -> Any:
+    return getattr(attn, name, default)
+
+
+def check_attention_call(attn: Attention, scaling: float | None, dropout: float, sliding_window: int | None,
+                         softcap: float | None, s_aux: torch.Tensor | None) -> None:
+    """The module must pass what its layer was built with (eager runs only: under torch.compile
+    reading these per-layer attributes would add one Dynamo guard per layer)."""
+    where = attn.prefix
+    if dropout:
+        raise ValueError(f"{where}: attention dropout {dropout} is not supported (inference only)")
+    if scaling is not None and float(scaling) != attn.scale:
+        raise ValueError(f"{where}: the module passes scaling {scaling}, the layer was built with {attn.scale}")
+    if (sliding_window or None) != _feature(attn, "sliding_window"):
+        raise ValueError(f"{where}: the module passes sliding_window={sliding_window}, the layer was built with "
+                         f"{_feature(attn, 'sliding_window')}")
+    if (softcap or None) != _feature(attn, "logits_soft_cap"):
+        raise ValueError(f"{where}: the module passes softcap={softcap}, the layer was built with "
+                         f"{_feature(attn, 'logits_soft_cap')}")
+    if (s_aux is not None) != bool(_feature(attn, "use_sinks", False)):
+        raise ValueError(f"{where}: the module {'passes' if s_aux is not None else 'does not pass'} attention sinks "
+                         f"(s_aux), the layer was built {'with' if _feature(attn, 'use_sinks', False) else 'without'} them")
 
 
 def layerpass_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                 attention_mask: torch.Tensor | None, scaling: float | None = None,
-                                dropout: float = 0.0, sliding_window: int | None = None,
-                                **kwargs: Any) -> tuple[torch.Tensor, None]:
+                                dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
+                                s_aux: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """HF layout in (``[1, H, T, D]``), HF layout out (``[1, T, Hq, D]``, no attention weights)."""
     attn = getattr(module, "attn", None)
     if not isinstance(attn, Attention):
@@ -36,72 +75,131 @@ def layerpass_attention_forward(module: nn.Module, query: torch.Tensor, key: tor
             f"attention implementation {ATTN_IMPLEMENTATION!r} runs on a layerpass Attention at `module.attn`; "
             f"{type(module).__name__} has none: convert the model with layerpass.models.from_transformers"
         )
-    if sliding_window is not None:
-        raise NotImplementedError(f"{attn.prefix}: sliding-window attention is not supported by {ATTN_IMPLEMENTATION!r}")
-    if dropout:
-        raise ValueError(f"{attn.prefix}: attention dropout {dropout} is not supported (inference only)")
-    if scaling is not None and float(scaling) != attn.scale:
-        raise ValueError(f"{attn.prefix}: scaling {scaling} differs from the layer's scale {attn.scale}")
-    if query.dim() != 4 or query.shape[0] != 1:
-        raise ValueError(f"{attn.prefix}: expected query [1, heads, tokens, head_size] (one flattened batch), "
-                         f"got {tuple(query.shape)}")
+    if not torch.compiler.is_compiling():
+        check_attention_call(attn, scaling, dropout, sliding_window, softcap, s_aux)
+        if query.dim() != 4 or query.shape[0] != 1:
+            raise ValueError(f"{attn.prefix}: expected query [1, heads, tokens, head_size] (one flattened batch), "
+                             f"got {tuple(query.shape)}")
     t = query.shape[2]
-    # [1, H, T, D] -> [T, H * D]: the layer's op takes flat per-token rows.
-    q = query.transpose(1, 2).reshape(t, -1)
-    k = key.transpose(1, 2).reshape(t, -1)
-    v = value.transpose(1, 2).reshape(t, -1)
+    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_size
+    # [1, H, T, D] -> [T, H * D]: the layer's op takes flat per-token rows. Explicit sizes, no -1:
+    # the token count may be an unbacked symbol under torch.compile.
+    q = query.transpose(1, 2).reshape(t, hq * d)
+    k = key.transpose(1, 2).reshape(t, hkv * d)
+    v = value.transpose(1, 2).reshape(t, hkv * d)
     out = attn(q, k, v)
-    return out.view(1, t, -1, attn.head_size), None
+    return out.view(1, t, hq, d), None
+
+
+# -- the conversion-time dry run --------------------------------------------------------------
+@dataclass
+class AttentionCall:
+    """What one HF attention module passed to the attention function in the dry run."""
+
+    module: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    value_head_size: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_probe_log: list[AttentionCall] | None = None
+
+
+def probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Record the call (shapes and feature kwargs) and return zeros: only the calls matter."""
+    if _probe_log is None:
+        raise RuntimeError(f"attention implementation {PROBE_IMPLEMENTATION!r} only runs inside from_transformers' dry run")
+    _probe_log.append(AttentionCall(module, query.shape[1], key.shape[1], query.shape[-1], value.shape[-1], dict(kwargs)))
+    return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+
+
+@contextlib.contextmanager
+def recording_attention_calls() -> Iterator[list[AttentionCall]]:
+    global _probe_log
+    if _probe_log is not None:
+        raise RuntimeError("from_transformers' attention dry run is not re-entrant")
+    _probe_log = []
+    try:
+        yield _probe_log
+    finally:
+        _probe_log = None
 
 
 def register_attention_function() -> None:
-    """Register ``"layerpass"`` with transformers' ``AttentionInterface`` (idempotent)."""
+    """Register ``"layerpass"`` (and the dry run's ``"layerpass_probe"``) with transformers'
+    ``AttentionInterface`` (idempotent)."""
     from transformers import AttentionInterface
 
-    if AttentionInterface._global_mapping.get(ATTN_IMPLEMENTATION) is not layerpass_attention_forward:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, layerpass_attention_forward)
+    for name, fn in ((ATTN_IMPLEMENTATION, layerpass_attention_forward), (PROBE_IMPLEMENTATION, probe_attention)):
+        if AttentionInterface._global_mapping.get(name) is not fn:
+            AttentionInterface.register(name, fn)
 
 
-def _attention_function() -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+# -- packed q/k/v -------------------------------------------------------------------------------
+class PackedSlice(nn.Module):
+    """``packed[..., start : start + size]``: one projection's part of a packed projection's output
+    (this rank's part; ``gather=True`` all-gathers it, for a projection whose tensor-parallel plan
+    replicates its output)."""
 
-    return ALL_ATTENTION_FUNCTIONS.get_interface(ATTN_IMPLEMENTATION, layerpass_attention_forward)
+    def __init__(self, start: int, size: int, gather: bool = False) -> None:
+        super().__init__()
+        self.start, self.size, self.gather = start, size, gather
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        out = packed.narrow(-1, self.start, self.size)
+        return tensor_model_parallel_all_gather(out, dim=-1) if self.gather else out
+
+    def extra_repr(self) -> str:
+        return f"[{self.start}:{self.start + self.size}]" + (", gathered" if self.gather else "")
+
+
+def packed_slices(layer: ColumnParallelLinear, gather: bool) -> list[PackedSlice]:
+    """One ``PackedSlice`` per packed output of ``layer``, in order."""
+    out, start = [], 0
+    for size in layer.output_sizes_per_partition:
+        out.append(PackedSlice(start, size, gather and layer.tp_size > 1))
+        start += size
+    return out
+
+
+class GatheredPacked(nn.Module):
+    """A packed column-parallel layer whose output the model needs whole on every rank: each packed
+    slice is gathered on its own (gathering the packed output would interleave the shards)."""
+
+    def __init__(self, layer: ColumnParallelLinear) -> None:
+        super().__init__()
+        self.layer = layer
+        self.slices = nn.ModuleList(packed_slices(layer, gather=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        return torch.cat([s(y) for s in self.slices], dim=-1)
 
 
 class TransformersAttention(nn.Module):
-    """Replaces an HF self-attention module: packed ``qkv_proj`` -> optional per-head q/k norm ->
-    HF rotary (the model's own ``apply_rotary_pos_emb`` on the cos/sin it passes in) -> the
-    ``"layerpass"`` attention function -> ``o_proj``. Same call signature and return as HF's."""
+    """An HF attention module (``hf_attn``, run by its own forward) whose q/k/v come from ONE packed
+    ``qkv_proj``: ``hf_attn.q_proj``/``k_proj``/``v_proj`` are ``PackedSlice``s, and the HF forward
+    receives the packed projections in place of ``hidden_states`` (an HF attention forward uses
+    ``hidden_states`` only as the projections' input and for its leading shape). Same call
+    signature and return as the HF module; other attributes are read through to it."""
 
-    def __init__(self, qkv_proj: QKVParallelLinear, o_proj: RowParallelLinear, attn: Attention,
-                 apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]], scaling: float,
-                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None) -> None:
+    def __init__(self, qkv_proj: ColumnParallelLinear, hf_attn: nn.Module) -> None:
         super().__init__()
-        self.qkv_proj, self.o_proj, self.attn = qkv_proj, o_proj, attn
-        self.q_norm, self.k_norm = q_norm, k_norm
-        self.q_size, self.kv_size = qkv_proj.q_size, qkv_proj.kv_size
-        self.head_dim = qkv_proj.head_size
-        self.scaling = scaling
-        self.apply_rotary = apply_rotary
-        self.sliding_window = None
+        self.qkv_proj = qkv_proj
+        self.hf_attn = hf_attn
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
-        if past_key_values is not None:
-            raise ValueError(f"{self.attn.prefix}: a converted model keeps its KV cache in the layerpass layers; "
-                             f"call it without past_key_values (use_cache=False)")
-        lead = hidden_states.shape[:-1]
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # explicit head counts, no -1: the token count may be an unbacked symbol under compile
-        q = q.reshape(*lead, self.q_size // self.head_dim, self.head_dim)
-        k = k.reshape(*lead, self.kv_size // self.head_dim, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.reshape(*lead, self.kv_size // self.head_dim, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self.apply_rotary(q, k, cos, sin)
-        out, weights = _attention_function()(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0,
-                                             sliding_window=self.sliding_window)
-        return self.o_proj(out.reshape(*lead, -1)), weights
+    @property
+    def attn(self) -> Attention:
+        return self.hf_attn.attn
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.hf_attn(self.qkv_proj(hidden_states), *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["hf_attn"], name)

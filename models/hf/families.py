@@ -1,8 +1,16 @@
-"""The Hugging Face architectures ``from_transformers`` supports, and what each one's modules are.
+"""Which Hugging Face models ``from_transformers`` converts, and the clear errors for the others.
 
-A family names its transformers module and class prefix; the converter dispatches on the EXACT
-class of every module it meets (a subclass may override ``forward``, so it is not assumed to be
-the same computation). Anything else is refused by name.
+Support is decided by what the model IS, not by a list of names: any decoder-only causal LM
+whose attention goes through transformers' ``AttentionInterface`` (its class sets
+``_supports_attention_backend``) converts, the way vLLM's Transformers backend decides.
+``check_convertible`` refuses the rest, one reason per kind (``UnsupportedArchitectureError``).
+
+Dense layers need no per-family code. MoE blocks do (HF keeps their router and experts in
+per-family classes with per-family routing rules): ``MOE_FAMILIES`` names the sparse block
+classes that ``moe.py`` converts; other MoE blocks stay HF modules.
+
+``TESTED_ARCHITECTURES`` lists the families checked here against HF eager, generation, compile
+(``tests/models/hf``); each has an ``hf-<family>`` zoo name.
 """
 
 from __future__ import annotations
@@ -12,57 +20,103 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
 
-@dataclass(frozen=True)
-class Family:
-    architecture: str  # the ForCausalLM class name
-    module: str  # transformers.models.<...>.modeling_<...>
-    prefix: str  # class-name prefix: <prefix>Model, <prefix>DecoderLayer, ...
-    has_mlp: bool = True  # a dense <prefix>MLP class (dense layers, shared experts)
-    moe: bool = False  # <prefix>SparseMoeBlock
-    # whether the top-k routing weights are renormalised to sum to one
-    renormalize: Callable[[Any], bool] = lambda config: bool(getattr(config, "norm_topk_prob", False))
-    # the sliding window an attention module would use (None: full causal attention)
-    sliding_window: Callable[[Any, Any], Any] = lambda attn, config: getattr(attn, "sliding_window", None)
-
-    def modeling(self) -> Any:
-        return importlib.import_module(self.module)
-
-    def cls(self, suffix: str) -> type:
-        return getattr(self.modeling(), f"{self.prefix}{suffix}")
-
-
-FAMILIES: dict[str, Family] = {
-    f.architecture: f
-    for f in (
-        Family("LlamaForCausalLM", "transformers.models.llama.modeling_llama", "Llama"),
-        Family("Qwen2MoeForCausalLM", "transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2Moe", moe=True),
-        Family("MixtralForCausalLM", "transformers.models.mixtral.modeling_mixtral", "Mixtral", has_mlp=False, moe=True,
-               renormalize=lambda config: True,  # Mixtral always renormalises its top-k
-               sliding_window=lambda attn, config: getattr(config, "sliding_window", None)),
-        Family("Qwen3MoeForCausalLM", "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3Moe", moe=True),
-    )
+# architecture -> zoo name; every one is checked by tests/models/hf against HF eager and generate()
+TESTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "hf-llama",
+    "Qwen2ForCausalLM": "hf-qwen2",
+    "Qwen3ForCausalLM": "hf-qwen3",
+    "MistralForCausalLM": "hf-mistral",
+    "Gemma2ForCausalLM": "hf-gemma2",
+    "Gemma3ForCausalLM": "hf-gemma3",
+    "Phi3ForCausalLM": "hf-phi3",
+    "Olmo2ForCausalLM": "hf-olmo2",
+    "GraniteForCausalLM": "hf-granite",
+    "Qwen2MoeForCausalLM": "hf-qwen2-moe",
+    "MixtralForCausalLM": "hf-mixtral",
+    "Qwen3MoeForCausalLM": "hf-qwen3-moe",
 }
 
 
+@dataclass(frozen=True)
+class MoeFamily:
+    """A sparse MoE block class the converter runs on ``TransformersFusedMoE``."""
+
+    module: str  # transformers.models.<...>.modeling_<...>
+    block: str  # the sparse block's class name
+    # whether the top-k routing weights are renormalised to sum to one
+    renormalize: Callable[[Any], bool] = lambda config: bool(getattr(config, "norm_topk_prob", False))
+
+    def cls(self) -> type:
+        return getattr(importlib.import_module(self.module), self.block)
+
+
+MOE_FAMILIES: tuple[MoeFamily, ...] = (
+    MoeFamily("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock"),
+    MoeFamily("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock",
+              renormalize=lambda config: True),  # Mixtral always renormalises its top-k
+    MoeFamily("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock"),
+)
+
+
 def supported_architectures() -> list[str]:
-    return sorted(FAMILIES)
+    """The architectures tested against HF (any other AttentionInterface decoder converts too)."""
+    return sorted(TESTED_ARCHITECTURES)
 
 
 class UnsupportedArchitectureError(NotImplementedError):
-    """The Hugging Face model's class is not one ``from_transformers`` can convert."""
+    """The Hugging Face model is not one ``from_transformers`` can run (the message says why)."""
 
 
 class UnsupportedModuleError(NotImplementedError):
-    """A module inside a supported architecture that the converter does not know how to run."""
+    """A module inside an otherwise convertible model that layerpass cannot run correctly."""
 
 
-def family_of(hf_model: Any) -> Family:
-    arch = type(hf_model).__name__
-    family = FAMILIES.get(arch)
-    if family is None or type(hf_model) is not family.cls("ForCausalLM"):
+def _name(model: Any) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _modality_configs(config: Any) -> list[str]:
+    names = []
+    for key in getattr(config, "sub_configs", {}) or {}:
+        if any(m in key for m in ("vision", "audio", "speech", "image", "video")) and getattr(config, key, None) is not None:
+            names.append(key)
+    return names
+
+
+def check_convertible(hf_model: Any) -> None:
+    """Raise ``UnsupportedArchitectureError`` (``TypeError`` for a non-transformers object) naming
+    why ``hf_model`` cannot run on layerpass; return if it is a convertible decoder-only causal LM."""
+    try:
+        from transformers import GenerationMixin, PreTrainedModel
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("the Hugging Face backend needs transformers: pip install 'layerpass[transformers]'") from e
+    if not isinstance(hf_model, nn.Module) or not isinstance(hf_model, PreTrainedModel):
+        raise TypeError(f"from_transformers takes a transformers PreTrainedModel (e.g. from "
+                        f"AutoModelForCausalLM.from_pretrained), got {type(hf_model).__qualname__}")
+    arch, config = _name(hf_model), hf_model.config
+    if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedArchitectureError(
-            f"from_transformers: architecture {type(hf_model).__module__}.{arch} is not supported; "
-            f"supported: {', '.join(supported_architectures())}"
-        )
-    return family
+            f"from_transformers: {arch} is an encoder-decoder model; layerpass runs decoder-only causal LMs")
+    if not isinstance(hf_model, GenerationMixin) or hf_model.get_output_embeddings() is None:
+        raise UnsupportedArchitectureError(
+            f"from_transformers: {arch} is not a causal language model (no language-model head to generate with); "
+            f"load it with AutoModelForCausalLM")
+    modalities = _modality_configs(config)
+    if modalities:
+        raise UnsupportedArchitectureError(
+            f"from_transformers: {arch} is a multimodal model ({', '.join(modalities)}); layerpass runs text decoders: "
+            f"load the text model alone (e.g. Gemma3ForCausalLM for Gemma 3)")
+    if not getattr(hf_model, "_supports_attention_backend", False):
+        raise UnsupportedArchitectureError(
+            f"from_transformers: {arch} does not run its attention through transformers' AttentionInterface "
+            f"(its class does not set _supports_attention_backend), so layerpass cannot plug its attention in")
+    if getattr(hf_model, "_is_stateful", False):
+        raise UnsupportedArchitectureError(
+            f"from_transformers: {arch} has recurrent (state-space) layers whose state transformers keeps in its own "
+            f"cache; layerpass only pages attention KV")
+    base = getattr(hf_model, "base_model", None)
+    if base is None or base is hf_model:
+        raise UnsupportedArchitectureError(f"from_transformers: {arch} has no base model "
+                                           f"({type(hf_model).__qualname__}.base_model_prefix names none)")

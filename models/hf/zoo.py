@@ -1,5 +1,5 @@
 """Hugging Face models built from configs (random, seeded weights; nothing downloaded), and the
-zoo names ``hf-llama``, ``hf-qwen2-moe``, ``hf-mixtral``, ``hf-qwen3-moe``.
+zoo names ``hf-<family>`` (``HF_ZOO``: one per family in ``families.TESTED_ARCHITECTURES``).
 
 Where transformers is installed, ``build_model("hf-llama", num_layers=...)`` maps the layerpass ``ModelConfig`` onto the HF config
 of the family, builds the HF model with weights drawn from the build seed, and converts it in
@@ -72,21 +72,89 @@ def from_config(hf_config: Any, *, seed: int = 0, dtype: torch.dtype = torch.flo
 
 
 # -- zoo names ------------------------------------------------------------------------------
+# Attention features are set so that they act on short test prompts: an 8-token sliding window,
+# soft-caps near the logits' size, scales and multipliers away from their neutral values.
+SLIDING_WINDOW = 8
+
+
+def _rope(c: ModelConfig) -> dict[str, Any]:
+    return {"rope_type": "default", "rope_theta": c.rope_theta}
+
+
 def _common(c: ModelConfig) -> dict[str, Any]:
     return dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
                 num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_size,
-                max_position_embeddings=c.max_position, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-                hidden_act="silu", tie_word_embeddings=False)
+                max_position_embeddings=c.max_position, rms_norm_eps=c.rms_norm_eps, rope_parameters=_rope(c),
+                tie_word_embeddings=False)
+
+
+def _alternating(c: ModelConfig) -> list[str]:
+    """Sliding and global attention alternating, sliding first (Gemma 2's pattern)."""
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.num_layers)]
 
 
 def llama_config(c: ModelConfig) -> Any:
     t = _require_transformers()
-    return t.LlamaConfig(**_common(c), intermediate_size=c.intermediate_size, attention_bias=c.qkv_bias)
+    return t.LlamaConfig(**_common(c), hidden_act="silu", intermediate_size=c.intermediate_size, attention_bias=c.qkv_bias)
+
+
+def qwen2_config(c: ModelConfig) -> Any:
+    t = _require_transformers()  # q/k/v biases always (Qwen2's layout); full attention
+    return t.Qwen2Config(**_common(c), hidden_act="silu", intermediate_size=c.intermediate_size, use_sliding_window=False)
+
+
+def qwen3_config(c: ModelConfig) -> Any:
+    t = _require_transformers()  # per-head q/k RMS norms
+    return t.Qwen3Config(**_common(c), hidden_act="silu", intermediate_size=c.intermediate_size,
+                         attention_bias=c.qkv_bias, use_sliding_window=False)
+
+
+def mistral_config(c: ModelConfig) -> Any:
+    t = _require_transformers()  # one sliding window on every layer
+    return t.MistralConfig(**_common(c), hidden_act="silu", intermediate_size=c.intermediate_size,
+                           sliding_window=SLIDING_WINDOW)
+
+
+def gemma2_config(c: ModelConfig) -> Any:
+    t = _require_transformers()  # 1 + w norms, scaled embedding, GELU MLP, alternating windows, soft-caps, tied head
+    return t.Gemma2Config(**{**_common(c), "tie_word_embeddings": True}, hidden_activation="gelu_pytorch_tanh",
+                          intermediate_size=c.intermediate_size, query_pre_attn_scalar=c.head_size + 8,
+                          sliding_window=SLIDING_WINDOW, layer_types=_alternating(c), attn_logit_softcapping=5.0,
+                          final_logit_softcapping=8.0)
+
+
+def gemma3_config(c: ModelConfig) -> Any:
+    t = _require_transformers()  # Gemma 2 plus q/k norms and a local rotary base for sliding layers; no soft-caps
+    common = {**_common(c), "tie_word_embeddings": True,
+              "rope_parameters": {"full_attention": {**_rope(c), "rope_theta": c.rope_theta * 100},
+                                  "sliding_attention": _rope(c)}}
+    return t.Gemma3TextConfig(**common, hidden_activation="gelu_pytorch_tanh", intermediate_size=c.intermediate_size,
+                              query_pre_attn_scalar=c.head_size + 8, sliding_window=SLIDING_WINDOW,
+                              layer_types=_alternating(c))
+
+
+def phi3_config(c: ModelConfig) -> Any:
+    t = _require_transformers()  # packed qkv_proj and gate_up_proj in the checkpoint
+    return t.Phi3Config(**_common(c), hidden_act="silu", intermediate_size=c.intermediate_size, pad_token_id=0,
+                        eos_token_id=None, sliding_window=None)
+
+
+def olmo2_config(c: ModelConfig) -> Any:
+    t = _require_transformers()  # full-width q/k norms, norms after attention and MLP
+    return t.Olmo2Config(**_common(c), hidden_act="silu", intermediate_size=c.intermediate_size,
+                         attention_bias=c.qkv_bias, pad_token_id=0, eos_token_id=None)
+
+
+def granite_config(c: ModelConfig) -> Any:
+    t = _require_transformers()  # embedding, residual, attention and logits multipliers
+    return t.GraniteConfig(**_common(c), hidden_act="silu", intermediate_size=c.intermediate_size,
+                           attention_bias=c.qkv_bias, embedding_multiplier=3.0, residual_multiplier=0.5,
+                           attention_multiplier=0.2, logits_scaling=2.0)
 
 
 def qwen2_moe_config(c: ModelConfig) -> Any:
     t = _require_transformers()
-    return t.Qwen2MoeConfig(**_common(c), intermediate_size=c.intermediate_size, qkv_bias=c.qkv_bias,
+    return t.Qwen2MoeConfig(**_common(c), hidden_act="silu", intermediate_size=c.intermediate_size, qkv_bias=c.qkv_bias,
                             num_experts=c.num_experts, num_experts_per_tok=c.top_k,
                             moe_intermediate_size=c.moe_intermediate_size,
                             shared_expert_intermediate_size=c.shared_expert_intermediate_size,
@@ -96,20 +164,28 @@ def qwen2_moe_config(c: ModelConfig) -> Any:
 
 def mixtral_config(c: ModelConfig) -> Any:
     t = _require_transformers()
-    return t.MixtralConfig(**_common(c), intermediate_size=c.moe_intermediate_size, num_local_experts=c.num_experts,
-                           num_experts_per_tok=c.top_k, sliding_window=None)
+    return t.MixtralConfig(**_common(c), hidden_act="silu", intermediate_size=c.moe_intermediate_size,
+                           num_local_experts=c.num_experts, num_experts_per_tok=c.top_k, sliding_window=None)
 
 
 def qwen3_moe_config(c: ModelConfig) -> Any:
     t = _require_transformers()
-    return t.Qwen3MoeConfig(**_common(c), intermediate_size=c.intermediate_size, attention_bias=c.qkv_bias,
-                            num_experts=c.num_experts, num_experts_per_tok=c.top_k,
+    return t.Qwen3MoeConfig(**_common(c), hidden_act="silu", intermediate_size=c.intermediate_size,
+                            attention_bias=c.qkv_bias, num_experts=c.num_experts, num_experts_per_tok=c.top_k,
                             moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
                             decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
 
 
 HF_ZOO: dict[str, Callable[[ModelConfig], Any]] = {
     "hf-llama": llama_config,
+    "hf-qwen2": qwen2_config,
+    "hf-qwen3": qwen3_config,
+    "hf-mistral": mistral_config,
+    "hf-gemma2": gemma2_config,
+    "hf-gemma3": gemma3_config,
+    "hf-phi3": phi3_config,
+    "hf-olmo2": olmo2_config,
+    "hf-granite": granite_config,
     "hf-qwen2-moe": qwen2_moe_config,
     "hf-mixtral": mixtral_config,
     "hf-qwen3-moe": qwen3_moe_config,
