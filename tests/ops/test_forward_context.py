@@ -140,3 +140,141 @@ def test_metadata_is_a_dataclass_with_defaults() -> None:
                        torch.tensor([0, 1]), torch.zeros(1, 1, dtype=torch.int32))
     assert md.state_indices is None and md.has_initial_state is None
     assert md.query_lens.tolist() == [2] and md.context_lens.tolist() == [0]
+
+
+# ------------------------------------------------ validation at construction (one path with the builder)
+import dataclasses  # noqa: E402
+
+from tests.helpers import reference as ref  # noqa: E402
+
+
+def fields_of(md: BatchMetadata) -> dict:
+    return {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
+
+
+def rebuild(md: BatchMetadata, **changes) -> BatchMetadata:
+    """A hand-built ``BatchMetadata``: the builder's fields with some replaced."""
+    return BatchMetadata(**dict(fields_of(md), **changes))
+
+
+def valid_md() -> BatchMetadata:
+    return build_batch_metadata([1, 3], [5, 0], [[0, 1], [2]], 4, state_indices=[0, 1])
+
+
+def test_builder_output_rebuilds_unchanged() -> None:
+    md = valid_md()
+    again = rebuild(md)
+    assert md.block_size == 4 and again.slot_mapping.tolist() == md.slot_mapping.tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches(), st.data())
+def test_duplicate_slot_mapping_is_rejected(batch, data) -> None:
+    """Before: a hand-built metadata with two tokens on one KV slot ran and returned garbage."""
+    reqs, _, tables, block_size, states = batch
+    md = build_batch_metadata([q for q, _ in reqs], [c for _, c in reqs], tables, block_size, state_indices=states)
+    if md.num_tokens < 2:
+        md = valid_md()
+    i, j = data.draw(st.lists(st.integers(0, md.num_tokens - 1), min_size=2, max_size=2, unique=True))
+    slots = md.slot_mapping.clone()
+    slots[j] = slots[i]
+    with pytest.raises(ValueError, match=rf"slot_mapping.*{int(slots[i])}.*more than one token"):
+        rebuild(md, slot_mapping=slots)
+    with pytest.raises(ValueError, match=r"slot_mapping"):  # without block_size: the duplicate alone
+        rebuild(md, slot_mapping=slots, block_size=None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches(), st.data())
+def test_seq_lens_shorter_than_query_is_rejected(batch, data) -> None:
+    reqs, _, tables, block_size, _ = batch
+    if not reqs:
+        reqs, tables, block_size = [(3, 0)], [[0]], 4
+    md = build_batch_metadata([q for q, _ in reqs], [c for _, c in reqs], tables, block_size)
+    i = data.draw(st.integers(0, md.num_reqs - 1))
+    seq = md.seq_lens.clone()
+    seq[i] = data.draw(st.integers(0, int(md.query_lens[i]) - 1))
+    with pytest.raises(ValueError, match=rf"seq_lens\[{i}\]=.*shorter than its query length"):
+        rebuild(md, seq_lens=seq, block_size=None)
+
+
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        (dict(slot_mapping=torch.tensor([5, 4, 6, 7], dtype=torch.int32)), r"slot_mapping must be int64"),
+        (dict(slot_mapping=torch.tensor([-1, 8, 9, 10])), r"slot_mapping\[0\]=-1.*>= 0"),
+        (dict(slot_mapping=torch.tensor([5, 8, 9])), r"slot_mapping.*shape \[4\]"),
+        (dict(slot_mapping=torch.tensor([5, 8, 9, 11])), r"slot_mapping\[3\]=11.*block table.*slot 10"),
+        (dict(block_table=torch.tensor([[0], [2]], dtype=torch.int32)), r"request 0 needs 6 KV slots.*block_table holds 4"),
+        (dict(block_table=torch.tensor([[0, 1, 0]], dtype=torch.int32)), r"block_table.*\[2, "),
+        (dict(block_table=torch.tensor([[0, -1], [2, 0]], dtype=torch.int32)), r"block_table\[0, 1\]=-1"),
+        (dict(num_decodes=2, num_decode_tokens=2, num_prefills=0, num_prefill_tokens=2), r"decode request 1 has 3"),
+        (dict(num_decode_tokens=2), r"num_decode_tokens=2.*num_decodes=1"),
+        (dict(num_prefill_tokens=4), r"query_start_loc.*3 prefill tokens.*num_prefill_tokens=4"),
+        (dict(query_start_loc=torch.tensor([0, 1, 1, 4], dtype=torch.int32)), r"query_start_loc.*shape \[3\]"),
+        (dict(query_start_loc=torch.tensor([1, 2, 5], dtype=torch.int32)), r"query_start_loc\[0\] must be 0"),
+        (dict(query_start_loc=torch.tensor([0, 1, 1], dtype=torch.int32)), r"query lengths must be >= 1"),
+        (dict(query_start_loc=torch.tensor([0.0, 1.0, 4.0])), r"query_start_loc must be an integer"),
+        (dict(seq_lens=torch.tensor([6])), r"seq_lens.*shape \[2\]"),
+        (dict(state_indices=torch.tensor([1, 1])), r"state_indices.*repeat"),
+        (dict(state_indices=torch.tensor([0, -2])), r"state_indices\[1\]=-2"),
+        (dict(has_initial_state=torch.tensor([1, 0])), r"has_initial_state must be bool"),
+        (dict(num_decodes=-1), r"num_decodes must be an int >= 0"),
+        (dict(num_decodes=True), r"num_decodes must be an int >= 0"),
+        (dict(block_size=0), r"block_size must be a positive int"),
+    ],
+)
+def test_inconsistent_metadata_is_rejected(change, fragment) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        rebuild(valid_md(), **change)
+
+
+def registry_with_attention(num_blocks: int, block_size: int) -> tuple[LayerRegistry, ref.AttnLayer]:
+    reg = LayerRegistry("m")
+    layer = ref.AttnLayer("model.layers.0.self_attn.attn", num_blocks, block_size, num_kv_heads=1, head_size=8)
+    reg.register(layer.prefix, layer)
+    return reg, layer
+
+
+def run_attention(md: BatchMetadata, reg: LayerRegistry) -> None:
+    t = md.num_tokens
+    q, kv = torch.randn(t, 2, 8), torch.randn(t, 1, 8)
+    with set_forward_context(md, reg):
+        torch.ops.layerpass.unified_attention_with_output(q, kv, kv, torch.empty_like(q), "model.layers.0.self_attn.attn")
+
+
+@pytest.mark.parametrize(
+    "make_md,geometry,fragment",
+    [
+        # hand-built slots 12, 13, but the layer's cache has 3 blocks of 4 = slots [0, 12)
+        (lambda: rebuild(build_batch_metadata([2], [0], [[0]], 4), block_size=None, slot_mapping=torch.tensor([12, 13])),
+         (3, 4), r"model\.layers\.0\.self_attn\.attn.*slot_mapping\[1\]=13 is out of range.*\[0, 12\)"),
+        # block 3 of a cache with 3 blocks
+        (lambda: build_batch_metadata([2], [0], [[3]], 4), (3, 4),
+         r"model\.layers\.0\.self_attn\.attn.*block_table\[0, 0\] is block 3.*\[0, 3\)"),
+        # metadata built for block size 4, layer's cache has blocks of 2
+        (lambda: build_batch_metadata([2], [0], [[0]], 4), (4, 2),
+         r"model\.layers\.0\.self_attn\.attn.*block size 2.*block_size=4"),
+    ],
+)
+def test_metadata_checked_against_the_step_kv_caches(make_md, geometry, fragment) -> None:
+    """Before: a raw IndexError from inside the attention op, naming neither layer nor field."""
+    md = make_md()
+    reg, _ = registry_with_attention(*geometry)
+    with pytest.raises(ValueError, match=fragment):
+        run_attention(md, reg)
+
+
+def test_hand_built_block_table_too_small_for_the_layer() -> None:
+    """No ``block_size`` in the metadata: the layer's block size decides coverage."""
+    md = rebuild(build_batch_metadata([6], [0], [[0, 1]], 4), block_size=None,
+                 block_table=torch.tensor([[0]], dtype=torch.int32), slot_mapping=torch.arange(6))
+    reg, _ = registry_with_attention(4, 4)
+    with pytest.raises(ValueError, match=r"self_attn\.attn.*request 0 needs 6 KV slots.*block_table holds 4"):
+        run_attention(md, reg)
+
+
+def test_valid_metadata_runs_against_a_large_enough_cache() -> None:
+    md = build_batch_metadata([1, 3], [5, 0], [[0, 1], [2]], 4)
+    reg, _ = registry_with_attention(3, 4)
+    run_attention(md, reg)
