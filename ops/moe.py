@@ -15,6 +15,9 @@ from .library import layerpass_op
 from .state import lookup_layer
 
 
+MOE_LAYER_ATTRS = ("w13_weight", "w2_weight", "top_k", "renormalize")  # what the MoE ops read from the layer
+
+
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over experts, keep the top-k; returns float32 weights and int64 ids ``[T, k]``."""
     probs = torch.softmax(router_logits.float(), dim=-1)
@@ -79,7 +82,7 @@ def moe_routed(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer) 
 @layerpass_op("moe_forward", fake=lambda hidden_states, router_logits, layer_name: torch.empty_like(hidden_states))
 def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: LayerNameType) -> torch.Tensor:
     """Routed experts of layer ``layer_name`` (no shared experts)."""
-    return moe_routed(hidden_states, router_logits, lookup_layer(layer_name))
+    return moe_routed(hidden_states, router_logits, lookup_layer(layer_name, MOE_LAYER_ATTRS, "moe_forward"))
 
 
 def shared_experts_of(layer):
@@ -98,6 +101,6 @@ def moe_forward_shared(
     hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: LayerNameType
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(routed_output, shared_experts_output)`` of layer ``layer_name``."""
-    layer = lookup_layer(layer_name)
+    layer = lookup_layer(layer_name, MOE_LAYER_ATTRS, "moe_forward_shared")
     shared = shared_experts_of(layer)
     return moe_routed(hidden_states, router_logits, layer), shared(hidden_states)

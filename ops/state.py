@@ -23,14 +23,14 @@ from .layer_name import LayerName, resolve_layer_name
 class LayerNotFoundError(KeyError):
     """An op was given a layer name that no layer registered."""
 
-    def __init__(self, name: str, registry: "LayerRegistry") -> None:
+    def __init__(self, name: str, registry: "LayerRegistry", note: str = "") -> None:
         close = difflib.get_close_matches(name, list(registry.names()), n=5, cutoff=0.5)
         hint = f"closest registered names: {close}" if close else (
             f"{len(registry)} layers registered" + (f", e.g. {sorted(registry.names())[:3]}" if len(registry) else "")
         )
         self.name = name
         self.closest = close
-        super().__init__(f"no layer registered as {name!r} in registry {registry.label!r}; {hint}")
+        super().__init__(f"{note}no layer registered as {name!r} in registry {registry.label!r}; {hint}")
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.args[0]
@@ -104,10 +104,34 @@ def current_registry() -> LayerRegistry:
     return DEFAULT_REGISTRY if registry is None else registry
 
 
-def lookup_layer(name: LayerName | str) -> nn.Module:
-    """Resolve an op's layer-name argument to its layer: the step's registry first."""
+NO_CONTEXT_HINT = (
+    "no forward context is set (the layer registry and batch metadata of a step come from it): run the model "
+    "inside `with set_forward_context(metadata, model.layer_registry):` (layerpass.ops), or use "
+    "`layerpass.models.make_step(model, ...).run(model)`; "
+)
+
+
+def lookup_layer(name: LayerName | str, needs: tuple[str, ...] = (), op: str = "") -> nn.Module:
+    """Resolve an op's layer-name argument to its layer: the step's registry first.
+
+    ``needs``: attributes the op reads from the layer (its kind); a layer without one is a
+    ``ValueError`` naming ``op``, the layer, its type and the missing attribute (e.g. ``moe_forward``
+    given an attention layer's name). Plain attribute checks: no tensor is read."""
     from .forward_context import current_forward_context
 
     ctx = current_forward_context()
-    registry = ctx.registry if ctx is not None and ctx.registry is not None else current_registry()
-    return registry.get(name)
+    if ctx is not None and ctx.registry is not None:
+        layer = ctx.registry.get(name)
+    else:
+        registry = current_registry()
+        key = resolve_layer_name(name)
+        if key not in registry:  # most likely the step's context was never set
+            raise LayerNotFoundError(key, registry, note=NO_CONTEXT_HINT if ctx is None else (
+                "the forward context names no layer registry (set_forward_context(metadata, registry)); "))
+        layer = registry.get(key)
+    missing = [a for a in needs if getattr(layer, a, None) is None]
+    if missing:
+        raise ValueError(f"{op or 'op'}: layer {resolve_layer_name(name)!r} is a {type(layer).__name__}, which has no "
+                         f"{missing[0]!r}; {op or 'this op'} needs a layer with {', '.join(needs)} (is it the name of "
+                         f"another kind of layer?)")
+    return layer

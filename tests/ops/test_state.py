@@ -176,3 +176,52 @@ def test_two_moe_models_with_same_prefix() -> None:
             out = ops.moe_forward(x, logits, encode_layer_name("model.layers.0.mlp.experts"))
         expected = ref.moe(x, logits, layer.w13_weight, layer.w2_weight, 2, True)
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------- outside set_forward_context
+def test_lookup_outside_a_forward_context_says_so() -> None:
+    """Before: ``LayerNotFoundError ... 0 layers registered``, which hides the real mistake."""
+    with layer_registry_scope(LayerRegistry("empty")), pytest.raises(LayerNotFoundError) as info:
+        lookup_layer("model.layers.0.self_attn.attn")
+    msg = str(info.value)
+    assert "no forward context is set" in msg and "set_forward_context(metadata, model.layer_registry)" in msg, msg
+    assert "make_step" in msg, msg
+
+
+def test_zoo_model_called_outside_a_forward_context() -> None:
+    from layerpass.models import build_model
+
+    model = build_model("llama", num_layers=1)
+    ids = torch.tensor([1, 2, 3])
+    with torch.no_grad(), pytest.raises(LayerNotFoundError, match=r"no forward context is set.*set_forward_context"):
+        model(ids, torch.arange(3))
+
+
+def test_unknown_name_inside_a_context_keeps_the_registry_hint() -> None:
+    reg, mlp = LayerRegistry("m"), nn.Identity()  # registries hold layers weakly: keep it alive
+    reg.register("model.layers.0.mlp", mlp)
+    with set_forward_context(None, reg), pytest.raises(LayerNotFoundError) as info:
+        lookup_layer("model.layers.0.mlq")
+    assert "no forward context" not in str(info.value) and "model.layers.0.mlp" in str(info.value)
+
+
+# ------------------------------------------------------------- a layer of the wrong kind
+def test_moe_forward_with_an_attention_layer_name() -> None:
+    """Before: ``AttributeError: 'AttnLayer' object has no attribute 'w13_weight'``."""
+    reg = LayerRegistry("m")
+    attn = ref.AttnLayer("model.layers.0.self_attn.attn", num_blocks=2, block_size=4, num_kv_heads=1, head_size=8)
+    reg.register(attn.prefix, attn)
+    x, logits = torch.randn(3, 6), torch.randn(3, 4)
+    for op in (ops.moe_forward, ops.moe_forward_shared):
+        with set_forward_context(None, reg), pytest.raises(
+                ValueError, match=r"moe_forward.*'model\.layers\.0\.self_attn\.attn' is a AttnLayer.*w13_weight"):
+            op(x, logits, encode_layer_name(attn.prefix))
+
+
+def test_lookup_by_kind() -> None:
+    reg, lin = LayerRegistry("m"), nn.Linear(2, 2)
+    reg.register("a", lin)
+    with set_forward_context(None, reg):
+        assert isinstance(lookup_layer("a", needs=("weight", "bias"), op="some_op"), nn.Linear)
+        with pytest.raises(ValueError, match=r"some_op: layer 'a' is a Linear, which has no 'w2_weight'"):
+            lookup_layer("a", needs=("weight", "w2_weight"), op="some_op")
