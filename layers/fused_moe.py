@@ -18,12 +18,15 @@ from layerpass.ops.quant import quantize_fp8
 
 from .distributed import divide, get_tp_rank, get_tp_world_size, tensor_model_parallel_all_reduce
 from .pluggable import PluggableLayer
-from .weights import init_normal, shard
+from .weights import check_fp8_scales, guard_fp8_scales_on_load, init_normal, shard
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # avoids an import cycle
     from .linear_methods import Fp8Config
+
+
+FP8_MOE_SCALES = ("w13_scale", "w2_scale", "input_scale")
 
 
 @PluggableLayer.register("fused_moe")
@@ -61,6 +64,8 @@ class FusedMoE(PluggableLayer):
             self.w13_scale = nn.Parameter(w13_scale, requires_grad=False)
             self.w2_scale = nn.Parameter(w2_scale, requires_grad=False)
             self.input_scale = nn.Parameter(torch.tensor([quant_config.activation_absmax / FP8_MAX]), requires_grad=False)
+            check_fp8_scales(self, FP8_MOE_SCALES)  # NaN / inf weights give NaN / inf scales
+            guard_fp8_scales_on_load(self, FP8_MOE_SCALES)
         self.shared_experts = shared_experts
 
     def routed(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import math
+
 from layerpass.ops import FP8_DTYPE, FP8_MAX
 from layerpass.ops.quant import quantize_fp8
+
+from .weights import check_fp8_scales, guard_fp8_scales_on_load
+
+FP8_LINEAR_SCALES = ("weight_scale", "input_scale")
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -55,8 +61,10 @@ class Fp8Config:
     activation_absmax: float = 8.0
 
     def __post_init__(self) -> None:
-        if not self.activation_absmax > 0:
-            raise ValueError(f"Fp8Config.activation_absmax must be > 0, got {self.activation_absmax}")
+        a = self.activation_absmax
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (a > 0 and math.isfinite(a)):
+            raise ValueError(f"Fp8Config.activation_absmax must be > 0 and finite (the calibrated input absmax; "
+                             f"the input scale is it / {FP8_MAX:g}), got {a!r}")
 
     def get_linear_method(self) -> "Fp8LinearMethod":
         return Fp8LinearMethod(self)
@@ -71,6 +79,8 @@ class Fp8LinearMethod(LinearMethodBase):
         layer.weight = _frozen(quantize_fp8(weight, weight_scale))
         layer.weight_scale = _frozen(weight_scale)
         layer.input_scale = _frozen(torch.tensor([self.config.activation_absmax / FP8_MAX], dtype=torch.float32))
+        check_fp8_scales(layer, FP8_LINEAR_SCALES)  # a NaN / inf weight gives a NaN / inf weight scale
+        guard_fp8_scales_on_load(layer, FP8_LINEAR_SCALES)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)

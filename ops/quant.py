@@ -15,9 +15,39 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def _check_scale(scale: torch.Tensor) -> None:
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s value is free: a plain CPU tensor (not fake, not a functorch
+    wrapper), outside tracing.
+
+    A CUDA scale is never read inside an op (that would sync the device on every call, compiled
+    steps included): its value is checked where it enters, at layer construction and weight loading."""
+    return (type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_INF = float("inf")
+
+
+def check_scale_value(scale: torch.Tensor, what: str) -> None:
+    """A static FP8 scale is finite and > 0 (0 saturates, a negative one flips signs, NaN / inf
+    poison the output); ``what`` names it (``"layer 'x': input_scale"``, ``"scaled_fp8_mm: scale_a"``)."""
+    if scale.numel() == 1:
+        v = scale.item()
+        if v > 0 and v != _INF:  # False for NaN
+            return
+    bad = [v for v in scale.detach().float().reshape(-1).tolist() if not (v > 0 and v != _INF)]
+    if bad:
+        raise ValueError(f"{what} must be finite and > 0 (a static per-tensor FP8 scale: value / scale is cast "
+                         f"to fp8), got {bad[0]}")
+
+
+def _check_scale(scale: torch.Tensor, what: str = "FP8 scale") -> None:
+    """One element; on CPU also a finite, positive value (see ``_values_readable``)."""
     if scale.numel() != 1:
         raise ValueError(f"static per-tensor FP8 needs a one-element scale, got shape {tuple(scale.shape)}")
+    if _values_readable(scale):
+        check_scale_value(scale, what)
 
 
 def _check_float_input(op: str, input: torch.Tensor) -> None:
@@ -27,7 +57,7 @@ def _check_float_input(op: str, input: torch.Tensor) -> None:
 
 def check_quant_out(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
     """Argument checks of the out-variant quant (shared by the CPU op and the Triton kernel)."""
-    _check_scale(scale)
+    _check_scale(scale, "static_scaled_fp8_quant: scale")
     _check_float_input("static_scaled_fp8_quant", input)
     if result.shape != input.shape or result.dtype != FP8_DTYPE:
         raise ValueError(
@@ -54,7 +84,7 @@ def _quant_functional_fake(input: torch.Tensor, scale: torch.Tensor) -> torch.Te
 @layerpass_op("static_scaled_fp8_quant_functional", fake=_quant_functional_fake)
 def static_scaled_fp8_quant_functional(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Functional form of ``static_scaled_fp8_quant``: returns the fp8 tensor."""
-    _check_scale(scale)
+    _check_scale(scale, "static_scaled_fp8_quant_functional: scale")
     _check_float_input("static_scaled_fp8_quant_functional", input)
     return quantize_fp8(input, scale)
 
@@ -79,6 +109,9 @@ def scaled_fp8_mm(
         raise ValueError(f"scaled_fp8_mm: a must be [..., K] and the weight b 2-D [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[-1] != b.shape[1]:
         raise ValueError(f"scaled_fp8_mm: a [..., {a.shape[-1]}] does not match weight [N, {b.shape[1]}]")
+    for name, scale in (("scale_a", scale_a), ("scale_b", scale_b)):
+        if _values_readable(scale):
+            check_scale_value(scale, f"scaled_fp8_mm: {name}")
     out = torch.matmul(a.float(), b.float().t()) * (scale_a.float() * scale_b.float())
     if bias is not None:
         out = out + bias.float()

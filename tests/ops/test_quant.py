@@ -108,3 +108,53 @@ def test_fake_matches_real(shape, dtype) -> None:
 def test_bad_input_raises_clear_error(call, fragment) -> None:
     with pytest.raises(ValueError, match=fragment):
         call()
+
+
+# ------------------------------------------------------------------ scale values (eager)
+BAD_SCALES = [0.0, -0.5, float("nan"), float("inf"), float("-inf"), -0.0]
+
+
+@pytest.mark.parametrize("bad", BAD_SCALES)
+def test_bad_scale_values_raise(bad: float) -> None:
+    """Before: 0 saturated, a negative scale flipped signs, NaN gave NaN; now a clear ValueError."""
+    x, s = torch.randn(3, 4), torch.tensor([bad])
+    fp8 = x.to(FP8_DTYPE)
+    good = torch.tensor(0.5)
+    calls = {
+        "static_scaled_fp8_quant_functional": lambda: quant(x, s),
+        "static_scaled_fp8_quant": lambda: quant_out(torch.empty(3, 4, dtype=FP8_DTYPE), x, s),
+        "scaled_fp8_mm": lambda: mm(fp8, fp8, s, good, torch.float32),
+    }
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{op}: (scale|scale_a) must be finite and > 0.*got {bad}"):
+            call()
+    with pytest.raises(ValueError, match=r"scaled_fp8_mm: scale_b must be finite and > 0"):
+        mm(fp8, fp8, good, s, torch.float32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(value=st.floats(allow_nan=True, allow_infinity=True, width=32))
+def test_scale_accepted_iff_finite_and_positive(value: float) -> None:
+    x, s = torch.randn(4), torch.tensor(value)
+    if value > 0 and value != float("inf"):
+        quant(x, s)
+    else:
+        with pytest.raises(ValueError, match=r"finite and > 0"):
+            quant(x, s)
+
+
+def test_scale_values_not_read_on_fake_tensors_or_while_tracing() -> None:
+    """Under fake tensors (tracing, opcheck) the value is unknown: no check, no device read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        x, s = mode.from_tensor(torch.randn(2, 4)), mode.from_tensor(torch.tensor(0.0))
+        out = quant(x, s)  # the fake kernel: no ValueError although the real scale is 0
+    assert out.shape == (2, 4)
+
+    def f(x, s):
+        return quant(x, s).float()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert compiled(torch.randn(2, 4), torch.tensor(0.25)).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"finite and > 0"):  # the real kernel still checks (CPU: no sync)
+        compiled(torch.randn(2, 4), torch.tensor(-1.0))
