@@ -59,9 +59,10 @@ def check_attention_call(attn: Attention, scaling: float | None, dropout: float,
     if (softcap or None) != _feature(attn, "logits_soft_cap"):
         raise ValueError(f"{where}: the module passes softcap={softcap}, the layer was built with "
                          f"{_feature(attn, 'logits_soft_cap')}")
-    if (s_aux is not None) != bool(_feature(attn, "use_sinks", False)):
+    has_sinks = _feature(attn, "sinks") is not None
+    if (s_aux is not None) != has_sinks:
         raise ValueError(f"{where}: the module {'passes' if s_aux is not None else 'does not pass'} attention sinks "
-                         f"(s_aux), the layer was built {'with' if _feature(attn, 'use_sinks', False) else 'without'} them")
+                         f"(s_aux), the layer was built {'with' if has_sinks else 'without'} them")
 
 
 def layerpass_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

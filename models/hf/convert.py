@@ -425,11 +425,12 @@ class _Converter:
         self.convert_children(module, path)
         return None
 
-    def _probe(self, key: tuple[str, type], run: Any) -> bool:
+    def _probe(self, key: tuple[str, type], run: Any) -> Any:
+        """``run()``'s result (False if it raises), once per (probe, module class) and conversion."""
         if key not in self._probes:
             with torch.no_grad():
                 try:
-                    self._probes[key] = bool(run())
+                    self._probes[key] = run()
                 except Exception:  # a module that cannot even run the probe does not compute the same
                     self._probes[key] = False
         return self._probes[key]
