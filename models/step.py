@@ -11,6 +11,7 @@ restored to its post-history snapshot before every run.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,10 +89,32 @@ class Step:
             tensor[rows] = saved
 
     def run(self, fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> Any:
-        """``fn(input_ids, positions)`` (default: the model) inside the step's forward context."""
+        """``fn(input_ids, positions)`` (default: the model) inside the step's forward context.
+
+        ``fn`` may be the step's model, its bound ``forward``, ``layerpass.compile(model)`` or
+        ``torch.compile(model)``; any other model is refused (``ValueError``): the layer registry,
+        KV cache and recurrent state the ops use come from the step's model. A plain function is run
+        as given (what it calls cannot be checked)."""
+        if fn is not None:
+            self._check_model(fn)
         self.restore_state()
         with torch.no_grad(), set_forward_context(self.metadata, self.model.layer_registry):
             return (self.model if fn is None else fn)(self.input_ids, self.positions)
+
+    def _check_model(self, fn: Any) -> None:
+        found = _underlying_model(fn)
+        if found is None or found is self.model:
+            return
+        if getattr(found, "layer_registry", None) is self.model.layer_registry:
+            return  # a module sharing the step's registry (e.g. a wrapper holding the model)
+        label = getattr(getattr(found, "layer_registry", None), "label", None)
+        raise ValueError(
+            f"Step.run: {type(found).__name__}"
+            + (f" (layer registry {label!r})" if label is not None else "")
+            + f" is not the model this step was made for ({type(self.model).__name__}, layer registry "
+            f"{self.model.layer_registry.label!r}): the step's batch runs against its own model's registry, KV "
+            f"cache and state; make a step for the other model with make_step(model, ...)"
+        )
 
     def split(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """Per-request rows of a ``[T, ...]`` step output."""
@@ -107,6 +130,25 @@ class Step:
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
             finalizer()
+
+
+def _underlying_model(fn: Any) -> nn.Module | None:
+    """The registry-bearing model behind ``fn``: itself, a bound method's module, a
+    ``torch.compile`` wrapper's ``_orig_mod`` or a ``layerpass.compile`` result's ``model``;
+    ``None`` for a callable that holds no model (a plain function)."""
+    obj = getattr(fn, "__self__", None) if inspect.ismethod(fn) else fn
+    for _ in range(8):  # a few wrappers deep at most
+        if not isinstance(obj, nn.Module):
+            return None
+        if hasattr(obj, "layer_registry"):
+            return obj
+        inner = getattr(obj, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            inner = getattr(obj, "model", None)  # layerpass.compile's CompiledModel
+        if not isinstance(inner, nn.Module):
+            return None
+        obj = inner
+    return None
 
 
 class _SubStep(Step):
