@@ -196,6 +196,11 @@ class _Converter:
         """The replacement of ``module`` (None: keep it; its children are converted)."""
         if isinstance(module, (PluggableLayer, *CONVERTED)):
             return None  # already a layerpass layer (or made of them)
+        first = self.paths.get(id(module))
+        if first is not None and any(True for _ in module.parameters()):
+            raise UnsupportedModuleError(f"from_transformers: {path!r} is the same {type(module).__name__} as {first!r}; "
+                                         f"layerpass gives every layer its own name and state (KV cache), so a module "
+                                         f"with weights cannot be used at two places")
         self.paths[id(module)] = path
         fam = self.moe_blocks.get(type(module))
         if fam is not None:

@@ -108,14 +108,14 @@ def check_convertible(hf_model: Any) -> None:
         raise UnsupportedArchitectureError(
             f"from_transformers: {arch} is a multimodal model ({', '.join(modalities)}); layerpass runs text decoders: "
             f"load the text model alone (e.g. Gemma3ForCausalLM for Gemma 3)")
-    if not getattr(hf_model, "_supports_attention_backend", False):
-        raise UnsupportedArchitectureError(
-            f"from_transformers: {arch} does not run its attention through transformers' AttentionInterface "
-            f"(its class does not set _supports_attention_backend), so layerpass cannot plug its attention in")
     if getattr(hf_model, "_is_stateful", False):
         raise UnsupportedArchitectureError(
             f"from_transformers: {arch} has recurrent (state-space) layers whose state transformers keeps in its own "
             f"cache; layerpass only pages attention KV")
+    if not getattr(hf_model, "_supports_attention_backend", False):
+        raise UnsupportedArchitectureError(
+            f"from_transformers: {arch} does not run its attention through transformers' AttentionInterface "
+            f"(its class does not set _supports_attention_backend), so layerpass cannot plug its attention in")
     base = getattr(hf_model, "base_model", None)
     if base is None or base is hf_model:
         raise UnsupportedArchitectureError(f"from_transformers: {arch} has no base model "

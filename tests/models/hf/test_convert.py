@@ -1,6 +1,7 @@
-"""Transformers backend structure: what the converter swaps, how layers are named, what it
-refuses (naming it and what is supported), OOT replacement and LoRA of the MoE layer, and that
-the core imports without transformers."""
+"""Transformers backend structure: what the generic converter swaps in each family, how layers are
+named, the attention features it reads, what the probes keep as HF modules, the clear error for
+each kind of model it cannot run, OOT replacement and LoRA, and that the core imports without
+transformers."""
 
 from __future__ import annotations
 
@@ -30,13 +31,17 @@ from layerpass.layers import (  # noqa: E402
     VocabParallelEmbedding,
     apply_lora,
 )
+from layerpass.layers.layernorm import GemmaRMSNorm  # noqa: E402
 from layerpass.models import ModelConfig, build_model, make_step, registered_models  # noqa: E402
-from layerpass.ops import FP8_DTYPE  # noqa: E402
 from layerpass.models.hf import (  # noqa: E402
     HF_ZOO,
+    TESTED_ARCHITECTURES,
+    PackedSlice,
     TransformersAttention,
     TransformersFusedMoE,
     TransformersMLP,
+    TransformersPackedMLP,
+    TransformersScaledEmbedding,
     TransformersSparseMoeBlock,
     UnsupportedArchitectureError,
     UnsupportedModuleError,
@@ -45,45 +50,88 @@ from layerpass.models.hf import (  # noqa: E402
     layerpass_attention_forward,
     supported_architectures,
 )
+from layerpass.ops import FP8_DTYPE  # noqa: E402
+from tests.models.hf.common import FAMILIES, close, hf_config, hf_logits  # noqa: E402
+
+MOE = {"hf-qwen2-moe", "hf-mixtral", "hf-qwen3-moe"}
+GEMMA = {"hf-gemma2", "hf-gemma3"}
 
 
 def hf(name: str, num_layers: int = 2, **overrides):
     return build_hf_model(HF_ZOO[name](ModelConfig(num_layers=num_layers, **overrides)), seed=0)
 
 
+def matches_hf(ref, model, what: str) -> None:
+    step = make_step(model, num_decodes=1, prefill_lens=[6], seed=2, max_history=12)
+    try:
+        for req, rows in zip(step.requests, step.split(step.run())):
+            close(rows, hf_logits(ref, list(req.history) + list(req.tokens))[len(req.history):], what)
+    finally:
+        step.release()
+
+
 def test_zoo_names_are_registered() -> None:
-    assert {"hf-llama", "hf-qwen2-moe", "hf-mixtral", "hf-qwen3-moe"} <= set(registered_models())
-    assert {"LlamaForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM"} <= set(supported_architectures())
+    assert set(HF_ZOO) == set(TESTED_ARCHITECTURES.values()) <= set(registered_models())
+    assert supported_architectures() == sorted(TESTED_ARCHITECTURES)
 
 
-@pytest.mark.parametrize("name", ["hf-llama", "hf-qwen2-moe", "hf-qwen3-moe", "hf-mixtral"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_layers_are_swapped_and_registered_by_hf_path(name: str) -> None:
     model = build_model(name, num_layers=3, seed=1)
     reg = model.layer_registry
-    assert isinstance(model.model.embed_tokens, VocabParallelEmbedding) and reg.get("model.embed_tokens") is model.model.embed_tokens
+    emb = model.model.embed_tokens
+    if name in GEMMA:  # Gemma's embedding scales by sqrt(hidden): the scale stays, the table is vocab-parallel
+        assert isinstance(emb, TransformersScaledEmbedding) and float(emb.embed_scale) == pytest.approx(64 ** 0.5)
+        emb = emb.embedding
+    assert isinstance(emb, VocabParallelEmbedding) and reg.get("model.embed_tokens") is emb
     assert isinstance(model.lm_head, ParallelLMHead) and reg.get("lm_head") is model.lm_head
-    assert isinstance(model.model.norm, RMSNorm)
+    assert (model.lm_head.weight is emb.weight) == (name in GEMMA)  # tied in Gemma's configs
+    norm_cls = GemmaRMSNorm if name in GEMMA else RMSNorm
+    assert type(model.model.norm) is norm_cls
     assert isinstance(model.model.layers, nn.ModuleList) and len(model.model.layers) == 3
     for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}"
         attn = layer.self_attn
-        assert isinstance(attn, TransformersAttention) and isinstance(attn.qkv_proj, QKVParallelLinear)
-        assert isinstance(attn.o_proj, RowParallelLinear)
-        assert reg.get(f"model.layers.{i}.self_attn.attn") is attn.attn and isinstance(attn.attn, Attention)
-        assert attn.attn.kv_cache.shape[1:3] == (model.cache_config.num_blocks, model.cache_config.block_size)
-        assert isinstance(layer.input_layernorm, RMSNorm) and isinstance(layer.post_attention_layernorm, RMSNorm)
-        if name == "hf-llama":
-            assert isinstance(layer.mlp, TransformersMLP) and isinstance(layer.mlp.gate_up_proj, MergedColumnParallelLinear)
+        if name == "hf-phi3":  # packed in the checkpoint: loaded as is, HF module kept
+            assert type(attn).__name__ == "Phi3Attention" and isinstance(attn.qkv_proj, QKVParallelLinear)
         else:
+            assert isinstance(attn, TransformersAttention) and isinstance(attn.qkv_proj, QKVParallelLinear)
+            assert all(isinstance(getattr(attn.hf_attn, n), PackedSlice) for n in ("q_proj", "k_proj", "v_proj"))
+        assert reg.get(f"{p}.self_attn.qkv_proj") is attn.qkv_proj
+        assert isinstance(attn.o_proj, RowParallelLinear) and reg.get(f"{p}.self_attn.o_proj") is attn.o_proj
+        assert isinstance(attn.attn, Attention) and reg.get(f"{p}.self_attn.attn") is attn.attn
+        assert attn.attn.kv_cache.shape[1:3] == (model.cache_config.num_blocks, model.cache_config.block_size)
+        norms = [m for n, m in layer.named_children() if "norm" in n]
+        assert norms and all(type(m) is norm_cls for m in norms)
+        if name in MOE:
             assert isinstance(layer.mlp, TransformersSparseMoeBlock) and isinstance(layer.mlp.gate, ReplicatedLinear)
-            assert type(layer.mlp.experts) is TransformersFusedMoE
-            assert reg.get(f"model.layers.{i}.mlp.experts") is layer.mlp.experts
+            assert type(layer.mlp.experts) is TransformersFusedMoE and reg.get(f"{p}.mlp.experts") is layer.mlp.experts
             assert (layer.mlp.experts.shared_experts is not None) == (name == "hf-qwen2-moe")
-        if name == "hf-qwen3-moe":
-            assert isinstance(attn.q_norm, RMSNorm) and reg.get(f"model.layers.{i}.self_attn.q_norm") is attn.q_norm
+        elif name in GEMMA:  # GELU: HF's forward on one packed gate/up projection
+            assert isinstance(layer.mlp, TransformersPackedMLP) and isinstance(layer.mlp.gate_up_proj, MergedColumnParallelLinear)
+        else:  # SiLU-gated (Phi-3's packed gate_up_proj too): the silu_and_mul layer
+            assert isinstance(layer.mlp, TransformersMLP) and isinstance(layer.mlp.gate_up_proj, MergedColumnParallelLinear)
+            assert reg.get(f"{p}.mlp.gate_up_proj") is layer.mlp.gate_up_proj
+        if name in ("hf-qwen3", "hf-qwen3-moe", "hf-olmo2", "hf-gemma3"):
+            assert type(attn.q_norm) is norm_cls and reg.get(f"{p}.self_attn.q_norm") is attn.q_norm
     # nothing HF-trainable is left behind: every parameter belongs to a layerpass layer
     for pname, _ in model.named_parameters():
         owner = model.get_submodule(pname.rpartition(".")[0])
         assert isinstance(owner, PluggableLayer), f"{pname} is held by a {type(owner).__name__}, not a layerpass layer"
+
+
+def attention_features(model) -> list[tuple]:
+    return [(a.scale, a.sliding_window, a.logits_soft_cap) for a in (layer.self_attn.attn for layer in model.model.layers)]
+
+
+def test_attention_features_are_read_per_layer() -> None:
+    """Sliding windows (alternating in Gemma), soft-caps and the scale each module passes."""
+    gemma_scale = (16 + 8) ** -0.5  # query_pre_attn_scalar
+    assert attention_features(build_model("hf-gemma2", num_layers=4)) == [(gemma_scale, 8, 5.0), (gemma_scale, None, 5.0)] * 2
+    assert attention_features(build_model("hf-gemma3", num_layers=4)) == [(gemma_scale, 8, None), (gemma_scale, None, None)] * 2
+    assert attention_features(build_model("hf-mistral", num_layers=2)) == [(0.25, 8, None)] * 2
+    assert attention_features(build_model("hf-granite", num_layers=2)) == [(0.2, None, None)] * 2  # attention_multiplier
+    assert attention_features(build_model("hf-llama", num_layers=2)) == [(0.25, None, None)] * 2
 
 
 def test_weights_are_kept_exactly() -> None:
@@ -98,6 +146,10 @@ def test_weights_are_kept_exactly() -> None:
     emb = model.model.embed_tokens.weight
     torch.testing.assert_close(emb[: ref.config.vocab_size], ref.model.embed_tokens.weight, rtol=0, atol=0)
     assert not emb[ref.config.vocab_size:].any(), "vocabulary padding rows must be zero"
+    g = hf("hf-gemma2")
+    gm = from_transformers(copy.deepcopy(g))  # Gemma's 1 + w, held in float32
+    torch.testing.assert_close(gm.model.layers[0].input_layernorm.weight, 1 + g.model.layers[0].input_layernorm.weight.float(),
+                               rtol=0, atol=0)
 
 
 def test_fp8_quantises_the_hf_weights() -> None:
@@ -132,38 +184,156 @@ def test_attention_function_needs_a_converted_module() -> None:
         layerpass_attention_forward(nn.Linear(2, 2), q, q, q, None)
 
 
-def test_unsupported_architecture_names_it_and_lists_supported() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=32))
-    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM, MixtralForCausalLM"):
-        from_transformers(gpt2)
-
-
-def test_unsupported_module_names_its_path_and_lists_supported() -> None:
-    model = hf("hf-llama")
-    model.model.layers[1].mlp = nn.Sequential(nn.Linear(64, 64))
-    with pytest.raises(UnsupportedModuleError, match=r"'model\.layers\.1\.mlp' \(.*Sequential\).*supported modules: .*LlamaMLP"):
-        from_transformers(model)
+def test_eager_call_checks_the_features_the_layer_was_built_with() -> None:
+    model = build_model("hf-gemma2", num_layers=2)
+    model.model.layers[0].self_attn.hf_attn.sliding_window = 4  # the HF module now passes another window
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.attn: the module passes sliding_window=4, "
+                                         r"the layer was built with 8"):
+        make_step(model, num_decodes=0, prefill_lens=[3]).run()
 
 
-def test_subclassed_module_is_not_assumed_to_compute_the_same() -> None:
-    model = hf("hf-llama")
-    base = type(model.model.layers[0].self_attn)
-    model.model.layers[0].self_attn.__class__ = type("PatchedAttention", (base,), {})
-    with pytest.raises(UnsupportedModuleError, match="PatchedAttention"):
-        from_transformers(model)
+def test_a_norm_that_computes_something_else_stays_an_hf_module() -> None:
+    """The norm probe: a subclass whose forward centres its input is not an RMS norm, so it runs
+    as HF's module; the standard ones next to it still convert."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class CenteredNorm(LlamaRMSNorm):
+        def forward(self, x):
+            return super().forward(x - x.mean(-1, keepdim=True))
+
+    ref = hf("hf-llama")
+    for layer in ref.model.layers:
+        old = layer.input_layernorm
+        layer.input_layernorm = CenteredNorm(old.weight.shape[0], old.variance_epsilon)
+        layer.input_layernorm.weight.data.copy_(old.weight)
+    model = from_transformers(copy.deepcopy(ref))
+    assert all(type(layer.input_layernorm) is CenteredNorm for layer in model.model.layers)
+    assert all(type(layer.post_attention_layernorm) is RMSNorm for layer in model.model.layers)
+    matches_hf(ref, model, "llama with a centred norm")
 
 
-def test_sliding_window_is_refused() -> None:
-    from transformers import MixtralConfig
+def test_an_mlp_that_uses_its_input_elsewhere_is_not_packed() -> None:
+    """The MLP probes: a gated MLP that also adds its input is neither ``silu_and_mul`` nor
+    packable (its forward needs ``x`` itself); it keeps one parallel linear per projection."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
 
-    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
-                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)
-    with pytest.raises(UnsupportedModuleError, match="sliding-window"):
+    class ResidualMLP(LlamaMLP):
+        def forward(self, x):
+            return super().forward(x) + x
+
+    ref = hf("hf-llama")
+    for layer in ref.model.layers:
+        old = layer.mlp
+        layer.mlp = ResidualMLP(ref.config)
+        layer.mlp.load_state_dict(old.state_dict())
+    model = from_transformers(copy.deepcopy(ref))
+    mlp = model.model.layers[0].mlp
+    assert type(mlp) is ResidualMLP and type(mlp.gate_proj).__name__ == "ColumnParallelLinear"
+    assert type(mlp.down_proj) is RowParallelLinear
+    matches_hf(ref, model, "llama with a residual MLP")
+
+
+def test_lora_wraps_the_packed_projections() -> None:
+    """``packed_modules_mapping`` names the packed layers: LoRA wraps qkv_proj and gate_up_proj
+    (with zero adapters the logits are the base model's)."""
+    model = build_model("hf-qwen2", num_layers=2, seed=1)
+    step = make_step(model, num_decodes=1, prefill_lens=[3], seed=1)
+    ref = step.run()
+    wrapped = apply_lora(model, LoRAConfig(max_lora_rank=4))
+    names = {n.rsplit(".", 1)[-1] for n in wrapped}
+    assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} <= names
+    torch.testing.assert_close(step.run(), ref, atol=1e-5, rtol=1e-5)
+
+
+# -- what cannot be converted: one clear error per kind ---------------------------------------
+def test_not_a_transformers_model() -> None:
+    with pytest.raises(TypeError, match="takes a transformers PreTrainedModel"):
+        from_transformers(nn.Linear(2, 2))
+
+
+def test_encoder_decoder_is_refused() -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2))
+    with pytest.raises(UnsupportedArchitectureError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        from_transformers(t5)
+
+
+def test_not_a_causal_lm_is_refused() -> None:
+    from transformers import LlamaForSequenceClassification
+
+    clf = LlamaForSequenceClassification(_tiny_llama_config(num_labels=3))
+    with pytest.raises(UnsupportedArchitectureError, match="LlamaForSequenceClassification is not a causal language model"):
+        from_transformers(clf)
+    with pytest.raises(UnsupportedArchitectureError, match="LlamaModel is not a causal language model"):
+        from_transformers(hf("hf-llama").model)
+
+
+def _tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, pad_token_id=0, **kw)
+
+
+def test_multimodal_is_refused() -> None:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    cfg = Gemma3Config(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+                       vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          image_size=28, patch_size=14), mm_tokens_per_image=4)
+    with pytest.raises(UnsupportedArchitectureError, match="is a multimodal model .*vision_config.*Gemma3ForCausalLM"):
+        from_transformers(Gemma3ForConditionalGeneration(cfg))
+
+
+def test_no_attention_interface_is_refused() -> None:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedArchitectureError, match="BloomForCausalLM does not run its attention through "
+                                                           "transformers' AttentionInterface"):
+        from_transformers(bloom)
+
+
+def test_recurrent_state_is_refused() -> None:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4))
+    with pytest.raises(UnsupportedArchitectureError, match="MambaForCausalLM has recurrent"):
+        from_transformers(mamba)
+
+
+def test_bidirectional_attention_is_refused() -> None:
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(**{**hf_config("hf-gemma3").to_dict(), "use_bidirectional_attention": True})
+    with pytest.raises(UnsupportedModuleError, match=r"'model\.layers\.0\.self_attn' \(Gemma3Attention\) uses "
+                                                     r"bidirectional attention"):
         from_transformers(build_hf_model(cfg))
 
 
+def test_an_attention_module_shared_by_two_layers_is_refused() -> None:
+    model = hf("hf-llama")
+    model.model.layers[1].self_attn = model.model.layers[0].self_attn
+    with pytest.raises(UnsupportedModuleError, match=r"'model\.layers\.1\.self_attn' is the same LlamaAttention as "
+                                                     r"'model\.layers\.0\.self_attn'"):
+        from_transformers(model)
+
+
+def test_lm_head_must_be_a_linear() -> None:
+    model = hf("hf-llama")
+    model.lm_head = nn.Sequential(model.lm_head)
+    with pytest.raises(UnsupportedModuleError, match="'lm_head' is a Sequential; expected torch.nn.Linear"):
+        from_transformers(model)
+
+
+def test_quant_config_type_is_checked() -> None:
+    with pytest.raises(TypeError, match="quant_config must be None or an Fp8Config"):
+        from_transformers(hf("hf-llama"), quant_config="fp8")
+
+
+# -- MoE --------------------------------------------------------------------------------------
 def test_shared_op_calls_moe_forward_shared_with_same_numbers() -> None:
     model = build_model("hf-qwen2-moe", num_layers=2)
     step = make_step(model, num_decodes=1, prefill_lens=[4], seed=2)
@@ -189,6 +359,7 @@ def test_oot_moe_replaces_it_and_lora_accepts_it(clean_oot) -> None:
     model = build_model("hf-qwen2-moe", num_layers=2, seed=4)
     experts = [layer.mlp.experts for layer in model.model.layers]
     assert all(type(e) is CountingMoE for e in experts)
+    CountingMoE.calls = 0  # the conversion's dry run called them once
     step2 = make_step(model, num_decodes=1, prefill_lens=[3], seed=1)
     torch.testing.assert_close(step2.run(), ref, atol=1e-5, rtol=1e-5)
     assert CountingMoE.calls == 2 * 2  # two layers, history prefill + the step
