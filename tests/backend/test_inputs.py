@@ -1,0 +1,73 @@
+"""A compiled model checks a step's inputs before Dynamo sees them (``backend/inputs.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import layerpass
+from layerpass.backend.config import CompilationConfig
+from layerpass.backend.inputs import check_model_inputs, check_step_inputs
+from layerpass.models import build_model
+from tests.helpers import backend as bh
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model = build_model("llama", num_layers=1)
+    return layerpass.compile(model, CompilationConfig(disable_cache=True))
+
+
+BAD = [
+    # (input_ids, positions, message)
+    (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), r"input_ids must be a 1-D integer.*2-D.*flatten"),
+    (torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), r"input_ids has 3 tokens, positions 4"),
+    (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), r"0-token batch"),
+    (torch.zeros(3), torch.arange(3), r"input_ids must be a 1-D integer tensor.*float32"),
+    (torch.zeros(3, dtype=torch.bool), torch.arange(3), r"input_ids must be .*bool"),
+    (torch.arange(3), torch.arange(3).float(), r"positions must be a 1-D integer tensor"),
+    (torch.arange(3), torch.tensor(2), r"positions must be a 1-D integer tensor.*0-D"),
+    ([1, 2, 3], torch.arange(3), r"input_ids must be a 1-D integer tensor.*a list"),
+    (torch.arange(3), torch.arange(3, device="meta"), r"one device"),
+]
+
+
+@pytest.mark.parametrize("ids,pos,message", BAD)
+def test_compiled_model_rejects_bad_input_before_dynamo(compiled, ids, pos, message) -> None:
+    """Before: a fake-tensor TorchRuntimeError, a failed guard ('This is a bug') or ``Ne(u0, 0)``."""
+    with pytest.raises(ValueError, match=rf"layerpass compiled model: .*{message}"):
+        compiled(ids, pos)
+    with pytest.raises(ValueError, match=message):  # keyword arguments too
+        compiled(input_ids=ids, positions=pos)
+    assert compiled.backend.num_calls == 0, "nothing may be traced or compiled for a bad input"
+
+
+@settings(max_examples=50, deadline=None)
+@given(ids_shape=st.lists(st.integers(0, 4), max_size=3), pos_shape=st.lists(st.integers(0, 4), max_size=3),
+       ids_dtype=st.sampled_from([torch.int64, torch.int32, torch.float32, torch.bool, torch.int16]),
+       pos_dtype=st.sampled_from([torch.int64, torch.int32, torch.float16]))
+def test_exactly_the_valid_steps_pass(ids_shape, pos_shape, ids_dtype, pos_dtype) -> None:
+    ids, pos = torch.zeros(ids_shape, dtype=ids_dtype), torch.zeros(pos_shape, dtype=pos_dtype)
+    valid = (len(ids_shape) == 1 and ids_shape == pos_shape and ids_shape[0] > 0
+             and ids_dtype in (torch.int64, torch.int32) and pos_dtype in (torch.int64, torch.int32))
+    if valid:
+        check_step_inputs(ids, pos)
+    else:
+        with pytest.raises(ValueError, match=r"model forward: (input_ids|positions|a 0-token batch)"):
+            check_step_inputs(ids, pos)
+
+
+def test_models_with_other_inputs_are_not_checked() -> None:
+    stack = bh.Stack(2)
+    check_model_inputs(stack, (torch.zeros(2, 3, 8),), {})  # a [B, S, H] input: fine for this model
+    check_model_inputs(stack, (), {"nonsense": 1})  # does not bind: the call itself reports it
+
+
+@pytest.mark.slow  # a real compile
+def test_valid_input_still_compiles_and_runs(compiled) -> None:
+    from layerpass.models import make_step
+
+    step = make_step(compiled.model, num_decodes=1, prefill_lens=[2])
+    bh.assert_matches(step.run(compiled), step.run(compiled.model))
