@@ -26,7 +26,6 @@ from .cache import ArtifactCache, cache_key
 from .config import CompilationConfig
 from layerpass.passes.pass_manager import PassManager
 from .piece_hash import piece_signature
-from layerpass.passes.registry import build_passes
 from .report import CompileReport, PieceInfo, publish
 from .split import SplitResult, split_graph
 
@@ -125,7 +124,7 @@ class LayerpassBackend:
             except (AttributeError, RuntimeError):
                 raise ValueError(f"splitting op {name!r} is not a registered torch op; register it before "
                                  f"compiling, or drop it from CompilationConfig.splitting_ops") from None
-        self.pass_manager = PassManager(build_passes(self.config), self.config.fingerprint())
+        self.pass_manager = PassManager.from_config(self.config)
         self.cache = ArtifactCache(self.config.cache_dir)  # type: ignore[arg-type]
         self.num_calls = 0
 

@@ -9,6 +9,7 @@ fills (the Triton kernels do, when triton is importable).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -53,3 +54,29 @@ def register_cuda_kernel(name: str, kernel: Callable[..., Any]) -> None:
 def op_overload(name: str) -> torch._ops.OpOverload:
     """``torch.ops.layerpass.<name>.default``: what appears as a node target in graphs."""
     return getattr(torch.ops.layerpass, name).default
+
+
+_TORCH_OPS_REPR = re.compile(r"^torch\._ops\.(\w+)\.(?:.*\.)?(\w+)$")  # a packet rendered through its module
+
+
+def op_name(target: object, overload: bool = False) -> str | None:
+    """The one spelling of an op's name: ``"namespace.op"``, or ``"namespace.op.overload"``
+    with ``overload=True`` (when the target names an overload).
+
+    ``target`` is an ``OpOverload``, an ``OpOverloadPacket``, or a string naming one
+    (``"ns::op"``, ``"ns.op"``, ``"ns.op.overload"``, ``"torch._ops.ns.<...>.op"``);
+    anything else (a Python callable, a malformed string) gives ``None``."""
+    ov: str | None = None
+    if isinstance(target, torch._ops.OpOverload):
+        ns, op, ov = target.namespace, target._schema.name.split("::")[-1], target._overloadname
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        ns, op = str(target._qualified_op_name).split("::")
+    elif isinstance(target, str):
+        m = _TORCH_OPS_REPR.match(target)
+        parts = [m.group(1), m.group(2)] if m else target.replace("::", ".").split(".")
+        if len(parts) not in (2, 3) or not all(parts):
+            return None
+        ns, op, ov = parts[0], parts[1], parts[2] if len(parts) == 3 else None
+    else:
+        return None
+    return f"{ns}.{op}.{ov}" if overload and ov else f"{ns}.{op}"

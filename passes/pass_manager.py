@@ -1,9 +1,10 @@
-"""The pass manager: Inductor's ``post_grad_custom_post_pass`` for every layerpass piece.
+"""The pass manager: Inductor's ``post_grad_custom_post_pass`` for every layerpass piece,
+and the pass list (``configure``), written as code.
 
-Passes run in a fixed order (see ``passes.registry.build_passes``). Each is timed; a pass
-that raises is skipped for that piece (its graph restored to what it was before the
-pass) with a warning naming it, and the compile goes on. With ``LAYERPASS_DEBUG_DUMP=<dir>``
-the graph before and after each pass is written there as readable Python.
+Each pass is timed; a pass that raises is skipped for that piece (its graph restored to what
+it was before the pass) with a warning naming it, and the compile goes on. With
+``LAYERPASS_DEBUG_DUMP=<dir>`` the graph before and after each pass is written there as
+readable Python; a dir that cannot be written is warned about once and dumps are skipped.
 """
 
 from __future__ import annotations
@@ -16,16 +17,53 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from layerpass import envs
+from layerpass.patterns.act_quant import ActQuantFusionPass
+from layerpass.patterns.attn_quant import AttnQuantFusionPass
+from layerpass.patterns.moe_quant_input import MoEQuantInputFusionPass
+from layerpass.patterns.moe_shared import MoESharedFusionPass
+from layerpass.patterns.norm_quant import NormQuantFusionPass
 
 from .base import LayerpassPass
+from .cleanup import DeadCodeEliminationPass
+from .fix_functionalization import FixFunctionalizationPass
+from .noop_elimination import NoOpEliminationPass
+
+if TYPE_CHECKING:
+    from layerpass.backend.config import CompilationConfig
 
 logger = logging.getLogger("layerpass")
+
+
+def configure(config: CompilationConfig) -> list[LayerpassPass]:
+    """The passes a ``CompilationConfig`` turns on, in the one fixed order:
+
+    1. no-op elimination (``eliminate_noops``): reshapes/views/slices that change nothing, so
+       the fusion patterns see the chains they are written for;
+    2. fusions, one module each in ``layerpass.patterns``: attention+quant (``fuse_attn_quant``),
+       norm+quant (``fuse_norm_quant``), act+quant (``fuse_act_quant``), MoE shared experts and
+       MoE quantised input (both ``fuse_moe``);
+    3. dead-code clean-up: the unfused producers the fusions left without users;
+    4. fix functionalization, always last: ``auto_functionalized`` back to in-place calls so
+       Inductor makes no copies.
+
+    Out-of-tree passes join with ``PassManager.add_pass``."""
+    switched: list[tuple[bool, type[LayerpassPass]]] = [
+        (config.eliminate_noops, NoOpEliminationPass),
+        (config.fuse_attn_quant, AttnQuantFusionPass),
+        (config.fuse_norm_quant, NormQuantFusionPass),
+        (config.fuse_act_quant, ActQuantFusionPass),
+        (config.fuse_moe, MoESharedFusionPass),
+        (config.fuse_moe, MoEQuantInputFusionPass),
+        (True, DeadCodeEliminationPass),
+        (True, FixFunctionalizationPass),
+    ]
+    return [cls() for on, cls in switched if on]
 
 
 def _snapshot(graph: fx.Graph) -> fx.Graph:
@@ -47,6 +85,8 @@ def graph_source(graph: fx.Graph) -> str:
 
 
 class PassManager(CustomGraphPass):
+    """Runs ``passes`` in order on each piece's post-grad graph (see ``configure`` for the order)."""
+
     def __init__(self, passes: Sequence[LayerpassPass], config_fingerprint: str = "") -> None:
         self.passes = list(passes)
         self.config_fingerprint = config_fingerprint
@@ -55,6 +95,27 @@ class PassManager(CustomGraphPass):
         self.stats: dict[str, dict[str, float]] = {}
         self.failures: list[str] = []
         self.runs = 0
+        self._unwritable_dumps: set[str] = set()  # dump dirs already warned about
+
+    @classmethod
+    def from_config(cls, config: CompilationConfig) -> PassManager:
+        return cls(configure(config), config.fingerprint())
+
+    def add_pass(self, pass_: LayerpassPass, *, before: str | None = None, after: str | None = None) -> None:
+        """Insert ``pass_`` just before or after the pass called ``before``/``after`` (at most one),
+        or last when neither is given. Its ``uuid()`` joins the manager's, so cached pieces
+        compiled without it are not reused."""
+        if before is not None and after is not None:
+            raise ValueError("add_pass takes before= or after=, not both")
+        anchor = before if before is not None else after
+        if anchor is None:
+            self.passes.append(pass_)
+            return
+        names = [p.name for p in self.passes]
+        if anchor not in names:
+            raise ValueError(f"add_pass: no pass called {anchor!r}; passes: {names}")
+        idx = names.index(anchor)
+        self.passes.insert(idx if before is not None else idx + 1, pass_)
 
     def begin_piece(self, name: str, context: dict[str, Any] | None = None) -> None:
         """Reset per-piece stats before Inductor compiles the piece called ``name``."""
@@ -67,11 +128,7 @@ class PassManager(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         self.runs += 1
-        dump_dir = envs.debug_dump_dir()
-        piece_dir = None
-        if dump_dir:
-            piece_dir = os.path.join(dump_dir, re.sub(r"[^\w.-]", "_", self.piece_name))
-            os.makedirs(piece_dir, exist_ok=True)
+        piece_dir = self._piece_dump_dir()
         for i, p in enumerate(self.passes):
             snapshot = _snapshot(graph)
             before = graph_source(graph) if piece_dir else None
@@ -91,13 +148,40 @@ class PassManager(CustomGraphPass):
             self.stats[p.name]["registrations"] = p.registrations
             if piece_dir:
                 stem = os.path.join(piece_dir, f"{i:02d}_{p.name}")
-                with open(stem + "_before.py", "w") as f:
-                    f.write(before)
-                with open(stem + "_after.py", "w") as f:
-                    f.write(graph_source(graph))
+                piece_dir = self._dump(piece_dir, {stem + "_before.py": before, stem + "_after.py": graph_source(graph)})
         if piece_dir:
-            with open(os.path.join(piece_dir, "stats.json"), "w") as f:
-                json.dump({"stats": dict(self.stats), "failures": self.failures}, f, indent=2)
+            self._dump(piece_dir, {os.path.join(piece_dir, "stats.json"):
+                                   json.dumps({"stats": dict(self.stats), "failures": self.failures}, indent=2)})
+
+    def _piece_dump_dir(self) -> str | None:
+        """This piece's ``$LAYERPASS_DEBUG_DUMP`` subdir, created; None without dumps."""
+        dump_dir = envs.debug_dump_dir()
+        if not dump_dir:
+            return None
+        piece_dir = os.path.join(dump_dir, re.sub(r"[^\w.-]", "_", self.piece_name))
+        try:
+            os.makedirs(piece_dir, exist_ok=True)
+        except OSError as e:
+            self._warn_unwritable_dump(dump_dir, e)
+            return None
+        return piece_dir
+
+    def _dump(self, piece_dir: str, files: dict[str, str | None]) -> str | None:
+        """Write ``files``; returns ``piece_dir``, or None (no more dumps) when one cannot be written."""
+        try:
+            for path, text in files.items():
+                with open(path, "w") as f:
+                    f.write(text or "")
+        except OSError as e:
+            self._warn_unwritable_dump(envs.debug_dump_dir() or piece_dir, e)
+            return None
+        return piece_dir
+
+    def _warn_unwritable_dump(self, path: str, error: OSError) -> None:
+        if path not in self._unwritable_dumps:
+            self._unwritable_dumps.add(path)
+            logger.warning("layerpass: %s=%s cannot be written (%s: %s); compiling without graph dumps",
+                           envs.DEBUG_DUMP_ENV, path, type(error).__name__, error)
 
     def uuid(self) -> str:
         h = hashlib.sha256(self.config_fingerprint.encode())

@@ -1,1 +1,2 @@
-"""Pattern/replacement pairs for Inductor's pattern matcher (registered by ``layerpass.passes.fusion``)."""
+"""The fusions, one module each: pattern, replacement, example inputs, extra checks and the
+``PatternPass`` subclass that registers them (``common`` holds the shared op handles)."""

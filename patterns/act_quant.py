@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
-from .common import QUANT, SILU_AND_MUL, empty_fp8, lp
+from layerpass.passes.pattern_pass import PatternPass
+from layerpass.patterns.common import QUANT, SILU_AND_MUL, empty_fp8, lp
 
 
 def silu_mul_quant_pattern(x, scale):
@@ -19,3 +20,10 @@ def silu_mul_quant_replacement(x, scale):
 
 def act_example_inputs() -> list:
     return [torch.empty(5, 32), torch.empty(1)]
+
+
+class ActQuantFusionPass(PatternPass):
+    name = "fuse_act_quant"
+
+    def register_patterns(self) -> None:
+        self.register(silu_mul_quant_pattern, silu_mul_quant_replacement, act_example_inputs)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
-from .common import ADD_RMS_NORM, QUANT, RMS_NORM, empty_fp8, lp
+from layerpass.passes.pattern_pass import PatternPass
+from layerpass.patterns.common import ADD_RMS_NORM, QUANT, RMS_NORM, empty_fp8, lp
 
 
 def rms_norm_quant_pattern(x, weight, scale, eps):
@@ -28,5 +29,19 @@ def add_rms_norm_quant_replacement(x, residual, weight, scale, eps):
 
 
 def norm_example_inputs(with_residual: bool) -> list:
+    """Fake-mode examples without ``eps`` (a scalar the matcher takes from ``SCALARS``)."""
     x = torch.empty(5, 16)
     return [x, torch.empty(5, 16)] + [torch.empty(16), torch.empty(1)] if with_residual else [x, torch.empty(16), torch.empty(1)]
+
+
+SCALARS = {"eps": 1e-6}
+
+
+class NormQuantFusionPass(PatternPass):
+    name = "fuse_norm_quant"
+
+    def register_patterns(self) -> None:
+        self.register(rms_norm_quant_pattern, rms_norm_quant_replacement, lambda: norm_example_inputs(False),
+                      scalar_workaround=SCALARS)
+        self.register(add_rms_norm_quant_pattern, add_rms_norm_quant_replacement, lambda: norm_example_inputs(True),
+                      scalar_workaround=SCALARS)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # First: sets TRITON_INTERPRET before triton is imported, and skips when triton is missing.
-from tests.ops.triton.test_common import load_interpreted
+from tests.helpers.triton import load_interpreted
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

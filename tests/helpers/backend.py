@@ -1,17 +1,19 @@
-"""Shared helpers for the compile-backend tests (``tests/test_backend_*.py``).
+"""Shared helpers for the compile-backend tests (``tests/backend`` and every test that compiles).
 
 Why these exist:
 - Every Inductor compile costs seconds on a small shared CPU box, so compiled zoo models are
   memoised per process (``compiled_zoo``) and all tests share ONE Inductor cache directory per
-  pytest session (shared by xdist workers and by the tests' subprocesses). Identical pieces
-  compiled in several tests (or processes) then hit Inductor's own cache. The layerpass cache
-  is never shared: every compile gets a fresh ``cache_dir`` unless a test says otherwise.
+  pytest session (``session_inductor_dir``; ``conftest.py`` sets it up, shared by xdist workers
+  and by the tests' subprocesses). Identical pieces compiled in several tests (or processes)
+  then hit Inductor's own cache. The layerpass cache is never shared: every compile gets a
+  fresh ``cache_dir`` unless a test says otherwise.
 - Some behaviour is only observable in a fresh process (warm start, ``VLLM_USE_LAYERNAME=0``
   is read at import, the ``torch_dynamo_backends`` entry point). ``run_python`` runs a script
   in a subprocess with that session's Inductor cache and returns the JSON it ``emit``s.
 
-Nothing here imports ``layerpass`` at module level: the entry-point test runs a subprocess
-that must not import it before ``torch.compile(..., backend="layerpass")``.
+Importing this module changes no global state. Nothing here imports ``layerpass`` at module
+level: the entry-point test runs a subprocess that must not import it before
+``torch.compile(..., backend="layerpass")``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 # the repository root: subprocesses import the helpers as ``tests.helpers``
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,39 +48,33 @@ SESSION_ENV = "LAYERPASS_TEST_INDUCTOR_DIR"  # inherited by subprocesses: they r
 _created: list[str] = []
 
 
-@atexit.register
 def _cleanup() -> None:
     for path in _created:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def _mkdtemp(prefix: str) -> str:
+    if not _created:
+        atexit.register(_cleanup)
     path = tempfile.mkdtemp(prefix=prefix)
     _created.append(path)
     return path
 
 
-def _session_inductor_dir() -> str:
-    """One Inductor cache dir per pytest session; xdist workers share it (same testrun uid)."""
+def session_inductor_dir() -> tuple[str, bool]:
+    """The Inductor cache dir of this pytest session and whether this process owns it (removes it
+    at the end): inherited from a parent test process, shared by the xdist workers of one run
+    (same testrun uid; no worker may delete it), or a fresh one. ``conftest.py`` points
+    ``TORCHINDUCTOR_CACHE_DIR`` (and ``SESSION_ENV``, for subprocesses) at it for the session."""
     inherited = os.environ.get(SESSION_ENV)
     if inherited:
-        return inherited
+        return inherited, False
     uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if uid:  # shared by the workers, so no worker may delete it; it lives in the temp dir
+    if uid:
         path = os.path.join(tempfile.gettempdir(), f"layerpass-test-inductor-{uid}")
         os.makedirs(path, exist_ok=True)
-        return path
-    return _mkdtemp("layerpass-test-inductor-")
-
-
-INDUCTOR_CACHE_DIR = _session_inductor_dir()
-os.environ[SESSION_ENV] = INDUCTOR_CACHE_DIR
-# In-process compiles use it too (Inductor reads the variable on every cache access).
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = INDUCTOR_CACHE_DIR
-# Every ``layerpass.compile`` is a new backend, and Dynamo counts each backend's entry against
-# the per-code-object recompile limit (8): a worker compiling CausalLM.forward more often would
-# silently fall back to eager. Tests compile many models of one class, so raise it here.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        return path, False
+    return tempfile.mkdtemp(prefix="layerpass-test-inductor-"), True
 
 
 def fresh_cache_dir(tag: str = "lp") -> str:
@@ -102,7 +98,9 @@ def report_dict(report: Any) -> dict[str, Any]:
 
 @dataclass
 class Compiled:
-    """A zoo model, its compiled form, the standard step, eager and compiled outputs, the report."""
+    """A zoo model, its compiled form, the standard step, eager and compiled outputs, the report;
+    the layerpass cache dir it used (None: cache disabled) and, from ``fusion.compile_recorded``,
+    each compiled piece's final graph."""
 
     model: Any
     compiled: Any
@@ -110,7 +108,8 @@ class Compiled:
     ref: torch.Tensor
     out: torch.Tensor
     report: Any
-    cache_dir: str
+    cache_dir: str | None = None
+    graphs: list[fx.Graph] = field(default_factory=list)
 
 
 def compile_zoo(name: str, num_layers: int, *, cache_dir: str | None = None, step: dict[str, Any] | None = None,
@@ -118,7 +117,7 @@ def compile_zoo(name: str, num_layers: int, *, cache_dir: str | None = None, ste
     """Build zoo model ``name``, run the step eagerly, compile with ``layerpass.compile`` and run it.
 
     ``setup(compiled_model)`` runs before the first call (the compile is lazy), e.g. to
-    install an extra pass into its backend's pass manager."""
+    install an extra pass with ``compiled_model.backend.pass_manager.add_pass``."""
     import layerpass
     from layerpass.models import build_model, make_step
     from layerpass.backend.config import CompilationConfig
@@ -177,9 +176,8 @@ class Stack(nn.Module):
 
 # ---------------------------------------------------------------------------- subprocesses
 def subprocess_env(**extra: str | None) -> dict[str, str]:
-    """This environment plus the session Inductor cache; ``None`` values unset a variable."""
+    """This environment (in a test session: with its Inductor cache dir); ``None`` values unset a variable."""
     env = dict(os.environ)
-    env["TORCHINDUCTOR_CACHE_DIR"] = env[SESSION_ENV] = INDUCTOR_CACHE_DIR
     env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     env.pop("PYTEST_XDIST_WORKER", None)
     for k, v in extra.items():

@@ -8,30 +8,32 @@ Two ways to get the graphs the passes see:
   for (layer names are placeholders), costs well under a second, and can be run eagerly before
   and after a pass, so hypothesis can vary shapes cheaply.
 - ``compile_recorded``: a full ``layerpass.compile`` of a zoo model with a ``RecordingPass``
-  appended to the pass manager: it keeps every compiled piece's final graph (after fix
+  added last to the pass manager: it keeps every compiled piece's final graph (after fix
   functionalization), so tests can prove no unfused chain is left.
 
-Importing ``backend_helpers`` first points Inductor at the test session's own cache dir.
+Graph inspection names ops by their objects: ``op_counts(graph)[torch.ops.layerpass.x.default]``,
+and ``functionalized(op)`` for an ``auto_functionalized(op, ...)`` node.
 """
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
-
-from tests.helpers import backend as bh  # noqa: F401  (sets TORCHINDUCTOR_CACHE_DIR for the session)
-
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+import layerpass.ops  # noqa: F401  (registers the ops named below)
+from layerpass.passes.base import LayerpassPass
+from tests.helpers import backend as bh
+from tests.helpers.fp8 import fp8_bits, fp8_model_tolerance  # noqa: F401  (used as fh.fp8_bits, ...)
+
+aten = torch.ops.aten
+lp = torch.ops.layerpass
 
 
 # ----------------------------------------------------------------------------- graph capture
@@ -104,29 +106,34 @@ def apply_passes(gm: fx.GraphModule, passes: Iterable[Any], context: dict[str, A
 # ----------------------------------------------------------------------------- graph inspection
 
 
-def target_name(node: fx.Node) -> str:
-    """``layerpass.op`` / ``aten.op`` of a call; ``auto_functionalized(layerpass.op)`` for the HOP."""
-    t = node.target
-    if t is auto_functionalized:
-        inner = node.args[0]
-        return f"auto_functionalized({inner.namespace}.{inner._schema.name.split('::')[-1]})"
-    if isinstance(t, torch._ops.OpOverload):
-        return f"{t.namespace}.{t._schema.name.split('::')[-1]}"
-    if t is operator.getitem:
-        return "getitem"
-    return str(getattr(t, "__name__", t))
+class functionalized(NamedTuple):
+    """The key of an ``auto_functionalized(op, ...)`` node in ``op_counts``."""
+
+    op: torch._ops.OpOverload
+
+
+def op_key(node: fx.Node) -> Any:
+    """What a call node calls: its ``OpOverload`` (or other target); ``functionalized(op)`` for the HOP."""
+    if node.target is auto_functionalized:
+        return functionalized(node.args[0])
+    return node.target
 
 
 def op_counts(graph: fx.Graph) -> Counter:
-    return Counter(target_name(n) for n in graph.nodes if n.op == "call_function")
+    return Counter(op_key(n) for n in graph.nodes if n.op == "call_function")
 
 
 def has_auto_functionalized(graph: fx.Graph) -> bool:
-    return any(n.op == "call_function" and "auto_functionalized" in str(n.target) for n in graph.nodes)
+    return any(n.op == "call_function" and n.target is auto_functionalized for n in graph.nodes)
+
+
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, operator.getitem)
+_QUANTS = (lp.static_scaled_fp8_quant.default, functionalized(lp.static_scaled_fp8_quant.default),
+           lp.static_scaled_fp8_quant_functional.default)
 
 
 def _through_views(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and target_name(node) in ("aten.view", "aten.reshape", "aten._unsafe_view", "getitem"):
+    while node.op == "call_function" and node.target in _VIEWS:
         node = node.args[0]
     return node
 
@@ -142,19 +149,17 @@ def _writer(node: fx.Node) -> fx.Node:
     return node
 
 
-def quants_fed_by(graph: fx.Graph, producer: str) -> list[fx.Node]:
+def quants_fed_by(graph: fx.Graph, producer: Any) -> list[fx.Node]:
     """Static FP8 quant nodes (out-variant or functional, wrapped or not) whose input comes, through
-    views/getitems only, from a ``producer`` node (a ``target_name``), or from the buffer an in-place
+    views/getitems only, from a ``producer`` node (an ``op_key``), or from the buffer an in-place
     ``producer`` wrote."""
-    quant_names = {"layerpass.static_scaled_fp8_quant", "auto_functionalized(layerpass.static_scaled_fp8_quant)",
-                   "layerpass.static_scaled_fp8_quant_functional"}
     found = []
     for n in graph.nodes:
-        if n.op != "call_function" or target_name(n) not in quant_names:
+        if n.op != "call_function" or op_key(n) not in _QUANTS:
             continue
-        src = n.kwargs.get("input", n.args[1] if target_name(n) == "layerpass.static_scaled_fp8_quant" and len(n.args) > 1
+        src = n.kwargs.get("input", n.args[1] if n.target is lp.static_scaled_fp8_quant.default and len(n.args) > 1
                            else n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None)
-        if isinstance(src, fx.Node) and target_name(_writer(_through_views(src))) == producer:
+        if isinstance(src, fx.Node) and op_key(_writer(_through_views(src))) == producer:
             found.append(n)
     return found
 
@@ -162,17 +167,14 @@ def quants_fed_by(graph: fx.Graph, producer: str) -> list[fx.Node]:
 # ----------------------------------------------------------------------------- full compiles
 
 
-class RecordingPass:
-    """Appended after fix functionalization: keeps each compiled piece's final graph (a copy)."""
+class RecordingPass(LayerpassPass):
+    """Added last: keeps each compiled piece's final graph (a copy); changes nothing."""
 
     name = "record_final_graph"
 
     def __init__(self) -> None:
-        self.registrations = 0
+        super().__init__()
         self.graphs: list[fx.Graph] = []
-
-    def prepare(self, context: dict[str, Any]) -> None:
-        pass
 
     def apply(self, graph: fx.Graph) -> int:
         copy_ = fx.Graph()
@@ -181,53 +183,13 @@ class RecordingPass:
         return 0
 
     def uuid(self) -> str:
-        return "record-final-graph-v1"
+        return "record-final-graph-v1"  # it never changes a graph: Inductor's cache may serve pieces
 
 
-@dataclass
-class CompiledRun:
-    model: Any
-    compiled: Any
-    step: Any
-    ref: torch.Tensor
-    out: torch.Tensor
-    report: Any
-    graphs: list[fx.Graph] = field(default_factory=list)
-
-
-def compile_recorded(name: str, num_layers: int, *, step: dict[str, Any] | None = None, **config: Any) -> CompiledRun:
-    """``backend_helpers.compile_zoo`` (cache disabled) with a ``RecordingPass`` installed: the
-    recorder sees every piece whose passes ran in this process; pieces Inductor served from its
-    cache are not re-recorded."""
+def compile_recorded(name: str, num_layers: int, *, step: dict[str, Any] | None = None, **config: Any) -> bh.Compiled:
+    """``bh.compile_zoo`` (cache disabled) with a ``RecordingPass`` added: ``.graphs`` holds every
+    piece whose passes ran in this process; pieces Inductor served from its cache are not re-recorded."""
     recorder = RecordingPass()
     c = bh.compile_zoo(name, num_layers, step=step, disable_cache=True,
-                       setup=lambda compiled: compiled.backend.pass_manager.passes.append(recorder), **config)
-    return CompiledRun(c.model, c.compiled, c.step, c.ref, c.out, c.report, recorder.graphs)
-
-
-# ----------------------------------------------------------------------------- numerics
-
-
-def fp8_bits(x: torch.Tensor) -> torch.Tensor:
-    assert x.dtype == FP8, x.dtype
-    return x.view(torch.uint8)
-
-
-def assert_fp8_close(a: torch.Tensor, b: torch.Tensor, scale: float, what: str, max_steps: int = 1) -> None:
-    """Two fp8 results agree within ``max_steps`` e4m3 rounding steps (3 mantissa bits: a relative
-    step of 1/8) plus the smallest subnormal, after dequantisation."""
-    da, db = a.float() * scale, b.float() * scale
-    bound = (db.abs() / 8 + 2.0 ** -9) * max_steps * scale + 1e-12
-    bad = (da - db).abs() > bound
-    assert not bad.any(), f"{what}: {int(bad.sum())} fp8 values differ by more than {max_steps} step(s); max diff {(da - db).abs().max()}"
-
-
-def fp8_model_tolerance(ref: torch.Tensor) -> dict[str, float]:
-    """Tolerance of an FP8 model's logits vs another FP8 model's: e4m3 has ~6% relative rounding, so
-    one flipped rounding in a layer moves logits by a few percent of their spread."""
-    spread = float(ref.abs().max())
-    return {"atol": 0.1 * spread + 1e-3, "rtol": 0.1}
-
-
-def deepcopy_module(m: nn.Module) -> nn.Module:
-    return copy.deepcopy(m)
+                       setup=lambda compiled: compiled.backend.pass_manager.add_pass(recorder), **config)
+    return replace(c, cache_dir=None, graphs=recorder.graphs)

@@ -3,8 +3,7 @@
 Everything here is written from the op *definitions* (docstrings / the issue), not from
 the implementation: attention is computed per request and per head with a plain loop over
 contiguous history tensors (no paged cache, no padding, no SDPA), MoE token by token,
-norms and quantisation in float64. Tests import this as ``reference`` (``tests/`` is on
-``sys.path`` because it is not a package).
+norms and quantisation in float64. Tests import it as ``from tests.helpers import reference as ref``.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from tests.helpers.fp8 import FP8, FP8_MAX, fp8_bits  # noqa: F401  (re-exported for the op tests)
 
 # Comparison tolerances per model dtype (outputs are rounded to that dtype at the end).
 TOL: dict[torch.dtype, dict[str, float]] = {
@@ -53,12 +51,6 @@ def quant_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     s = float(scale)
     q = (x.to(torch.float32) / torch.tensor(s, dtype=torch.float32)).clamp(-FP8_MAX, FP8_MAX)
     return q.to(FP8)
-
-
-def fp8_bits(x: torch.Tensor) -> torch.Tensor:
-    """fp8 tensors compared bit for bit (CPU has no fp8 arithmetic for ``==``)."""
-    assert x.dtype == FP8, x.dtype
-    return x.view(torch.uint8)
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,

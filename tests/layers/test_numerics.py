@@ -29,7 +29,7 @@ from layerpass.layers import (
 )
 from layerpass.ops import FP8_DTYPE, LayerRegistry, build_batch_metadata, layer_registry_scope, set_forward_context
 
-FP8_MAX = 448.0
+from tests.helpers.fp8 import FP8_MAX  # noqa: E402
 
 
 def scope():

@@ -20,7 +20,7 @@ from layerpass.envs import USE_LAYERNAME
 from layerpass.ops import FP8_DTYPE, op_overload
 
 ZOO = ["llama", "llama-fp8", "moe"]
-FP8_MAX = 448.0
+from tests.helpers.fp8 import FP8_MAX  # noqa: E402
 
 
 # ---------------------------------------------------------------- independent float64 reference

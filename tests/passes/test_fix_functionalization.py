@@ -1,7 +1,7 @@
 """Fix functionalization: ``auto_functionalized`` calls become in-place calls when that is exactly
 equivalent (every mutated buffer a fresh allocation used only there), and stay otherwise.
 
-Graphs come from ``fusion_helpers.capture_graph`` (the backend's functionalization settings); the
+Graphs come from ``tests.helpers.fusion.capture_graph`` (the backend's functionalization settings); the
 rewritten graph must compute the same values as the functional one and as eager.
 """
 
@@ -16,6 +16,8 @@ from tests.helpers import fusion as fh
 from layerpass.layers import Attention
 from layerpass.ops import FP8_DTYPE, LayerRegistry, build_batch_metadata, layer_registry_scope, set_forward_context
 from layerpass.passes.fix_functionalization import FixFunctionalizationPass
+
+QUANT = torch.ops.layerpass.static_scaled_fp8_quant.default
 
 
 class QuantChain(nn.Module):
@@ -40,11 +42,11 @@ def test_fresh_buffers_become_in_place(tokens, hidden, scale) -> None:
     x = torch.randn(tokens, hidden)
     eager = m(x)
     cap = fh.capture_graph(m, [x])
-    assert fh.op_counts(cap.gm.graph)["auto_functionalized(layerpass.static_scaled_fp8_quant)"] == 2
+    assert fh.op_counts(cap.gm.graph)[fh.functionalized(QUANT)] == 2
     fixed, matches = fh.apply_passes(cap.gm, [FixFunctionalizationPass()])
     assert matches == {"fix_functionalization": 2}
     assert not fh.has_auto_functionalized(fixed.graph)
-    assert fh.op_counts(fixed.graph)["layerpass.static_scaled_fp8_quant"] == 2
+    assert fh.op_counts(fixed.graph)[QUANT] == 2
     for a, b in zip(cap.run(fixed), eager):
         assert torch.equal(fh.fp8_bits(a), fh.fp8_bits(b))
 
@@ -93,7 +95,7 @@ def test_buffer_read_elsewhere_is_left_functional() -> None:
     x, scale = g.placeholder("x"), g.placeholder("scale")
     buf = g.call_function(torch.ops.aten.empty.memory_format, ([4, 8],), {"dtype": FP8_DTYPE})
     other = g.call_function(torch.ops.aten.view.dtype, (buf, torch.uint8))
-    at = g.call_function(auto_functionalized, (torch.ops.layerpass.static_scaled_fp8_quant.default,),
+    at = g.call_function(auto_functionalized, (QUANT,),
                          {"result": buf, "input": x, "scale": scale})
     g.output((g.call_function(__import__("operator").getitem, (at, 1)), other))
     n = FixFunctionalizationPass().apply(g)

@@ -18,26 +18,27 @@ from tests.helpers import fusion as fh
 pytestmark = pytest.mark.slow
 
 UNFUSED = {"fuse_attn_quant": False, "fuse_norm_quant": False, "fuse_act_quant": False, "fuse_moe": False}
-ATTN = "layerpass.unified_attention_with_output"
+lp = torch.ops.layerpass
+ATTN = lp.unified_attention_with_output.default
 
 
 @pytest.fixture(scope="module")
-def fused2() -> fh.CompiledRun:
+def fused2() -> bh.Compiled:
     return fh.compile_recorded("llama-fp8", 2)
 
 
 @pytest.fixture(scope="module")
-def fused6(fused2) -> fh.CompiledRun:  # after fused2: its pieces come from Inductor's cache
+def fused6(fused2) -> bh.Compiled:  # after fused2: its pieces come from Inductor's cache
     return fh.compile_recorded("llama-fp8", 6)
 
 
 @pytest.fixture(scope="module")
-def unfused2() -> fh.CompiledRun:
+def unfused2() -> bh.Compiled:
     return fh.compile_recorded("llama-fp8", 2, **UNFUSED)
 
 
 @pytest.fixture(scope="module")
-def moe3() -> fh.CompiledRun:
+def moe3() -> bh.Compiled:
     return fh.compile_recorded("moe", 3)
 
 
@@ -55,17 +56,17 @@ def test_llama_fp8_coverage_grows_with_layers_work_does_not(fused2, fused6) -> N
 
 def test_no_unfused_quant_left(fused2, unfused2) -> None:
     assert len(fused2.graphs) == fused2.report.num_compiled == 4, "the recorder missed pieces: the test proves nothing"
-    producers = (ATTN, "layerpass.rms_norm", "layerpass.fused_add_rms_norm", "layerpass.silu_and_mul")
+    producers = (ATTN, lp.rms_norm.default, lp.fused_add_rms_norm.default, lp.silu_and_mul.default)
     # the same check on the unfused compile finds every chain (so it can fail)
     found = {p: sum(len(fh.quants_fed_by(g, p)) for g in unfused2.graphs) for p in producers}
-    assert found == {ATTN: 2, "layerpass.rms_norm": 1, "layerpass.fused_add_rms_norm": 3, "layerpass.silu_and_mul": 2}
+    assert found == {ATTN: 2, lp.rms_norm.default: 1, lp.fused_add_rms_norm.default: 3, lp.silu_and_mul.default: 2}
     for g in fused2.graphs:
         counts = fh.op_counts(g)
         assert not fh.has_auto_functionalized(g)
         assert all(fh.quants_fed_by(g, p) == [] for p in producers)
-        assert counts["layerpass.static_scaled_fp8_quant"] == 0  # every quant of llama-fp8 follows one of them
+        assert counts[lp.static_scaled_fp8_quant.default] == 0  # every quant of llama-fp8 follows one of them
         for n in g.nodes:
-            if fh.target_name(n) == ATTN:
+            if n.target is ATTN:
                 assert n.kwargs["output_scale"] is not None and n.kwargs["output"].meta["val"].dtype == torch.float8_e4m3fn
     for g in unfused2.graphs:
         assert not fh.has_auto_functionalized(g)
@@ -84,8 +85,8 @@ def test_moe_shared_expert_fusion_covers_every_layer(moe3) -> None:
     assert moe3.graphs, "the recorder saw no piece"
     for g in moe3.graphs:
         counts = fh.op_counts(g)
-        assert "layerpass.moe_forward" not in counts and not fh.has_auto_functionalized(g)
-    assert sum(fh.op_counts(g)["layerpass.moe_forward_shared"] for g in moe3.graphs) == r.matches_compiled["fuse_moe"]
+        assert lp.moe_forward.default not in counts and not fh.has_auto_functionalized(g)
+    assert sum(fh.op_counts(g)[lp.moe_forward_shared.default] for g in moe3.graphs) == r.matches_compiled["fuse_moe"]
     bh.assert_matches(moe3.out, moe3.ref, "fused moe")
 
 
@@ -111,25 +112,23 @@ def test_failing_pattern_never_breaks_the_compile() -> None:
     piece (graph restored), the failure is reported, the passes after it still run."""
     from layerpass.backend.compiler import LayerpassBackend
     from layerpass.backend.config import CompilationConfig
-    from layerpass.passes.fusion import NormQuantFusionPass
-    from layerpass.patterns import norm_quant
     from layerpass.backend.report import last_compile_report
+    from layerpass.patterns import norm_quant
 
-    class Broken(NormQuantFusionPass):
+    class Broken(norm_quant.NormQuantFusionPass):
         name = "broken_norm_quant"
 
-        def register_static(self) -> None:
+        def register_patterns(self) -> None:
             def replacement(x, weight, scale, eps):
                 raise RuntimeError("replacement exploded")
 
             self.register(norm_quant.rms_norm_quant_pattern, replacement, lambda: norm_quant.norm_example_inputs(False),
-                          scalar_workaround={"eps": 1e-6})
+                          scalar_workaround=norm_quant.SCALARS)
 
     m = NormQuant()
     x = torch.randn(6, 32)
     backend = LayerpassBackend(CompilationConfig(cache_dir=bh.fresh_cache_dir("broken"), disable_cache=True))
-    passes = backend.pass_manager.passes
-    passes.insert(1, Broken())
+    backend.pass_manager.add_pass(Broken(), after="noop_elimination")
     with torch.no_grad():
         out = torch.compile(m, backend=backend, dynamic=False)(x)
         ref = m(x)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from tests.helpers import backend as bh  # noqa: F401  (Inductor cache dir per session)
-from tests.helpers import fusion as fh
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from layerpass.layers import Fp8Config, FusedMoE
-from layerpass.ops import FP8_DTYPE, encode_layer_name, layer_registry_scope, set_forward_context
+from layerpass.ops import encode_layer_name, layer_registry_scope, set_forward_context
 from layerpass.ops.quant import quantize_fp8
+from tests.helpers import fusion as fh
+
+lp = torch.ops.layerpass
 
 
 def _layer(experts: int, top_k: int, hidden: int, inter: int, seed: int) -> tuple[FusedMoE, object]:
@@ -76,11 +77,11 @@ def test_moe_fp8_model_quant_input_fusion_covers_every_layer() -> None:
     assert r.matches["fuse_moe_quant_input"] == 2  # every MoE layer
     assert run.graphs, "the recorder saw no piece"
     for g in run.graphs:
-        assert "layerpass.moe_forward_fp8" not in fh.op_counts(g)
-    assert sum(fh.op_counts(g)["layerpass.moe_forward_quant_input"] for g in run.graphs) == \
+        assert lp.moe_forward_fp8.default not in fh.op_counts(g)
+    assert sum(fh.op_counts(g)[lp.moe_forward_quant_input.default] for g in run.graphs) == \
         r.matches_compiled["fuse_moe_quant_input"]
     assert torch.equal(run.out, run.ref)  # the fused op computes exactly the unfused chain
     unfused = fh.compile_recorded("moe-fp8", 2, fuse_moe=False)
     assert "fuse_moe_quant_input" not in unfused.report.matches
-    assert any(fh.op_counts(g)["layerpass.moe_forward_fp8"] for g in unfused.graphs)
+    assert any(fh.op_counts(g)[lp.moe_forward_fp8.default] for g in unfused.graphs)
     assert torch.equal(unfused.out, run.out)

@@ -22,7 +22,14 @@ from layerpass.layers import Attention, FusedMoE, RMSNorm, SiluAndMul
 from layerpass.ops import FP8_DTYPE, LayerRegistry, build_batch_metadata, encode_layer_name, layer_registry_scope
 from layerpass.passes.cleanup import DeadCodeEliminationPass
 from layerpass.passes.fix_functionalization import FixFunctionalizationPass
-from layerpass.passes.fusion import ActQuantFusionPass, AttnQuantFusionPass, MoEFusionPass, NormQuantFusionPass
+from layerpass.patterns.act_quant import ActQuantFusionPass
+from layerpass.patterns.attn_quant import AttnQuantFusionPass
+from layerpass.patterns.moe_shared import MoESharedFusionPass
+from layerpass.patterns.norm_quant import NormQuantFusionPass
+
+lp = torch.ops.layerpass
+QUANT = lp.static_scaled_fp8_quant.default
+ATTN = lp.unified_attention_with_output.default
 
 # no shrinking: every example compiles (about a second); a failure reports its first example as is
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow],
@@ -94,14 +101,14 @@ def test_attn_quant_pattern(case) -> None:
     with torch.no_grad(), set_forward_context(md, registry):
         eager = m(q, k, v)
     cap = fh.capture_graph(m, [q, k, v], metadata=md, registry=registry)
-    attn = "auto_functionalized(layerpass.unified_attention_with_output)"
+    attn = fh.functionalized(ATTN)
     assert len(fh.quants_fed_by(cap.gm.graph, attn)) == 1, "the captured graph lost the unfused chain: the test is broken"
 
     fused, matches = fh.apply_passes(cap.gm, [AttnQuantFusionPass()])
     assert matches == {"fuse_attn_quant": 1}
     assert fh.quants_fed_by(fused.graph, attn) == []
-    assert "auto_functionalized(layerpass.static_scaled_fp8_quant)" not in fh.op_counts(fused.graph)
-    (node,) = [n for n in fused.graph.nodes if fh.target_name(n) == attn]
+    assert fh.functionalized(QUANT) not in fh.op_counts(fused.graph)
+    (node,) = [n for n in fused.graph.nodes if fh.op_key(n) == attn]
     assert node.kwargs["output_scale"] is not None and node.kwargs["output"].meta["val"].dtype == FP8_DTYPE
 
     final = finish(fused)
@@ -140,13 +147,13 @@ def test_norm_quant_pattern(tokens, hidden, eps, scale, dtype, residual, seed) -
     with torch.no_grad():
         eager = m(x, r)
     cap = fh.capture_graph(m, [x, r])
-    producer = "layerpass.fused_add_rms_norm" if residual else "layerpass.rms_norm"
+    producer = lp.fused_add_rms_norm.default if residual else lp.rms_norm.default
     assert len(fh.quants_fed_by(cap.gm.graph, producer)) == 1
 
     fused, matches = fh.apply_passes(cap.gm, [NormQuantFusionPass()])
     assert matches == {"fuse_norm_quant": 1}
     assert fh.quants_fed_by(fused.graph, producer) == [] and producer not in fh.op_counts(fused.graph)
-    fused_op = "layerpass.fused_add_rms_norm_static_fp8_quant" if residual else "layerpass.rms_norm_static_fp8_quant"
+    fused_op = lp.fused_add_rms_norm_static_fp8_quant.default if residual else lp.rms_norm_static_fp8_quant.default
     assert fh.op_counts(fused.graph)[fused_op] == 1
     final = finish(fused)
     assert not fh.has_auto_functionalized(final.graph)
@@ -179,11 +186,11 @@ def test_act_quant_pattern(tokens, half, scale, dtype, seed) -> None:
     with torch.no_grad():
         eager = m(x)
     cap = fh.capture_graph(m, [x])
-    assert len(fh.quants_fed_by(cap.gm.graph, "layerpass.silu_and_mul")) == 1
+    assert len(fh.quants_fed_by(cap.gm.graph, lp.silu_and_mul.default)) == 1
     fused, matches = fh.apply_passes(cap.gm, [ActQuantFusionPass()])
     assert matches == {"fuse_act_quant": 1}
-    assert fh.op_counts(fused.graph)["layerpass.silu_and_mul_static_fp8_quant"] == 1
-    assert "layerpass.silu_and_mul" not in fh.op_counts(fused.graph)
+    assert fh.op_counts(fused.graph)[lp.silu_and_mul_static_fp8_quant.default] == 1
+    assert lp.silu_and_mul.default not in fh.op_counts(fused.graph)
     final = finish(fused)
     assert not fh.has_auto_functionalized(final.graph)
     with torch.no_grad():
@@ -254,7 +261,7 @@ def _moe_case(tokens, hidden, experts, top_k, gated, owned, seed):
     with torch.no_grad(), set_forward_context(None, registry):
         eager = m(x)
     cap = fh.capture_graph(m, [x], registry=registry)
-    p = MoEFusionPass()
+    p = MoESharedFusionPass()
     with set_forward_context(None, registry):
         fused, matches = fh.apply_passes(cap.gm, [p], {"real_inputs": cap.args})
         final = finish(fused)
@@ -271,8 +278,8 @@ def test_moe_shared_pattern(tokens, hidden, experts, top_k, gated, seed) -> None
     eager, out, matches, fused = _moe_case(tokens, hidden, experts, top_k, gated, True, seed)
     assert matches == {"fuse_moe": 1}
     counts = fh.op_counts(fused.graph)
-    assert counts["layerpass.moe_forward_shared"] == 1 and "layerpass.moe_forward" not in counts
-    assert "layerpass.silu_and_mul" not in counts, "the shared MLP was left in the graph"
+    assert counts[lp.moe_forward_shared.default] == 1 and lp.moe_forward.default not in counts
+    assert lp.silu_and_mul.default not in counts, "the shared MLP was left in the graph"
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
 
 
@@ -282,7 +289,7 @@ def test_moe_shared_not_fused_for_foreign_mlp(gated) -> None:
     the wrong weights (or none), so the pass must refuse."""
     eager, out, matches, fused = _moe_case(5, 16, 4, 2, gated, False, 3)
     assert matches == {"fuse_moe": 0}
-    assert fh.op_counts(fused.graph)["layerpass.moe_forward"] == 1
+    assert fh.op_counts(fused.graph)[lp.moe_forward.default] == 1
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
 
 
@@ -291,5 +298,5 @@ def test_moe_single_token_static_is_not_fused_but_correct() -> None:
     shared MLP's ``mm`` calls into pointwise ops, the pattern does not match, and the graph stays
     correct unfused (a ``compile_sizes=(1,)`` piece of the ``moe`` model keeps its shared MLP)."""
     eager, out, matches, fused = _moe_case(1, 16, 4, 2, True, True, 5)
-    assert matches == {"fuse_moe": 0} and fh.op_counts(fused.graph)["aten.sum"] >= 1  # an mm became mul + sum
+    assert matches == {"fuse_moe": 0} and fh.op_counts(fused.graph)[torch.ops.aten.sum.dim_IntList] >= 1  # an mm became mul + sum
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)

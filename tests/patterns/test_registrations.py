@@ -12,20 +12,18 @@ import pytest
 
 from tests.helpers import backend as bh
 
-NAMED = {"fuse_attn_quant": "layerpass.unified_attention_with_output", "fuse_moe": "layerpass.moe_forward"}
-
 _COUNT_BODY = """\
 import torch
 from layerpass.backend.config import CompilationConfig
-from layerpass.backend.piece_hash import _target_name
-from layerpass.passes.registry import build_passes
+from layerpass.ops.library import op_name
+from layerpass.passes.pass_manager import configure
 import layerpass
 lp = torch.ops.layerpass
 out = {}
 for layers in (2, 32):
-    passes = build_passes(CompilationConfig())
+    passes = configure(CompilationConfig())
     # described exactly as the backend describes a piece's str constants (op packet and overload)
-    consts = [(f"n{i}", _target_name(op), f"model.layers.{i}.{suffix}")
+    consts = [(f"n{i}", op_name(op, overload=True), f"model.layers.{i}.{suffix}")
               for i in range(layers) for op, suffix in ((lp.unified_attention_with_output, "self_attn.attn"),
                                                          (lp.moe_forward.default, "mlp.experts"),
                                                          (lp.moe_forward_shared, "mlp.not_a_moe_forward"))]
@@ -57,8 +55,8 @@ import torch
 from tests.helpers import fusion as fh
 from tests.patterns.test_patterns import AttnQuant
 from layerpass.ops import LayerRegistry, build_batch_metadata, layer_registry_scope, set_forward_context
-from layerpass.passes.fusion import AttnQuantFusionPass
-from layerpass.backend.piece_hash import _target_name
+from layerpass.ops.library import op_name
+from layerpass.patterns.attn_quant import AttnQuantFusionPass
 import layerpass
 registry = LayerRegistry("per-name")
 name = "model.layers.7.self_attn.attn"
@@ -72,7 +70,7 @@ cap = fh.capture_graph(m, [q, k, v], metadata=md, registry=registry)
 results = {}
 for seen in (["model.layers.3.self_attn.attn"], [name]):
     p = AttnQuantFusionPass()
-    fused, matches = fh.apply_passes(cap.gm, [p], {"str_constants": [("n", _target_name(torch.ops.layerpass.unified_attention_with_output), s) for s in seen]})
+    fused, matches = fh.apply_passes(cap.gm, [p], {"str_constants": [("n", op_name(torch.ops.layerpass.unified_attention_with_output), s) for s in seen]})
     with torch.no_grad(), set_forward_context(md, registry):
         out = cap.run(fused)
     results[seen[0]] = {"matches": matches["fuse_attn_quant"], "registrations": p.registrations,
