@@ -36,35 +36,19 @@ def _flatten(groups: list[list[Any]] | None) -> list[Any] | None:
     return None if groups is None else [x for g in groups for x in g]
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def markdown_table(doc: dict[str, Any]) -> str:
-    """The results as a Markdown table (plus the reasons of rows that are not ok)."""
-    head = ("model", "layers", "mode", "status", "dynamo s", "compile s", "first call s", "warm start s",
-            "pieces (unique / compiled)", "fusions", "max abs err", "step ms compiled / eager")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    notes = []
-    for r in doc["rows"]:
-        pieces = "-" if r["pieces"] is None else f"{r['pieces']} ({r['unique_pieces']} / {r['compiled_pieces']})"
-        steps = "-" if r["step_ms_compiled"] is None else f"{r['step_ms_compiled']:.2f} / {r['step_ms_eager']:.2f}"
-        lines.append("| " + " | ".join((
-            r["model"], str(r["layers"]), r["mode"], r["status"], _fmt(r["dynamo_s"], ".1f"), _fmt(r["compile_s"], ".1f"),
-            _fmt(r["first_call_s"], ".1f"), _fmt(r["warm_start_s"], ".1f"), pieces, _fmt(r["fusion_matches_total"], "d"),
-            _fmt(r["max_abs_err"], ".1e"), steps)) + " |")
-        if r["status"] != "ok":
-            notes.append(f"- {r['model']} / {r['layers']} layers / {r['mode']}: **{r['status']}**: {r['reason']}")
-    m = doc.get("machine", {})
-    load = m.get("loadavg_start")
-    load = [round(x, 1) for x in load] if load else load
-    footer = [f"\nMachine: {m.get('cpu')} ({m.get('cpu_count')} cores), torch {m.get('torch')}, "
-              f"load average at start {load}; sweep wall time {doc.get('wall_s', 0):.0f} s."]
-    return "\n".join(lines + ([""] + notes if notes else []) + footer)
+    """The results as Markdown: table, legend, notes, acceptance ratios (``layerpass.bench.summary``)."""
+    from layerpass.bench.summary import markdown_table as table
+
+    return table(doc)
 
 
-def _progress(total: int) -> tuple[Any, Any, Any]:
-    """(describe, advance, close) callbacks: a tqdm bar on stderr, or plain lines without tqdm."""
+def _progress(total: int) -> tuple[Any, Any, Any, Any]:
+    """(describe, advance, close, write) callbacks: a tqdm bar on stderr, or plain lines without tqdm."""
+
+    def write_plain(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
     try:
         from tqdm import tqdm
     except ImportError:
@@ -76,45 +60,96 @@ def _progress(total: int) -> tuple[Any, Any, Any]:
         def advance(n: int) -> None:
             done[0] += n
 
-        return describe, advance, lambda: None
+        return describe, advance, lambda: None, write_plain
     bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
-    return bar.set_description, bar.update, bar.close
+    return bar.set_description, bar.update, bar.close, lambda text: bar.write(text, file=sys.stderr)
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    """One finished row, for the log on stderr."""
+    from layerpass.bench.summary import traced_cell
+
+    def sec(v: Any) -> str:
+        return "-" if v is None else f"{v:.1f} s"
+
+    text = f"{row['model']} L={row['layers']} {row['mode']}: {row['status']}"
+    if row["first_call_s"] is not None:
+        text += f", cold {sec(row['first_call_s'])} (dynamo {sec(row['dynamo_s'])}), warm {sec(row['warm_start_s'])}"
+    if row["trace"] is not None or row["warm_warm_start"] is not None:
+        text += f", traced {traced_cell(row)}, warm path {row['warm_warm_start'] or '-'}"
+    return text + (f" ({row['reason']})" if row["reason"] else "")
+
+
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The bench command line that gives this sweep (options that differ from their defaults)."""
+    import shlex
+
+    parts = ["layerpass", "bench"]
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in ("help", "budget") or value == action.default or value is None:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            parts.append(flag)
+        elif action.dest in ("models", "layers", "modes"):
+            parts += [flag, ",".join(str(v) for v in _flatten(value) or [])]
+        elif action.dest == "imports":
+            for name in value:
+                parts += [flag, name]
+        else:
+            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(parts)
 
 
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import shutil
+
     from layerpass.bench import sweep
 
-    models = _flatten(args.models) or list(sweep.QUICK_MODELS if args.quick else sweep.DEFAULT_MODELS)
-    layers = _flatten(args.layers) or list(sweep.QUICK_LAYERS if args.quick else sweep.DEFAULT_LAYERS)
-    modes = _flatten(args.modes) or list(sweep.MODES)
-    budget = args.budget if args.budget is not None else (sweep.QUICK_BUDGET_S if args.quick else sweep.DEFAULT_BUDGET_S)
+    preset = "quick" if args.quick else "full" if args.full else "default"
     try:
-        cfg = sweep.SweepConfig(models=tuple(models), layers=tuple(layers), modes=tuple(modes), out_dir=args.out,
-                                timeout_s=args.timeout, budget_s=budget or None, repeats=args.repeats,
-                                threads=args.threads, jobs=args.jobs if args.jobs is not None else sweep.DEFAULT_JOBS,
-                                rel_tolerance=args.tolerance, imports=tuple(args.imports),
-                                quick=args.quick, keep_cache=args.keep_cache)
+        cfg = sweep.SweepConfig(models=_flatten(args.models), layers=_flatten(args.layers), modes=_flatten(args.modes),
+                                preset=preset, out_dir=args.out, timeout_s=args.timeout,
+                                timeout_scale=args.timeout_scale, repeats=args.repeats, threads=args.threads,
+                                jobs=args.jobs, rel_tolerance=args.tolerance, imports=tuple(args.imports),
+                                keep_cache=args.keep_cache, command=_command(args, parser))
         sweep.check_models(cfg.models, cfg.imports)
     except (ValueError, ImportError) as e:
         parser.error(str(e))
-    describe, advance, close = _progress(2 * len(sweep.plan(cfg)))
+    if args.budget:  # 0 meant "unlimited", which every sweep now is
+        parser.error(f"--budget {args.budget:g}: there is no sweep budget any more (a slow machine must not lose rows); "
+                     "drop the option. Each measurement has its own limit: --timeout / --timeout-scale")
+    order = sweep.plan(cfg)
+    limits = ", ".join(f"{n} layers {cfg.timeout(n):.0f} s" for n in cfg.layers)
+    rows = f"{len(order)} row{'' if len(order) == 1 else 's'}"
+    print(f"layerpass bench: {rows} ({cfg.sweep_name} sweep), {cfg.jobs} at a time; time limit per process: "
+          f"{limits}; results: {cfg.out_dir}/results.json", file=sys.stderr, flush=True)
+    describe, advance, close, write = _progress(2 * len(order))
     try:
-        doc = sweep.run_sweep(cfg, describe, advance)
+        doc = sweep.run_sweep(cfg, describe, advance, on_row=lambda row: write(_row_line(row)))
     finally:
         close()
     table = markdown_table(doc)
     print(table)
-    with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(f"\nwrote {os.path.join(cfg.out_dir, 'results.json')}", file=sys.stderr)
+    print(f"\nwrote {os.path.join(cfg.out_dir, 'results.json')} and results.md", file=sys.stderr)
+    plots: list[str] = []
     if not args.no_plots:
         from layerpass.bench.plots import make_plots
 
         try:
-            for path in make_plots(doc, cfg.out_dir):
+            plots = make_plots(doc, cfg.out_dir)
+            for path in plots:
                 print(f"wrote {path}", file=sys.stderr)
         except ImportError as e:
             print(f"layerpass bench: no plots: {e}", file=sys.stderr)
+    if args.docs:
+        os.makedirs(args.docs, exist_ok=True)
+        for path in [os.path.join(cfg.out_dir, "results.md"), *plots]:
+            target = os.path.join(args.docs, os.path.basename(path))
+            if not os.path.exists(target) or not os.path.samefile(path, target):
+                shutil.copyfile(path, target)
+            print(f"wrote {target}", file=sys.stderr)
     bad = [r for r in doc["rows"] if r["status"] != "ok"]
     return 1 if args.strict and bad else 0
 
@@ -149,19 +184,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layerpass", description="layerpass: compile-time benchmarks and diagnostics")
     sub = p.add_subparsers(dest="command", required=True, metavar="{bench,doctor}")
 
-    b = sub.add_parser("bench", help="compile-time sweep: models x layers x modes (cold and warm)",
-                       description="Sweep models x layer counts x modes; each cold/warm measurement in a fresh process.")
-    b.add_argument("--quick", action="store_true", help="llama only, 2 and 8 layers (under 2 minutes)")
-    b.add_argument("--models", type=_csv(str), action="append", help="comma-separated zoo models (default: llama,llama-fp8,moe)")
-    b.add_argument("--layers", type=_csv(int), action="append", help="comma-separated layer counts (default: 2,8,32,80)")
-    b.add_argument("--modes", type=_csv(str), action="append", help=f"comma-separated modes (default: all: {','.join(MODES)})")
+    from layerpass.bench.sweep import DEFAULT_JOBS, TIMEOUT_BASE_S, TIMEOUT_PER_LAYER_S
+
+    b = sub.add_parser(
+        "bench", help="compile-time sweep: models x layers x modes (cold and warm)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile-time sweep; each cold/warm measurement runs in a fresh process, one at a time.\n\n"
+                    "sweeps:\n"
+                    "  (default)  llama 2,8,32,80 + llama-fp8 and moe 2,80, layerpass vs inductor;\n"
+                    "             llama 2,8 layerpass-str and regional (20 rows, what `make bench` runs;\n"
+                    "             about 15-20 minutes on 2 idle cores)\n"
+                    "  --quick    llama 2 and 80 layers, layerpass vs inductor (4 rows: every llama acceptance ratio)\n"
+                    "  --full     llama,llama-fp8,moe x 2,8,32,80 x all four modes (48 rows)\n"
+                    "  --models/--layers/--modes: their product; what is not given comes from the sweep above\n"
+                    "             (models llama,llama-fp8,moe, layers 2,8,32,80, modes layerpass,inductor;\n"
+                    "             --quick: llama, 2,80; --full: all four modes)\n\n"
+                    "No sweep budget: every row is measured however slow the machine. Each process has a\n"
+                    f"time limit only a hung one should reach: {TIMEOUT_BASE_S:.0f} s + {TIMEOUT_PER_LAYER_S:.0f} s per layer "
+                    "(--timeout-scale multiplies it; --timeout fixes it).\n"
+                    "Prints a Markdown table (with the acceptance ratios); writes results.json and results.md\n"
+                    "after every row, and PNG plots at the end.")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="llama, 2 and 80 layers, layerpass vs inductor: the depth-free claim and every llama "
+                           "acceptance ratio in 4 rows (about 5 minutes on 2 idle cores)")
+    size.add_argument("--full", action="store_true",
+                      help="every model (llama,llama-fp8,moe) x 2,8,32,80 layers x all four modes (48 rows; an hour "
+                           "or more on 2 cores)")
+    b.add_argument("--models", type=_csv(str), action="append",
+                   help="comma-separated zoo models (custom sweep; default: llama,llama-fp8,moe)")
+    b.add_argument("--layers", type=_csv(int), action="append",
+                   help="comma-separated layer counts (custom sweep; default: 2,8,32,80)")
+    b.add_argument("--modes", type=_csv(str), action="append",
+                   help=f"comma-separated modes (custom sweep; default: layerpass,inductor; any of {','.join(MODES)})")
     b.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
-    b.add_argument("--timeout", type=float, default=240.0, help="seconds per measurement process (default 240)")
+    b.add_argument("--docs", metavar="DIR", default=None,
+                   help="also copy results.md and the plots into DIR (e.g. docs)")
+    b.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                   help=f"measurements at once, each single-threaded (default {DEFAULT_JOBS}: they never compete for "
+                        "the cores; more is faster but noisier)")
+    b.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"fixed time limit per measurement process (default: scaled to size, {TIMEOUT_BASE_S:.0f} s + "
+                        f"{TIMEOUT_PER_LAYER_S:.0f} s per layer: {TIMEOUT_BASE_S + 2 * TIMEOUT_PER_LAYER_S:.0f} s at 2 layers, "
+                        f"{TIMEOUT_BASE_S + 80 * TIMEOUT_PER_LAYER_S:.0f} s at 80); a (model, mode) that times out "
+                        "skips its larger layer counts")
+    b.add_argument("--timeout-scale", type=float, default=1.0, metavar="FACTOR",
+                   help="multiply the scaled default time limit (a much slower machine; default 1)")
     b.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole sweep, 0 = unlimited (default: 100 with --quick, else 870)")
+                   help="removed: there is no sweep budget; only 0 (unlimited) is still accepted, for old scripts")
     b.add_argument("--repeats", type=int, default=20, help="steady-state steps timed per row (median; default 20)")
-    b.add_argument("--jobs", type=int, default=None,
-                   help="measurements at once, each single-threaded (default: 2 on 2+ cores; 1 = quietest timings)")
     b.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads in each measurement (default 1)")
     b.add_argument("--tolerance", type=float, default=0.05,
                    help="max abs error vs eager allowed, relative to max(1, max |logits|) (default 0.05)")
