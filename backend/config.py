@@ -13,6 +13,7 @@ SPLIT_MODES = ("layers", "ops")
 DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.linear_attention")
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
 from layerpass.envs import cache_dir as default_cache_dir
+from layerpass.ops.library import op_name
 
 
 BOOL_FIELDS = ("fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "eliminate_noops",
@@ -84,7 +85,7 @@ class CompilationConfig:
         for op in self.splitting_ops:
             if not isinstance(op, str):
                 raise TypeError(f"splitting op {op!r} must be a str written 'namespace.op_name'")
-        self.splitting_ops = tuple(op.replace("::", ".") for op in self.splitting_ops)
+        self.splitting_ops = tuple(op_name(op, overload=True) or op for op in self.splitting_ops)  # "ns::op" -> "ns.op"
         for op in self.splitting_ops:
             if op.count(".") != 1 or not all(op.split(".")):
                 raise ValueError(f"splitting op {op!r} must be written 'namespace.op_name' (e.g. 'layerpass.unified_attention_with_output')")

@@ -15,7 +15,6 @@ or a callable that runs a given function on them inside whatever context the mod
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from torch import fx, nn
 
 import layerpass
+from layerpass.ops.library import op_name
 
 Example = Sequence[Any] | Callable[[Callable[..., Any]], Any]
 
@@ -110,16 +110,11 @@ class DoctorReport:
         return "\n".join(lines)
 
 
-_TORCH_OPS = re.compile(r"^torch\._ops\.(\w+)\.(?:.*\.)?(\w+)$")
-
-
 def _op_label(target: str) -> str:
-    """A readable op name: ``layerpass.moe_forward`` for ``layerpass.moe_forward.default`` or for the
-    ``torch._ops.<namespace>.<module noise>.<op>`` that a custom op's qualified name can render as."""
-    m = _TORCH_OPS.match(target)
-    if m:
-        return f"{m.group(1)}.{m.group(2)}"
-    return target[: -len(".default")] if target.endswith(".default") else target
+    """A readable op name (``op_name``): ``layerpass.moe_forward`` for ``layerpass.moe_forward.default``
+    or ``torch._ops.layerpass.<module noise>.moe_forward``; a non-default overload is kept."""
+    name = op_name(target, overload=True) or target
+    return name[: -len(".default")] if name.endswith(".default") else name
 
 
 def _layer_names(model: nn.Module) -> set[str]:
