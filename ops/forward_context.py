@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -209,15 +210,13 @@ def check_metadata_for_registry(md: "BatchMetadata", registry: LayerRegistry) ->
     naming the first layer with it): slots, block ids, block size, table coverage."""
     if md.num_reqs == 0 or not all(_is_real(x) for x in (md.slot_mapping, md.block_table, md.seq_lens)):
         return
-    geometries: dict[tuple[int, int], str] = {}
-    for name in registry.names():
-        try:
-            cache = getattr(registry.get(name), "kv_cache", None)
-        except KeyError:  # dropped meanwhile
-            continue
-        if isinstance(cache, torch.Tensor) and cache.dim() == 5:
-            geometries.setdefault((int(cache.shape[1]), int(cache.shape[2])), name)
+    geometries = _kv_geometries(registry)
     if not geometries:
+        return
+    # once per (metadata contents, geometries): a step re-run with the same metadata is not re-checked
+    stamp = (tuple((id(x), x._version) for x in (md.slot_mapping, md.block_table, md.seq_lens, md.query_start_loc)),
+             md.block_size, frozenset(geometries))
+    if md.__dict__.get("_checked_for") == stamp:
         return
     s_lens = md.seq_lens.tolist()
     starts = md.query_start_loc.tolist()
@@ -242,6 +241,31 @@ def check_metadata_for_registry(md: "BatchMetadata", registry: LayerRegistry) ->
                              f"[0, {num_slots}) ({num_blocks} blocks of {bs})")
         if md.block_size is None:
             _check_slots_against_table(slot_list, q_lens, s_lens, md.block_table, bs, where)
+    md.__dict__["_checked_for"] = stamp  # not a dataclass field: no effect on eq / repr / replace
+
+
+def _kv_geometries(registry: LayerRegistry) -> dict[tuple[int, int], str]:
+    """``(num_blocks, block_size) -> first layer name`` over the registry's paged KV caches. Which
+    layers hold one is cached until the registry changes; their caches' shapes are read each time."""
+    key = (registry.version, len(registry))
+    cached = registry.__dict__.get("_kv_layers")
+    if cached is None or cached[0] != key:
+        layers = []
+        for name in sorted(registry.names()):
+            try:
+                layer = registry.get(name)
+            except KeyError:  # dropped meanwhile
+                continue
+            if isinstance(getattr(layer, "kv_cache", None), torch.Tensor):
+                layers.append((name, weakref.ref(layer)))
+        cached = (key, layers)
+        registry.__dict__["_kv_layers"] = cached
+    geometries: dict[tuple[int, int], str] = {}
+    for name, ref in cached[1]:
+        cache = getattr(ref(), "kv_cache", None)
+        if isinstance(cache, torch.Tensor) and cache.dim() == 5:
+            geometries.setdefault((int(cache.shape[1]), int(cache.shape[2])), name)
+    return geometries
 
 
 def build_batch_metadata(

@@ -46,6 +46,7 @@ class LayerRegistry:
     def __init__(self, label: str = "model") -> None:
         self.label = label
         self._layers: "weakref.WeakValueDictionary[str, nn.Module]" = weakref.WeakValueDictionary()
+        self.version = 0  # bumped by register / unregister (a dropped layer leaves silently: see len())
 
     def register(self, prefix: str, layer: nn.Module) -> None:
         if not isinstance(prefix, str) or not prefix:
@@ -57,9 +58,11 @@ class LayerRegistry:
                 f"(by a {type(existing).__name__}); every layer needs a unique prefix"
             )
         self._layers[prefix] = layer
+        self.version += 1
 
     def unregister(self, prefix: str) -> None:
         self._layers.pop(prefix, None)
+        self.version += 1
 
     def get(self, name: LayerName | str) -> nn.Module:
         key = resolve_layer_name(name)

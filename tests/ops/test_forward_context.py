@@ -278,3 +278,22 @@ def test_valid_metadata_runs_against_a_large_enough_cache() -> None:
     md = build_batch_metadata([1, 3], [5, 0], [[0, 1], [2]], 4)
     reg, _ = registry_with_attention(3, 4)
     run_attention(md, reg)
+
+
+def test_registry_check_follows_a_replaced_kv_cache() -> None:
+    """The check is cached per metadata and registry, but a layer's new (smaller) cache is seen."""
+    md = build_batch_metadata([2], [0], [[2]], 4)
+    reg, layer = registry_with_attention(3, 4)
+    run_attention(md, reg)
+    layer.kv_cache = torch.zeros(2, 2, 4, 1, 8)  # now blocks [0, 2): block 2 is out of range
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] is block 2, out of range"):
+        run_attention(md, reg)
+
+
+def test_registry_check_sees_an_in_place_change_of_the_metadata() -> None:
+    md = build_batch_metadata([2], [0], [[1]], 4)
+    reg, _ = registry_with_attention(2, 4)
+    run_attention(md, reg)
+    md.block_table.fill_(5)  # in place, after construction: caught by the next step's check
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] is block 5"):
+        run_attention(md, reg)
