@@ -7,6 +7,7 @@ import (``import m`` / ``from m import x``, resolved statically from the source,
 happens to be imported at the time does not change the hash) that belongs to the pass's own
 top-level package or to ``layerpass``. Editing any of them changes the uuid, which is part
 of Inductor's cache key (``CustomGraphPass``) and of layerpass's (``PassManager.uuid()``).
+The files are hashed as they are on disk when ``uuid()`` is called.
 """
 
 from __future__ import annotations
