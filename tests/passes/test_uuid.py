@@ -151,25 +151,20 @@ def test_editing_a_copied_pattern_module_changes_the_uuid(tmp_path, monkeypatch)
             del sys.modules[name]
 
 
-_UUIDS_BODY = """\
-from layerpass.backend.config import CompilationConfig
-from layerpass.passes.pass_manager import configure
-emit({p.name: p.uuid() for p in configure(CompilationConfig())})
-"""
-
-
-def test_uuids_do_not_depend_on_what_else_is_imported() -> None:
-    """A fresh process that imports only the pass list gets the same uuids as this one, which has
-    imported the layers, the backend and more: a warm start's keys match the cold run's."""
-    import layerpass.backend.compiler  # noqa: F401
-    import layerpass.layers  # noqa: F401
-
-    def here() -> dict[str, str]:
-        return {p.name: p.uuid() for p in configure(CompilationConfig())}
-
-    before = here()
-    there = bh.run_python(_UUIDS_BODY, what="pass uuids in a fresh process").result
-    assert there in (before, here())  # (after: a source file edited meanwhile changes both)
+def test_hashed_modules_do_not_depend_on_what_is_imported(oot) -> None:
+    """Imports are resolved from the source, not from ``sys.modules``: a module the pass imports only
+    inside a function that never ran is hashed; a submodule that something else imported (so it is an
+    attribute of its package) but the pass never names is not. Otherwise a warm start, which imports
+    less, would compute other keys than the cold run."""
+    (oot.dir / "lazy.py").write_text("LIMIT = 3\n")
+    (oot.dir / "extra.py").write_text("EXTRA = 1\n")
+    oot.edit_helper(OOT_HELPER + f"\n\ndef limit():\n    from {oot.name} import lazy\n    return lazy.LIMIT\n\n"
+                    f"import {oot.name}  # the package itself\n")
+    assert f"{oot.name}.lazy" not in sys.modules
+    before = oot.new_pass().hashed_modules()
+    assert {f"{oot.name}.lazy", oot.name} <= set(before)
+    importlib.import_module(f"{oot.name}.extra")  # now an attribute of the package
+    assert oot.new_pass().hashed_modules() == before and f"{oot.name}.extra" not in before
 
 
 # ---------------------------------------------------------------- the cache key: an edit rebuilds

@@ -1,7 +1,7 @@
 """Version-conditional registration: with ``VLLM_USE_LAYERNAME`` on, one registration per pattern
 serves every layer; off, the layer name is a closure constant and each layer gets its own.
 
-The switch is read at import, so each setting runs in a fresh subprocess. The fast tests drive the
+The switch is read at import, so the other setting runs in a fresh subprocess. The fast tests drive the
 passes' ``prepare`` with the layer-name constants the backend would pass and apply the per-name
 pattern to a captured graph; the slow ones compile real models (``bench/fusion_stats.py``).
 """
@@ -12,33 +12,48 @@ import pytest
 
 from tests.helpers import backend as bh
 
+def count_registrations() -> dict:
+    """Patterns each pass registers for 2 and 32 layers, fed the ``str`` constants the backend would
+    pass (one ``prepare`` per piece, each seeing its own layer's), under this process's switch."""
+    import torch
+
+    import layerpass
+    from layerpass.backend.config import CompilationConfig
+    from layerpass.ops.library import op_name
+    from layerpass.passes.pass_manager import configure
+
+    lp = torch.ops.layerpass
+    out = {}
+    for layers in (2, 32):
+        passes = configure(CompilationConfig())
+        # described exactly as the backend describes a piece's str constants (op packet and overload)
+        consts = [(f"n{i}", op_name(op, overload=True), f"model.layers.{i}.{suffix}")
+                  for i in range(layers) for op, suffix in ((lp.unified_attention_with_output, "self_attn.attn"),
+                                                             (lp.moe_forward.default, "mlp.experts"),
+                                                             (lp.moe_forward_shared, "mlp.not_a_moe_forward"))]
+        for piece in range(layers):
+            for p in passes:
+                p.prepare({"str_constants": [c for c in consts if c[2].startswith(f"model.layers.{piece}.")]})
+        out[str(layers)] = {p.name: p.registrations for p in passes}
+    return {"use_layername": layerpass.USE_LAYERNAME, "counts": out}
+
+
 _COUNT_BODY = """\
-import torch
-from layerpass.backend.config import CompilationConfig
-from layerpass.ops.library import op_name
-from layerpass.passes.pass_manager import configure
-import layerpass
-lp = torch.ops.layerpass
-out = {}
-for layers in (2, 32):
-    passes = configure(CompilationConfig())
-    # described exactly as the backend describes a piece's str constants (op packet and overload)
-    consts = [(f"n{i}", op_name(op, overload=True), f"model.layers.{i}.{suffix}")
-              for i in range(layers) for op, suffix in ((lp.unified_attention_with_output, "self_attn.attn"),
-                                                         (lp.moe_forward.default, "mlp.experts"),
-                                                         (lp.moe_forward_shared, "mlp.not_a_moe_forward"))]
-    for piece in range(layers):  # one prepare per piece, each seeing its own layer's constants
-        for p in passes:
-            p.prepare({"str_constants": [c for c in consts if c[2].startswith(f"model.layers.{piece}.")]})
-    out[layers] = {p.name: p.registrations for p in passes}
-emit({"use_layername": layerpass.USE_LAYERNAME, "counts": out})
+from tests.patterns.test_registrations import count_registrations
+emit(count_registrations())
 """
 
 
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_registration_counts(switch) -> None:
-    env = dict(bh.subprocess_env(), VLLM_USE_LAYERNAME=switch)
-    res = bh.run_python(_COUNT_BODY, env=env, what=f"registration count (VLLM_USE_LAYERNAME={switch})").result
+    """The setting this process runs with is counted here; the other in a fresh process."""
+    from layerpass.envs import USE_LAYERNAME
+
+    if USE_LAYERNAME is (switch == "1"):
+        res = count_registrations()
+    else:
+        env = dict(bh.subprocess_env(), VLLM_USE_LAYERNAME=switch)
+        res = bh.run_python(_COUNT_BODY, env=env, what=f"registration count (VLLM_USE_LAYERNAME={switch})").result
     assert res["use_layername"] is (switch == "1")
     two, many = res["counts"]["2"], res["counts"]["32"]
     for name in ("fuse_norm_quant", "fuse_act_quant"):  # no layer name in these patterns
