@@ -1,14 +1,23 @@
-"""The ``layerpass`` torch.compile backend.
+"""The ``layerpass`` torch.compile backend: one Dynamo graph in, a ``PiecewiseProgram`` out.
 
-Dynamo graph -> split into pieces (``passes.split``) -> structural hash per piece
-(``passes.piece_hash``) -> one Inductor compile per unique piece (pass manager as
-``post_grad_custom_post_pass``), or a load from the on-disk cache -> the split graph
-calls the shared compiled artifacts; splitting ops ("ops" mode) run eagerly.
+Steps, each a method of ``LayerpassBackend``:
+
+1. ``split_graph``: cut the graph into pieces (per decoder layer, or at splitting ops).
+2. ``piece_key``: structural hash of each piece (nested bodies included) plus everything else
+   the compiled code depends on (torch/layerpass versions, config, pass uuids, the switch).
+3. ``get_or_compile``: one artifact per distinct key: this compile's, the on-disk cache's, or a
+   fresh Inductor compile (the pass manager as ``post_grad_custom_post_pass``), then stored.
+4. ``record``: the piece's line in the ``CompileReport``.
+5. ``runner``: a ``PieceRunner`` replaces the piece in the split graph.
+
+``layerpass.compile`` (``backend/compiled_model.py``) drives this backend per distinct decoder
+layer (regions); ``torch.compile(model, backend="layerpass")`` drives it on the whole model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -17,17 +26,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch._guards import detect_fake_mode
 
 import layerpass
+from layerpass.passes.pass_manager import PassManager
 
 from .cache import ArtifactCache, cache_key
 from .config import CompilationConfig
-from layerpass.passes.pass_manager import PassManager
-from .piece_hash import piece_signature
+from .piece_hash import PieceSignature, piece_signature
+from .program import PieceCall, PieceRunner, PiecewiseProgram
 from .report import CompileReport, PieceInfo, publish
-from .split import SplitResult, split_graph
+from .split import split_graph
 
 logger = logging.getLogger("layerpass")
 
@@ -75,45 +85,28 @@ def mark_token_dims(values: Sequence[Any]) -> None:
             torch._dynamo.decorators.mark_unbacked(a, 0)
 
 
-class PieceRunner(nn.Module):
-    """Stands in for a piece in the split graph: calls its compiled artifact with the piece's
-    calling convention; optional static-size variants compiled on first use."""
-
-    def __init__(self, artifact: Callable[..., Any], single_output: bool, token_arg: int | None = None,
-                 compile_static: Callable[[list[Any]], Callable[..., Any]] | None = None,
-                 compile_sizes: Sequence[int] = ()) -> None:
-        super().__init__()
-        self.artifact = artifact
-        self.single_output = single_output
-        self.token_arg = token_arg
-        self.compile_static = compile_static
-        self.compile_sizes = set(compile_sizes)
-        self.static: dict[int, Callable[..., Any]] = {}
-
-    def forward(self, *args: Any) -> Any:
-        fn = self.artifact
-        if self.compile_sizes and self.token_arg is not None:
-            n = int(args[self.token_arg].shape[0])
-            if n in self.compile_sizes:
-                if n not in self.static:
-                    self.static[n] = self.compile_static(list(args))  # type: ignore[misc]
-                fn = self.static[n]
-        out = fn(*args)
-        if self.single_output and isinstance(out, (list, tuple)):
-            return out[0]
-        return tuple(out) if isinstance(out, list) else out
-
-
 def _stats_sidecar(key: str) -> str:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     return os.path.join(cache_dir(), "layerpass-stats", f"{key}.json")
 
 
+def _token_arg(fake_args: Sequence[Any]) -> int | None:
+    """The first input whose dim 0 is symbolic (the token count), for ``compile_sizes``."""
+    return next((i for i, a in enumerate(fake_args) if isinstance(a, torch.Tensor) and a.dim() > 0
+                 and isinstance(a.shape[0], torch.SymInt)), None)
+
+
+@dataclasses.dataclass
+class CompiledPiece:
+    artifact: Any
+    stats: dict[str, Any]
+
+
 class LayerpassBackend:
     """A torch.compile backend object; ``torch.compile(m, backend=LayerpassBackend(cfg))``."""
 
-    def __init__(self, config: CompilationConfig | None = None) -> None:
+    def __init__(self, config: CompilationConfig | None = None, publish_reports: bool = True) -> None:
         self.config = config or CompilationConfig()
         import layerpass.ops  # noqa: F401  (the default splitting ops must be registered)
 
@@ -126,7 +119,104 @@ class LayerpassBackend:
                                  f"compiling, or drop it from CompilationConfig.splitting_ops") from None
         self.pass_manager = PassManager.from_config(self.config)
         self.cache = ArtifactCache(self.config.cache_dir)  # type: ignore[arg-type]
+        self.publish_reports = publish_reports
         self.num_calls = 0
+        self.last_report: CompileReport | None = None
+        # key -> artifact, across this backend's graphs: regions of one model share pieces
+        self.compiled: dict[str, CompiledPiece] = {}
+
+    def key_parts(self) -> dict[str, Any]:
+        """Everything besides the piece's own structure that its compiled code depends on."""
+        return dict(layerpass=layerpass.__version__, torch=torch.__version__, config=self.config.fingerprint(),
+                    passes=self.pass_manager.uuid(), use_layername=layerpass.USE_LAYERNAME)
+
+    # -- the backend ----------------------------------------------------------------
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> PiecewiseProgram:
+        t_enter = time.perf_counter()
+        dynamo_s = max(0.0, t_enter - _dynamo_start[0]) if _dynamo_start[0] else 0.0
+        self.num_calls += 1
+        cfg = self.config
+        report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1, dynamo_s=dynamo_s)
+        result = split_graph(gm, cfg.split, cfg.splitting_ops)
+        if cfg.split == "ops" and cfg.fuse_attn_quant:
+            report.notes.append("split='ops': the splitting ops run eagerly, so no fusion can cross them (attention+quant is off)")
+        split_gm = result.graph_module
+        key_parts = self.key_parts()
+        calls: dict[str, PieceCall] = {}
+        seen_here: set[str] = set()
+        # piece inputs that are graph inputs map to the real tensors/objects (for passes that check identity)
+        real_of = dict(zip([n for n in split_gm.graph.nodes if n.op == "placeholder"], example_inputs))
+
+        def visit(target: str, sub: fx.GraphModule, node: fx.Node, args: tuple[Any, ...]) -> None:
+            layer = result.piece_layers.get(target)
+            if target in result.eager_pieces:
+                report.num_eager_pieces += 1
+                report.pieces.append(PieceInfo(target, "eager", None, layer, "eager"))
+                return
+            sig, key = self.piece_key(sub, args, key_parts)
+            context = {"str_constants": sig.constants, "piece": target, "layer": layer,
+                       "real_inputs": [real_of.get(a) if isinstance(a, fx.Node) else None for a in node.args]}
+            piece, source = self.get_or_compile(key, target, sub, args, context)
+            self.record(report, PieceInfo(target, "compiled", key, layer, source, sig.constants, sig.shape_key),
+                        piece.stats, first_here=key not in seen_here)
+            seen_here.add(key)
+            calls[target] = PieceCall(key, _single_output(sub), _token_arg(args))
+            setattr(split_gm, target, self.runner(sub, piece.artifact, calls[target], context))
+
+        walk_pieces(split_gm, example_inputs, visit)
+        report.num_unique_pieces = len(seen_here)
+        report.compile_s = time.perf_counter() - t_enter
+        report.total_s = report.dynamo_s + report.compile_s
+        self.last_report = report
+        if self.publish_reports:
+            publish(report)
+        split_gm.recompile()
+        state = {"cache_dir": cfg.cache_dir, "config": dataclasses.asdict(cfg)}
+        return PiecewiseProgram(split_gm, gm, calls, state, report)
+
+    # -- steps ----------------------------------------------------------------------
+    def piece_key(self, sub: fx.GraphModule, args: Sequence[Any], key_parts: dict[str, Any]) -> tuple[PieceSignature, str]:
+        sig = piece_signature(sub, args)
+        return sig, cache_key(piece=sig.key, **key_parts)
+
+    def get_or_compile(self, key: str, name: str, sub: fx.GraphModule, args: Sequence[Any],
+                       context: dict[str, Any]) -> tuple[CompiledPiece, str]:
+        """The artifact for ``key``, and where it came from: "shared", "cache" or "compiled"."""
+        if key in self.compiled:
+            return self.compiled[key], "shared"
+        entry = None if self.config.disable_cache else self.cache.load(key)
+        if entry is not None:
+            self.compiled[key] = CompiledPiece(entry.artifact, entry.meta.get("stats", {}))
+            return self.compiled[key], "cache"
+        artifact, stats = self._compile_piece(name, sub, list(args), context)
+        stats = self._resolve_stats(key, stats)
+        self.compiled[key] = CompiledPiece(artifact, stats)
+        if not self.config.disable_cache:
+            self.cache.store(key, artifact, {"stats": stats, "piece": name, "torch": torch.__version__})
+        return self.compiled[key], "compiled"
+
+    @staticmethod
+    def record(report: CompileReport, info: PieceInfo, stats: dict[str, Any], first_here: bool) -> None:
+        """Count one piece in ``report``; pass statistics of a fresh compile once, uses per piece."""
+        if info.source == "cache" and first_here:
+            report.num_cache_hits += 1
+        if info.source == "compiled":
+            report.num_compiled += 1
+            for name, s in stats.get("passes", {}).items():
+                report.matches_compiled[name] = report.matches_compiled.get(name, 0) + int(s["matches"])
+                report.pass_time_s[name] = report.pass_time_s.get(name, 0.0) + float(s["time_s"])
+            report.pass_failures.extend(stats.get("failures", []))
+        for name, s in stats.get("passes", {}).items():
+            report.matches[name] = report.matches.get(name, 0) + int(s["matches"])
+            report.registrations[name] = max(report.registrations.get(name, 0), int(s.get("registrations", 0)))
+        report.num_pieces += 1
+        report.pieces.append(info)
+
+    def runner(self, sub: fx.GraphModule, artifact: Any, call: PieceCall, context: dict[str, Any]) -> PieceRunner:
+        def compile_static(real_args: list[Any]) -> Callable[..., Any]:
+            return self._compile_piece(f"{context.get('piece', 'piece')}-static", sub, real_args, context, static=True)[0]
+
+        return PieceRunner(artifact, call.single_output, call.token_arg, compile_static, self.config.compile_sizes)
 
     # -- Inductor ---------------------------------------------------------------------
     def _inductor_options(self) -> dict[str, Any]:
@@ -151,71 +241,6 @@ class LayerpassBackend:
                  "failures": list(self.pass_manager.failures), "passes_ran": ran}
         return artifact, stats
 
-    # -- the backend ----------------------------------------------------------------
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        t_enter = time.perf_counter()
-        dynamo_s = max(0.0, t_enter - _dynamo_start[0]) if _dynamo_start[0] else 0.0
-        self.num_calls += 1
-        cfg = self.config
-        report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1, dynamo_s=dynamo_s)
-        result: SplitResult = split_graph(gm, cfg.split, cfg.splitting_ops)
-        if cfg.split == "ops" and cfg.fuse_attn_quant:
-            report.notes.append("split='ops': the splitting ops run eagerly, so no fusion can cross them (attention+quant is off)")
-        key_parts = dict(layerpass=layerpass.__version__, torch=torch.__version__, config=cfg.fingerprint(),
-                         passes=self.pass_manager.uuid(), use_layername=layerpass.USE_LAYERNAME)
-        split_gm = result.graph_module
-        compiled: dict[str, tuple[Any, dict[str, Any]]] = {}  # key -> (artifact, stats) within this compile
-        # piece inputs that are graph inputs map to the real tensors/objects (for passes that check identity)
-        split_placeholders = [n for n in split_gm.graph.nodes if n.op == "placeholder"]
-        real_of = dict(zip(split_placeholders, example_inputs))
-
-        def visit(target: str, sub: fx.GraphModule, node: fx.Node, args: tuple[Any, ...]) -> None:
-            layer = result.piece_layers.get(target)
-            if target in result.eager_pieces:
-                report.num_eager_pieces += 1
-                report.pieces.append(PieceInfo(target, "eager", None, layer, "eager"))
-                return
-            sig = piece_signature(sub, args)
-            key = cache_key(piece=sig.key, **key_parts)
-            info = PieceInfo(target, "compiled", key, layer, constants=sig.constants, shape_key=sig.shape_key)
-            real_inputs = [real_of.get(a) if isinstance(a, fx.Node) else None for a in node.args]
-            context = {"str_constants": sig.constants, "piece": target, "layer": layer, "real_inputs": real_inputs}
-            if key in compiled:
-                info.source = "shared"
-            else:
-                entry = None if cfg.disable_cache else self.cache.load(key)
-                if entry is not None:
-                    compiled[key] = (entry.artifact, entry.meta.get("stats", {}))
-                    info.source = "cache"
-                    report.num_cache_hits += 1
-                else:
-                    artifact, stats = self._compile_piece(target, sub, list(args), context)
-                    stats = self._resolve_stats(key, stats)
-                    compiled[key] = (artifact, stats)
-                    info.source = "compiled"
-                    report.num_compiled += 1
-                    for name, s in stats.get("passes", {}).items():
-                        report.matches_compiled[name] = report.matches_compiled.get(name, 0) + int(s["matches"])
-                        report.pass_time_s[name] = report.pass_time_s.get(name, 0.0) + float(s["time_s"])
-                    report.pass_failures.extend(stats.get("failures", []))
-                    if not cfg.disable_cache:
-                        self.cache.store(key, artifact, {"stats": stats, "piece": target, "torch": torch.__version__})
-            artifact, stats = compiled[key]
-            for name, s in stats.get("passes", {}).items():
-                report.matches[name] = report.matches.get(name, 0) + int(s["matches"])
-                report.registrations[name] = max(report.registrations.get(name, 0), int(s.get("registrations", 0)))
-            report.num_pieces += 1
-            report.pieces.append(info)
-            setattr(split_gm, target, self._runner(sub, args, artifact, target, context))
-
-        walk_pieces(split_gm, example_inputs, visit)
-        report.num_unique_pieces = len(compiled)
-        report.compile_s = time.perf_counter() - t_enter
-        report.total_s = report.dynamo_s + report.compile_s
-        publish(report)
-        split_gm.recompile()
-        return split_gm.forward
-
     def _resolve_stats(self, key: str, stats: dict[str, Any]) -> dict[str, Any]:
         """Inductor may serve a piece from its own cache without running our passes; the
         stats of the run that did are kept in a sidecar next to Inductor's cache."""
@@ -234,16 +259,50 @@ class LayerpassBackend:
         logger.info("layerpass: Inductor served a piece from its cache; pass stats unavailable for it")
         return stats
 
-    def _runner(self, sub: fx.GraphModule, fake_args: Sequence[Any], artifact: Any, name: str,
-                context: dict[str, Any]) -> PieceRunner:
-        out_node = next(n for n in reversed(sub.graph.nodes) if n.op == "output")
-        single = isinstance(out_node.args[0], fx.Node)
-        token_arg = next((i for i, a in enumerate(fake_args) if isinstance(a, torch.Tensor) and a.dim() > 0
-                          and isinstance(a.shape[0], torch.SymInt)), None)
-        def compile_static(real_args: list[Any]) -> Callable[..., Any]:
-            return self._compile_piece(f"{name}-static", sub, real_args, context, static=True)[0]
 
-        return PieceRunner(artifact, single, token_arg, compile_static, self.config.compile_sizes)
+def _single_output(sub: fx.GraphModule) -> bool:
+    out_node = next(n for n in reversed(sub.graph.nodes) if n.op == "output")
+    return isinstance(out_node.args[0], fx.Node)
+
+
+def install_loaded_pieces(gm: fx.GraphModule, calls: dict[str, PieceCall], state: dict[str, Any]) -> tuple[fx.GraphModule, CompileReport]:
+    """Rebuild a saved program: split ``gm`` as it was split when compiled and put each piece's
+    artifact, loaded from the on-disk cache once per key, in its place. Raises if anything is missing."""
+    config = CompilationConfig(**state["config"])
+    result = split_graph(gm, config.split, config.splitting_ops)
+    split_gm = result.graph_module
+    cache = ArtifactCache(state["cache_dir"])
+    report = CompileReport(split=config.split)
+    loaded: dict[str, Any] = {}
+    names = [name for name, _ in split_gm.named_children() if name not in result.eager_pieces]
+    if set(names) != set(calls):
+        raise ValueError(f"saved program's pieces {sorted(calls)} do not match its graph's split {sorted(names)}")
+    backend: list[LayerpassBackend] = []  # built only if a static-size variant is needed
+
+    for name in names:
+        call = calls[name]
+        if call.key not in loaded:
+            entry = cache.load(call.key)
+            if entry is None:
+                raise FileNotFoundError(f"compiled piece {call.key[:12]} is not in the artifact cache {state['cache_dir']}")
+            loaded[call.key] = entry
+        first = call.key not in {p.key for p in report.pieces}
+        entry = loaded[call.key]
+        LayerpassBackend.record(report, PieceInfo(name, "compiled", call.key, result.piece_layers.get(name), "cache"),
+                                entry.meta.get("stats", {}), first_here=first)
+        sub = getattr(split_gm, name)
+
+        def compile_static(real_args: list[Any], sub: fx.GraphModule = sub, name: str = name) -> Callable[..., Any]:
+            if not backend:
+                backend.append(LayerpassBackend(config, publish_reports=False))
+            return backend[0]._compile_piece(f"{name}-static", sub, real_args, {"piece": name}, static=True)[0]
+
+        setattr(split_gm, name, PieceRunner(entry.artifact, call.single_output, call.token_arg, compile_static,
+                                            config.compile_sizes))
+    report.num_eager_pieces = len(result.eager_pieces)
+    report.num_unique_pieces = len(loaded)
+    split_gm.recompile()
+    return split_gm, report
 
 
 _default_backend: LayerpassBackend | None = None
@@ -255,40 +314,3 @@ def layerpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Call
     if _default_backend is None:
         _default_backend = LayerpassBackend()
     return _default_backend(gm, example_inputs)
-
-
-class CompiledModel(nn.Module):
-    """What ``layerpass.compile`` returns: the model compiled with a layerpass backend.
-
-    With ``dynamic_tokens`` the first dimension of every tensor input is marked dynamic
-    (unbacked) before each call, so a new token count, one token included, never recompiles."""
-
-    def __init__(self, model: nn.Module, config: CompilationConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.config = config
-        self.backend = LayerpassBackend(config)
-        self.compiled = torch.compile(model, backend=self.backend)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.config.dynamic_tokens:
-            mark_token_dims([*args, *kwargs.values()])
-        out = self.compiled(*args, **kwargs)
-        if self.backend.num_calls == 0:
-            # Dynamo gave up before reaching the backend (e.g. its recompile limit for this
-            # forward's code object): the model ran eagerly. Say so instead of pretending.
-            raise RuntimeError(
-                "layerpass: torch.compile ran the model eagerly without calling the layerpass backend "
-                f"(Dynamo recompile limit {torch._dynamo.config.recompile_limit} reached for this forward, or "
-                "compilation disabled); raise torch._dynamo.config.recompile_limit or call torch._dynamo.reset()"
-            )
-        return out
-
-    @property
-    def recompiles(self) -> int:
-        return max(0, self.backend.num_calls - 1)
-
-
-def compile(model: nn.Module, config: CompilationConfig | None = None) -> CompiledModel:
-    """Compile ``model`` with the layerpass backend; call the result like the model."""
-    return CompiledModel(model, config or CompilationConfig())

@@ -234,7 +234,7 @@ def diagnose(model: nn.Module, example: Example, *, compile: bool = True, config
     """Compile ``model`` on ``example`` and explain pieces that are equal except for constants.
 
     - ``example``: the positional inputs, or ``run(fn)`` that calls ``fn`` on them (``Step.run``).
-    - ``compile=True`` goes through the real backend (``layerpass.compile``, Inductor per unique piece,
+    - ``compile=True`` goes through the real backend on the whole model (Inductor per unique piece,
       cache disabled); ``compile=False`` splits and hashes identically but runs eagerly (seconds, not minutes).
     - ``config``: a ``CompilationConfig`` (its ``split`` decides the pieces).
 
@@ -251,8 +251,12 @@ def diagnose(model: nn.Module, example: Example, *, compile: bool = True, config
         raise TypeError(f"doctor: config must be a layerpass CompilationConfig, got {type(config).__name__}")
     torch._dynamo.reset()  # a model compiled before in this process must be traced again
     if compile:
+        from layerpass.backend.compiler import LayerpassBackend
+
+        # the whole model through the real backend, as the analysis below sees it (not per region)
         before = len(compile_reports())
-        _run_example(example, layerpass.compile(model, config))
+        compiled = torch.compile(model, backend=LayerpassBackend(config))
+        _run_example(example, _mark_dynamic(compiled) if config.dynamic_tokens else compiled)
         graphs = []
         for report in compile_reports()[before:]:
             graphs.append([PieceRecord(p.name, p.layer, p.key, p.shape_key or p.key, list(p.constants))

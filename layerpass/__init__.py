@@ -16,7 +16,7 @@ from .envs import HAS_OPAQUE_TYPE, USE_LAYERNAME
 __version__ = "0.1.0"
 
 _LAZY = {
-    "compile": ("layerpass.backend.compiler", "compile"),
+    "compile": ("layerpass.backend.compiled_model", "compile"),
     "CompilationConfig": ("layerpass.backend.config", "CompilationConfig"),
     "last_compile_report": ("layerpass.backend.report", "last_compile_report"),
     "CompileReport": ("layerpass.backend.report", "CompileReport"),

@@ -1,9 +1,10 @@
 """Piecewise split and identical-pieces-compile-once.
 
 - Compiled llama (2 and 8 layers) and moe (8 layers) match eager.
-- With the switch on, unique compiled pieces do not grow with layers (<= 4 for llama:
-  prologue, first layer, middle layers, epilogue); with ``VLLM_USE_LAYERNAME=0`` (a
-  subprocess, the switch is read at import) every layer's piece is unique.
+- ``layerpass.compile`` compiles per decoder layer (regions; the embedding and LM head run as the
+  model's eager code): one piece per layer. With the switch on, unique compiled pieces do not
+  grow with layers (2 for llama: the first layer, which has no residual yet, and the rest); with
+  ``VLLM_USE_LAYERNAME=0`` (a subprocess, the switch is read at import) every layer's piece is unique.
 - ``split="ops"`` runs the attention ops eagerly between compiled pieces.
 - The splitter and the structural hash on their own (Dynamo graphs, no Inductor: cheap).
 """
@@ -43,10 +44,10 @@ def test_llama_matches_eager(layers: int, request) -> None:
 
 
 @pytest.mark.parametrize("layers", [2, 8])
-def test_one_piece_per_layer_plus_prologue_and_epilogue(layers: int, request) -> None:
+def test_one_piece_per_layer(layers: int, request) -> None:
     r = request.getfixturevalue(f"llama{layers}").report
-    assert r.split == "layers"
-    assert r.num_pieces == layers + 2, r.summary()
+    assert r.split == "layers" and r.trace == "regions"
+    assert r.num_pieces == layers, r.summary()
     assert sorted(_layer_keys(r)) == list(range(layers)), [(p.name, p.layer) for p in r.pieces]
     assert r.num_eager_pieces == 0
     # a fresh cache dir: every unique piece was compiled exactly once, nothing came from the cache
@@ -59,7 +60,7 @@ def test_unique_pieces_do_not_grow_with_layers(llama2: bh.Compiled, llama8: bh.C
 
     if not layerpass.USE_LAYERNAME:
         pytest.skip("this process runs with the layer-name switch off")
-    assert llama8.report.num_unique_pieces <= 4, llama8.report.summary()
+    assert llama8.report.num_unique_pieces <= 2, llama8.report.summary()
     assert llama8.report.num_unique_pieces == llama2.report.num_unique_pieces
     keys = _layer_keys(llama8.report)
     assert len({keys[i] for i in range(1, 8)}) == 1, "middle layers must share one artifact"
@@ -72,8 +73,8 @@ def test_unique_pieces_do_not_grow_with_layers(llama2: bh.Compiled, llama8: bh.C
 def test_moe_matches_eager_and_shares_pieces() -> None:
     c = bh.compiled_zoo("moe", 8)
     bh.assert_matches(c.out, c.ref, "moe-8")
-    assert c.report.num_pieces == 10
-    assert c.report.num_unique_pieces <= 4, c.report.summary()
+    assert c.report.num_pieces == 8
+    assert c.report.num_unique_pieces <= 2, c.report.summary()
 
 
 def test_switch_off_every_layer_is_unique() -> None:
@@ -92,7 +93,8 @@ def test_switch_off_every_layer_is_unique() -> None:
     res = bh.run_python(body, env=bh.subprocess_env(VLLM_USE_LAYERNAME="0"), what="VLLM_USE_LAYERNAME=0 compile").result
     assert res["use_layername"] is False
     r2, r3 = res["2"], res["3"]
-    assert r2["num_unique_pieces"] == 4 and r3["num_unique_pieces"] == 5, (r2["num_unique_pieces"], r3["num_unique_pieces"])
+    assert r2["num_unique_pieces"] == 2 and r3["num_unique_pieces"] == 3, (r2["num_unique_pieces"], r3["num_unique_pieces"])
+    assert r2["num_regions"] == 2 and r3["num_regions"] == 3, "each layer's name is a constant: one trace per layer"
     for r, layers in ((r2, 2), (r3, 3)):
         layer_pieces = [p for p in r["pieces"] if p["layer"] is not None]
         assert len({p["key"] for p in layer_pieces}) == layers
@@ -108,7 +110,7 @@ def test_split_ops_runs_attention_eagerly() -> None:
     eager = [p for p in r.pieces if p.kind == "eager"]
     assert r.num_eager_pieces == len(eager) == 2  # one attention op per layer
     assert all(p.source == "eager" and p.key is None for p in eager)
-    assert r.num_pieces == 3  # compiled: before the first attention, between the two, after the last
+    assert r.num_pieces == 4  # compiled, per layer: before its attention and after it
     assert any("fusion" in n for n in r.notes), r.notes
 
 

@@ -1,0 +1,160 @@
+"""``layerpass.compile(model)``: the model compiled per distinct decoder layer, warm-startable.
+
+With repeated layers (and an AOT-capable torch) the compiled model runs the model's own
+forward, and each layer call goes to its *region* (``backend/regions.py``): Dynamo traces each
+distinct layer once, the backend compiles each distinct piece once, and the traced programs are
+saved (``backend/warm_start.py``) so a new process loads them instead of tracing. Without
+repeated layers, or if a layer cannot be traced whole (a graph break), the whole model goes
+through ``torch.compile`` with the same backend, as ``backend="layerpass"`` does; the report
+says which and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compiler import LayerpassBackend, mark_token_dims
+from .config import CompilationConfig
+from .regions import Regions, RegionsRun, find_repeated_layers
+from .report import CompileReport, PieceInfo, publish
+from .warm_start import ProgramStore, has_aot_api
+
+logger = logging.getLogger("layerpass")
+
+
+class CompiledModel(nn.Module):
+    """What ``layerpass.compile`` returns; call it like the model.
+
+    With ``dynamic_tokens`` the token dimension is symbolic (unbacked): a new token count, one
+    token included, never recompiles."""
+
+    def __init__(self, model: nn.Module, config: CompilationConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.backend = LayerpassBackend(config, publish_reports=False)
+        self.regions: Regions | None = None
+        self.compiled: Any = None
+        self.trace_note = ""
+        self.num_calls = 0
+        self._region_calls_with_new = 0
+        layers = find_repeated_layers(model)
+        if not layers:
+            self._whole_model("no repeated layers (no ModuleList of two or more modules)")
+        elif not has_aot_api():
+            self._whole_model(f"torch {torch.__version__} cannot trace a layer ahead of time (no aot_compile)")
+        else:
+            store = None if config.disable_cache else ProgramStore(config.cache_dir, model, self.backend.key_parts())
+            self.regions = Regions(layers, self.backend, store, config.dynamic_tokens)
+
+    def _whole_model(self, why: str) -> None:
+        self.trace_note = why
+        self.regions = None
+        self.backend.publish_reports = True
+        self.compiled = torch.compile(self.model, backend=self.backend)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from .inputs import check_model_inputs  # a bad step input: ValueError before Dynamo sees it
+        check_model_inputs(self.model, args, kwargs)
+        self.num_calls += 1
+        if self.regions is not None:
+            try:
+                return self._run_regions(args, kwargs)
+            except torch._dynamo.exc.Unsupported as e:
+                logger.warning("layerpass: a layer cannot be traced whole (%s); compiling the whole model instead",
+                               str(e).splitlines()[0])
+                self._whole_model(f"a layer cannot be traced whole: {str(e).splitlines()[0]}")
+        if self.config.dynamic_tokens:
+            mark_token_dims([*args, *kwargs.values()])
+        calls = self.backend.num_calls
+        out = self.compiled(*args, **kwargs)
+        if self.backend.num_calls == 0:
+            # Dynamo gave up before reaching the backend (e.g. its recompile limit for this
+            # forward's code object): the model ran eagerly. Say so instead of pretending.
+            raise RuntimeError(
+                "layerpass: torch.compile ran the model eagerly without calling the layerpass backend "
+                f"(Dynamo recompile limit {torch._dynamo.config.recompile_limit} reached for this forward, or "
+                "compilation disabled); raise torch._dynamo.config.recompile_limit or call torch._dynamo.reset()"
+            )
+        if self.backend.num_calls > calls and self.backend.last_report is not None:
+            self.backend.last_report.notes.append(f"whole model traced: {self.trace_note}")
+        return out
+
+    def _run_regions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        assert self.regions is not None
+        tokens = _token_count(args, kwargs)
+        t0 = time.perf_counter()
+        with self.regions.installed(tokens) as run:
+            out = self.model(*args, **kwargs)
+        if run.new_regions or self.num_calls == 1:
+            if run.new_regions:
+                self._region_calls_with_new += 1
+            publish(self._regions_report(run, time.perf_counter() - t0))
+        return out
+
+    def _regions_report(self, run: RegionsRun, call_s: float) -> CompileReport:
+        assert self.regions is not None
+        cfg = self.config
+        new = {id(r) for r in run.new_regions}
+        report = CompileReport(split=cfg.split, trace="regions", recompiles=max(0, self._region_calls_with_new - 1))
+        report.num_regions = len({id(r) for r in self.regions.last.values()})
+        store = self.regions.store
+        report.warm_start = "off (disable_cache=True)" if store is None else store.status
+        keys: set[str] = set()
+        first_use: set[int] = set()
+        for index, region in run.layer_regions:
+            r = region.report
+            first = id(region) in new and id(region) not in first_use
+            first_use.add(id(region))
+            for p in r.pieces:
+                source = p.source if first else ("eager" if p.kind == "eager" else "shared")
+                report.pieces.append(PieceInfo(p.name, p.kind, p.key, index, source, p.constants, p.shape_key))
+                if p.kind == "compiled":
+                    report.num_pieces += 1
+                    keys.add(p.key)  # type: ignore[arg-type]
+                else:
+                    report.num_eager_pieces += 1
+            for name, n in r.matches.items():
+                report.matches[name] = report.matches.get(name, 0) + n
+            for name, n in r.registrations.items():
+                report.registrations[name] = max(report.registrations.get(name, 0), n)
+        used = list({id(r): r for _, r in run.layer_regions}.values())
+        for region in (r for r in used if id(r) in new):
+            r = region.report
+            report.num_compiled += r.num_compiled
+            report.num_cache_hits += r.num_cache_hits
+            report.dynamo_s += region.dynamo_s
+            report.compile_s += r.compile_s
+            report.pass_failures.extend(r.pass_failures)
+            report.notes.extend(n for n in r.notes if n not in report.notes)
+            for name, n in r.matches_compiled.items():
+                report.matches_compiled[name] = report.matches_compiled.get(name, 0) + n
+            for name, t in r.pass_time_s.items():
+                report.pass_time_s[name] = report.pass_time_s.get(name, 0.0) + t
+        report.num_unique_pieces = len(keys)
+        report.total_s = run.wall_s if run.new_regions else 0.0
+        return report
+
+    @property
+    def recompiles(self) -> int:
+        if self.regions is not None:
+            return max(0, self._region_calls_with_new - 1)
+        return max(0, self.backend.num_calls - 1)
+
+
+def _token_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The step's token count: dim 0 of the first tensor input (``input_ids [T]``)."""
+    for value in [*args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def compile(model: nn.Module, config: CompilationConfig | None = None) -> CompiledModel:
+    """Compile ``model`` with the layerpass backend; call the result like the model."""
+    return CompiledModel(model, config or CompilationConfig())

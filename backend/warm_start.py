@@ -1,0 +1,225 @@
+"""Warm start: the traced region programs saved on disk, so a new process runs without Dynamo.
+
+Layout: ``<cache_dir>/programs/<model_key>/<class_key>/<id>.bin``. ``model_key`` covers what
+can change a program: the source of every module class in the model, its config and structure
+(parameter/buffer names, shapes, dtypes; Python attributes of every module, layer count
+included), the layerpass and torch versions, the compilation config and the pass uuids, and the
+layer-name switch. ``class_key`` names the layer class (its name and source). Each file is one
+region: a JSON header line (checksum, keys) then torch's serialised ``AOTCompiledFunction``,
+whose guards (the input spec among them) decide which layers it serves; the compiled pieces
+themselves live in the ``ArtifactCache`` and are loaded once per distinct piece.
+
+Files are written to a temporary name and renamed, so concurrent writers never expose a partial
+entry; two writers of the same region leave two equal files, and either serves. Anything that
+does not fit (another key, a bad checksum, a torch without the API, a failed load) is one log
+line saying why, and the layer is traced and compiled as on a cold start. Never a wrong result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+import layerpass
+
+if TYPE_CHECKING:
+    from .regions import Region
+
+logger = logging.getLogger("layerpass")
+FORMAT_VERSION = 1
+
+
+def has_aot_api() -> bool:
+    """Whether this torch can save and load a traced program (``aot_compile``, torch 2.10+)."""
+    try:
+        from torch._dynamo.aot_compile import AOTCompiledFunction  # noqa: F401
+        from torch._dynamo.aot_compile_types import SerializableCallable  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch.compiler, "load_compiled_function")
+
+
+def _class_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def model_key_parts(model: nn.Module, key_parts: dict[str, Any]) -> dict[str, str]:
+    """The parts of a model's program key, each hashed (so a mismatch can be named)."""
+    from .regions import _describe
+
+    code, structure = hashlib.sha256(), hashlib.sha256()
+    classes: dict[str, type] = {}
+    for path, module in model.named_modules():
+        cls = type(module)
+        classes[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        structure.update(f"{path}|{cls.__qualname__}|{module.training}".encode())
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            structure.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{t.device.type}|{t.requires_grad}".encode())
+        for name, value in sorted(vars(module).items()):
+            if not name.startswith("_"):
+                structure.update(f"{name}={value!r}".encode() if isinstance(value, str) else f"{name}={_describe(value)!r}".encode())
+    for name in sorted(classes):
+        code.update(name.encode())
+        code.update(_class_source(classes[name]).encode())
+    config = getattr(model, "config", None)
+    return {
+        "model code": code.hexdigest()[:24],
+        "model config and structure": hashlib.sha256(f"{config!r}".encode() + structure.digest()).hexdigest()[:24],
+        "layerpass version": str(layerpass.__version__),
+        "torch version": torch.__version__,
+        "compilation config": hashlib.sha256(str(key_parts.get("config")).encode()).hexdigest()[:24],
+        "pass uuids": str(key_parts.get("passes"))[:24],
+        "layer-name switch": str(key_parts.get("use_layername")),
+        "format": str(FORMAT_VERSION),
+    }
+
+
+class ProgramStore:
+    """Saved region programs of one model (see the module docstring)."""
+
+    def __init__(self, cache_dir: str, model: nn.Module, key_parts: dict[str, Any]) -> None:
+        from .regions import class_key
+
+        self.cache_dir = cache_dir
+        self.parts = model_key_parts(model, key_parts)
+        self.model_key = hashlib.sha256(json.dumps(self.parts, sort_keys=True).encode()).hexdigest()[:32]
+        self.family = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode()).hexdigest()[:16]
+        self.root = os.path.join(cache_dir, "programs")
+        self.dir = os.path.join(self.root, f"{self.family}-{self.model_key}")
+        self.class_key = class_key
+        self.status = "off"  # what the report says: "loaded", "saved", "fallback: <why>"
+        self._warned_write = False
+
+    # -- load ---------------------------------------------------------------------------
+    def load(self, cls: type) -> list[Region]:
+        """Every usable saved region of layer class ``cls``; logs once why there are none."""
+        from .regions import Region
+
+        folder = os.path.join(self.dir, self.class_key(cls))
+        names = sorted(n for n in _listdir(folder) if n.endswith(".bin"))
+        if not names:
+            self._fallback(self._why_missing())
+            return []
+        regions = []
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                header, aot = self._read(path, cls)
+                aot._artifacts.compiled_fn.state["cache_dir"] = self.cache_dir  # pieces live beside it
+                regions.append(Region(aot, cls, header["signature"], "loaded", path))
+            except Exception as e:  # a bad entry is never fatal: trace and compile instead
+                self._remove(path, f"{type(e).__name__}: {e}")
+        if regions and not self.status.startswith("fallback"):
+            self.status = "loaded"
+        return regions
+
+    def drop(self, region: Region, why: str) -> None:
+        """A saved region whose pieces could not be loaded: log, remove its file, compile instead."""
+        if region.path is not None:
+            self._remove(region.path, why)
+
+    def _remove(self, path: str, why: str) -> None:
+        try:
+            os.remove(path)
+            removed = "removed"
+        except OSError:
+            removed = "left in place (cannot remove it)"
+        self._fallback(f"saved program {path} is unusable ({why}); {removed}")
+
+    def _read(self, path: str, cls: type) -> tuple[dict[str, Any], Any]:
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        with open(path, "rb") as f:
+            header = json.loads(f.readline())
+            payload = f.read()
+        if header.get("format") != FORMAT_VERSION or header.get("model_key") != self.model_key:
+            raise ValueError("it belongs to another model key")
+        if header.get("class_key") != self.class_key(cls):
+            raise ValueError("it belongs to another layer class")
+        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            raise ValueError("checksum mismatch (truncated or corrupted)")
+        aot = AOTCompiledFunction.deserialize(payload, f_globals=cls.forward.__globals__)
+        return header, aot
+
+    def _why_missing(self) -> str:
+        """Name the key parts that changed since this model was last saved, if it was."""
+        prefix = f"{self.family}-"
+        for name in sorted(_listdir(self.root), key=lambda n: -_mtime(os.path.join(self.root, n))):
+            if not name.startswith(prefix) or name == os.path.basename(self.dir):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(self.root, name, "parts.json")) as f:
+                    old = json.load(f)
+                changed = [k for k, v in self.parts.items() if old.get(k) != v]
+                if changed:
+                    return f"no saved program for this model: changed since the last save: {', '.join(changed)}"
+        return "no saved program for this model yet (first run with this cache dir)"
+
+    def _fallback(self, why: str) -> None:
+        logger.info("layerpass: warm start: %s; tracing and compiling", why)
+        if not self.status.startswith("fallback"):
+            self.status = f"fallback: {why}"
+
+    # -- save ---------------------------------------------------------------------------
+    def save(self, region: Region) -> None:
+        """Best effort: a region that cannot be saved is logged once, never fatal."""
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        folder = os.path.join(self.dir, self.class_key(region.cls))
+        try:
+            payload = AOTCompiledFunction.serialize(region.aot).serialized_data
+            header = {"format": FORMAT_VERSION, "model_key": self.model_key, "class_key": self.class_key(region.cls),
+                      "signature": region.signature, "sha256": hashlib.sha256(payload).hexdigest(),
+                      "torch": torch.__version__}
+            os.makedirs(folder, exist_ok=True)
+            parts_path = os.path.join(self.dir, "parts.json")
+            if not os.path.exists(parts_path):
+                _atomic_write(parts_path, json.dumps(self.parts, indent=1).encode())
+            _atomic_write(os.path.join(folder, f"{uuid.uuid4().hex}.bin"),
+                          json.dumps(header).encode() + b"\n" + payload)
+            if self.status == "off":
+                self.status = "saved"
+        except Exception as e:
+            if not self._warned_write:
+                self._warned_write = True
+                logger.warning("layerpass: warm start: could not save the traced program in %s (%s: %s); "
+                               "the next process will trace again", folder, type(e).__name__, e)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
