@@ -1,6 +1,6 @@
-"""``VLLM_USE_LAYERNAME`` / ``HAS_OPAQUE_TYPE`` / ``USE_LAYERNAME`` (``layerpass/config.py``).
+"""``VLLM_USE_LAYERNAME`` / ``HAS_OPAQUE_TYPE`` / ``USE_LAYERNAME`` (``layerpass/envs.py``).
 
-The switch is read once at import, so each setting is checked by executing the config
+The switch is read once at import, so each setting is checked by executing ``envs.py``
 module afresh (a private module object, leaving the imported one alone) or, for what
 must happen at ``import layerpass``, in a subprocess.
 """
@@ -28,7 +28,7 @@ OFF = ["0", "false", "no", "off"]
 
 
 def fresh_config(monkeypatch: pytest.MonkeyPatch, value: str | None) -> ModuleType:
-    """Execute ``layerpass/config.py`` with ``VLLM_USE_LAYERNAME=value`` (None: unset)."""
+    """Execute ``layerpass/envs.py`` with ``VLLM_USE_LAYERNAME=value`` (None: unset)."""
     if value is None:
         monkeypatch.delenv("VLLM_USE_LAYERNAME", raising=False)
     else:
