@@ -245,6 +245,21 @@ def test_lora_wraps_the_packed_projections() -> None:
     torch.testing.assert_close(step.run(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_local_checkpoint_directory(tmp_path) -> None:
+    """The README's path: ``AutoModelForCausalLM.from_pretrained(dir)`` then ``from_transformers``;
+    float32 equals HF eager, bfloat16 tracks it."""
+    from transformers import AutoModelForCausalLM
+
+    hf("hf-gemma2").save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    matches_hf(ref, from_transformers(AutoModelForCausalLM.from_pretrained(tmp_path)), "gemma2 from a checkpoint dir")
+    model = from_transformers(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16))
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.float32  # 1 + w
+    step = make_step(model, num_decodes=0, prefill_lens=[7], seed=1)
+    x, y = step.run().float(), hf_logits(ref, step.requests[0].tokens)
+    assert torch.corrcoef(torch.stack([x.flatten(), y.flatten()]))[0, 1] > 0.99
+
+
 # -- what cannot be converted: one clear error per kind ---------------------------------------
 def test_not_a_transformers_model() -> None:
     with pytest.raises(TypeError, match="takes a transformers PreTrainedModel"):
