@@ -151,7 +151,7 @@ def test_bench_runs_converted_hf_models(tmp_path) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "layerpass", "bench", "--models", "hf-qwen2,hf-gemma2", "--layers", "2",
                            "--modes", "layerpass", "--out", str(out), "--jobs", "1", "--repeats", "3", "--no-plots",
-                           "--budget", "500", "--strict"], capture_output=True, text=True, timeout=600,
+                           "--strict"], capture_output=True, text=True, timeout=600,
                           env=bh.subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (out / "results.json").read_text()
