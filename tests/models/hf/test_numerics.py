@@ -120,6 +120,24 @@ def test_gpt2_converts_with_no_per_family_code() -> None:
     assert all(isinstance(block.attn.attn, Attention) for block in model.model.h)
 
 
+def test_gpt_oss_sinks_and_an_moe_block_without_handler() -> None:
+    """GPT-OSS: learned attention sinks and alternating sliding windows go to the layerpass
+    ``Attention``; its MoE block (no per-family handler) runs as the HF module it is."""
+    from transformers import GptOssConfig
+
+    cfg = GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=None,
+                       bos_token_id=None)
+    ref = build_hf_model(cfg, seed=0)
+    model = _variant(ref, "gpt-oss")
+    attns = [layer.self_attn.attn for layer in model.model.layers]
+    assert [a.sliding_window for a in attns] == [8, None]
+    for layer, a in zip(ref.model.layers, attns):
+        torch.testing.assert_close(a.sinks, layer.self_attn.sinks.detach(), rtol=0, atol=0)
+    assert type(model.model.layers[0].mlp).__name__ == "GptOssMLP"
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kv_heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([8, 16]), bias=st.booleans(),
        tie=st.booleans(), act=st.sampled_from(["silu", "gelu"]), seed=st.integers(0, 2**16))
