@@ -203,4 +203,7 @@ class TransformersAttention(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["hf_attn"], name)
+            inner = self.__dict__.get("_modules", {}).get("hf_attn")
+            if inner is None or name.startswith("__"):  # half-built (copy, unpickling) or a dunder
+                raise
+            return getattr(inner, name)

@@ -590,6 +590,9 @@ def from_transformers(hf_model: nn.Module, *, cache_config: CacheConfig | None =
     hf_config = hf_model.config
     dtype = next(hf_model.parameters()).dtype
     head = hf_model.get_output_embeddings()
+    if isinstance(head, TransformersLMHead):
+        raise ValueError(f"from_transformers: this {architecture} was already converted (it converts in place); "
+                         f"load or copy the Hugging Face model again to convert another")
     head_name = next(n for n, m in hf_model.named_children() if m is head)
     if type(head) is not nn.Linear:
         raise UnsupportedModuleError(f"from_transformers: {head_name!r} is a {type(head).__name__}; expected torch.nn.Linear")

@@ -45,4 +45,7 @@ class TransformersPackedMLP(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["hf_mlp"], name)
+            inner = self.__dict__.get("_modules", {}).get("hf_mlp")
+            if inner is None or name.startswith("__"):  # half-built (copy, unpickling) or a dunder
+                raise
+            return getattr(inner, name)

@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 import layerpass  # noqa: E402
 from layerpass.backend.report import compile_reports  # noqa: E402
-from layerpass.models import build_model, make_step  # noqa: E402
+from layerpass.models import make_step  # noqa: E402
 from tests.helpers import backend as bh  # noqa: E402  (session Inductor cache, recompile limits)
 from tests.models.hf.common import (  # noqa: E402
     FAMILIES,

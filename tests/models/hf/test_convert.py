@@ -343,6 +343,15 @@ def test_lm_head_must_be_a_linear() -> None:
         from_transformers(model)
 
 
+def test_converting_twice_is_refused_and_a_converted_model_copies() -> None:
+    ref = hf("hf-gemma2")
+    model = from_transformers(ref)
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM was already converted"):
+        from_transformers(ref)
+    twin = copy.deepcopy(model)  # the wrappers read through to the HF modules, also half-built
+    assert twin.model.layers[0].self_attn.sliding_window == 8 and twin.model.layers[0].mlp.hidden_size == 64
+
+
 def test_quant_config_type_is_checked() -> None:
     with pytest.raises(TypeError, match="quant_config must be None or an Fp8Config"):
         from_transformers(hf("hf-llama"), quant_config="fp8")
