@@ -55,7 +55,7 @@ def test_llama_fp8_coverage_grows_with_layers_work_does_not(fused2, fused6) -> N
 
 
 def test_no_unfused_quant_left(fused2, unfused2) -> None:
-    assert len(fused2.graphs) == fused2.report.num_compiled == 4, "the recorder missed pieces: the test proves nothing"
+    assert len(fused2.graphs) == fused2.report.num_compiled > 0, "the recorder missed pieces: the test proves nothing"
     producers = (ATTN, lp.rms_norm.default, lp.fused_add_rms_norm.default, lp.silu_and_mul.default)
     # the same check on the unfused compile finds every chain (so it can fail)
     found = {p: sum(len(fh.quants_fed_by(g, p)) for g in unfused2.graphs) for p in producers}
