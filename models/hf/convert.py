@@ -248,17 +248,18 @@ class _Converter:
         load_linear(layer, [lin.weight], [lin.bias])
         return layer
 
-    def _packed_style(self, path: str, names: list[str]) -> tuple[bool, bool] | None:
-        """(usable as one packed column-parallel layer, gather its slices) for the packed linears
-        ``names`` of module ``path``; None when their styles disagree or are not column styles."""
+    def _packed_gather(self, path: str, names: list[str]) -> bool | None:
+        """For linears ``names`` of module ``path`` packed into one column-parallel layer: whether
+        each slice must be gathered (their plan style replicates the output, or they have none),
+        or None when their styles disagree or are not column styles (not packable)."""
         styles = {self.plan.style(f"{path}.{n}") for n in names}
         if len(styles) != 1:
             return None
         style = styles.pop()
         if style in COLWISE:
-            return True, False
+            return False
         if style in COLWISE_GATHER or style is None:  # no plan entry: the output is replicated
-            return True, True
+            return True
         return None
 
     # -- attention --------------------------------------------------------------------------
@@ -266,14 +267,13 @@ class _Converter:
         names = ["q_proj", "k_proj", "v_proj"]
         q, k, v = (module._modules[n] for n in names)
         head_dim = getattr(module, "head_dim", None)
-        style = self._packed_style(path, names)
+        gather = self._packed_gather(path, names)
         biases = [x.bias is not None for x in (q, k, v)]
-        if (style is None or not isinstance(head_dim, int) or len({q.in_features, k.in_features, v.in_features}) != 1
+        if (gather is None or not isinstance(head_dim, int) or len({q.in_features, k.in_features, v.in_features}) != 1
                 or len(set(biases)) != 1 or q.out_features % head_dim or k.out_features % head_dim
                 or k.out_features != v.out_features or (q.out_features // head_dim) % (k.out_features // head_dim)):
             self.convert_children(module, path)  # not a layout we pack: one linear each
             return None
-        _, gather = style
         heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
         self._check_divisible(kv_heads, f"{path}: number of KV heads")
         qkv = QKVParallelLinear(q.in_features, head_dim, heads, kv_heads, bias=biases[0], quant_config=self.quant_config,
@@ -289,8 +289,8 @@ class _Converter:
         lin, head_dim, c = module.qkv_proj, module.head_dim, self.config
         heads = getattr(c, "num_attention_heads", None)
         kv_heads = getattr(module, "num_key_value_heads", None) or getattr(c, "num_key_value_heads", None) or heads
-        style = self._packed_style(path, ["qkv_proj"])
-        if (style is None or not heads or lin.out_features != (heads + 2 * kv_heads) * head_dim
+        gather = self._packed_gather(path, ["qkv_proj"])
+        if (gather is None or not heads or lin.out_features != (heads + 2 * kv_heads) * head_dim
                 or heads % kv_heads):
             return self.linear(lin, f"{path}.qkv_proj")
         self._check_divisible(kv_heads, f"{path}: number of KV heads")
@@ -298,7 +298,7 @@ class _Converter:
                                 quant_config=self.quant_config, prefix=f"{path}.qkv_proj", params_dtype=self.dtype)
         sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
         load_linear(qkv, list(lin.weight.split(sizes)), list(lin.bias.split(sizes)) if lin.bias is not None else None)
-        return GatheredPacked(qkv) if style[1] and qkv.tp_size > 1 else qkv
+        return GatheredPacked(qkv) if gather and qkv.tp_size > 1 else qkv
 
     def attach_attention(self, calls: list[AttentionCall]) -> None:
         """Give every attention module the dry run saw its layerpass ``Attention``."""
@@ -407,23 +407,23 @@ class _Converter:
             raise UnsupportedModuleError(f"from_transformers: {path!r} ({type(module).__name__}) is a shared expert that is "
                                          f"not a SiLU-gated MLP; under tensor parallelism its partial sums cannot be reduced "
                                          f"with the experts'")
-        style = self._packed_style(path, sorted(names - {"down_proj"}))
-        if separate and ok and style is not None and self._probe(("packed_mlp", type(module)),
+        gather = self._packed_gather(path, sorted(names - {"down_proj"}))
+        if separate and ok and gather is not None and self._probe(("packed_mlp", type(module)),
                                                                   lambda: self._runs_on_packed(module)):
             gate_up = MergedColumnParallelLinear(hidden, [inter, inter], bias=biases[0] is not None,
                                                  quant_config=self.quant_config, prefix=f"{path}.gate_up_proj",
                                                  params_dtype=self.dtype)
             load_linear(gate_up, weights, biases)
-            module.gate_proj, module.up_proj = packed_slices(gate_up, gather=style[1])
+            module.gate_proj, module.up_proj = packed_slices(gate_up, gather=gather)
             module.down_proj = self.linear(down, f"{path}.down_proj", style=down_style, reduce_results=reduce_results)
             self.convert_children(module, path)
             return TransformersPackedMLP(gate_up, module)
-        if not separate and ok and style is not None:  # packed in the checkpoint already: load as is
+        if not separate and ok and gather is not None:  # packed in the checkpoint already: load as is
             gate_up = MergedColumnParallelLinear(hidden, [inter, inter], bias=biases[0] is not None,
                                                  quant_config=self.quant_config, prefix=f"{path}.gate_up_proj",
                                                  params_dtype=self.dtype)
             load_linear(gate_up, weights, biases)
-            module.gate_up_proj = GatheredPacked(gate_up) if style[1] and gate_up.tp_size > 1 else gate_up
+            module.gate_up_proj = GatheredPacked(gate_up) if gather and gate_up.tp_size > 1 else gate_up
             module.down_proj = self.linear(down, f"{path}.down_proj", style=down_style, reduce_results=reduce_results)
             self.convert_children(module, path)
             return None
