@@ -201,7 +201,7 @@ def _check(query, key, value, output, layer, output_scale) -> None:
 def resolve_attention(query, key, value, output, layer_name, output_scale):
     """The layer and batch metadata of one attention call, after every argument check
     (shared by the CPU op and the Triton kernel)."""
-    layer = lookup_layer(layer_name)
+    layer = lookup_layer(layer_name, ("kv_cache", "scale"), "unified_attention_with_output")
     _check(query, key, value, output, layer, output_scale)
     md = get_batch_metadata()
     if md.slot_mapping.shape[0] != query.shape[0]:

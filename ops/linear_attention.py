@@ -230,7 +230,7 @@ def linear_attention(
 ) -> None:
     """``query``/``key [T, H, Dk]``, ``value [T, H, Dv]``; writes ``output [T, H, Dv]`` and
     advances the layer's recurrent state of every request in the step's batch."""
-    layer = lookup_layer(layer_name)
+    layer = lookup_layer(layer_name, ("state_cache",), OP_NAME)
     md = get_batch_metadata()
     state_cache = getattr(layer, "state_cache", None)
     slopes = getattr(layer, "slopes", None)

@@ -225,3 +225,22 @@ def test_lookup_by_kind() -> None:
         assert isinstance(lookup_layer("a", needs=("weight", "bias"), op="some_op"), nn.Linear)
         with pytest.raises(ValueError, match=r"some_op: layer 'a' is a Linear, which has no 'w2_weight'"):
             lookup_layer("a", needs=("weight", "w2_weight"), op="some_op")
+
+
+def test_attention_ops_with_another_kind_of_layer_name() -> None:
+    """Before: the attention op read ``layer.kv_cache`` of an MoE layer (``AttributeError`` / "no KV cache"),
+    and linear attention said its layer "needs a state_cache", never that the name is of another kind."""
+    reg = LayerRegistry("m")
+    moe = ref.MoELayer("model.layers.0.mlp.experts", 4, 6, 5, 2, True)
+    attn = ref.AttnLayer("model.layers.1.self_attn.attn", num_blocks=2, block_size=4, num_kv_heads=1, head_size=8)
+    for layer in (moe, attn):
+        reg.register(layer.prefix, layer)
+    q = torch.randn(3, 1, 8)
+    with set_forward_context(None, reg), pytest.raises(
+            ValueError, match=r"unified_attention_with_output: layer 'model\.layers\.0\.mlp\.experts' is a MoELayer.*"
+                              r"'kv_cache'.*another kind of layer"):
+        ops.unified_attention_with_output(q, q, q, torch.empty_like(q), encode_layer_name(moe.prefix))
+    with set_forward_context(None, reg), pytest.raises(
+            ValueError, match=r"linear_attention: layer 'model\.layers\.1\.self_attn\.attn' is a AttnLayer.*"
+                              r"'state_cache'.*another kind of layer"):
+        ops.linear_attention(q, q, q, torch.empty_like(q), encode_layer_name(attn.prefix))
