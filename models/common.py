@@ -129,8 +129,10 @@ class CausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size, prefix="logits_processor")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # checked in eager only: under torch.compile the token count may be an unbacked symbol
-        if not torch.compiler.is_compiling() and (input_ids.dim() != 1 or positions.shape != input_ids.shape):
-            raise ValueError(f"model forward takes input_ids [T] and positions [T], got {tuple(input_ids.shape)} "
-                             f"and {tuple(positions.shape)}")
+        # checked in eager only: under torch.compile the token count may be an unbacked symbol (the
+        # compiled model runs the same check before Dynamo sees the inputs)
+        if not torch.compiler.is_compiling():
+            from layerpass.backend.inputs import check_step_inputs  # ValueError; torch-only imports, no cycle
+
+            check_step_inputs(input_ids, positions)
         return self.logits_processor(self.lm_head, self.model(input_ids, positions))

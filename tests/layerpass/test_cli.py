@@ -1,5 +1,5 @@
 """The ``layerpass`` command line: argument errors, the entry points, and the sweep's scheduling
-(timeouts kill the measurement and skip larger layer counts; the budget skips what no longer fits)."""
+(timeouts kill the measurement and skip larger layer counts). No sweep budget: tests/bench/test_sweep.py."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_registered_models_are_accepted(capsys) -> None:
     from layerpass.bench.sweep import check_models
 
     check_models(registered_models())
-    assert "unknown model" in _error(capsys, "bench", "--models", "not-registered", "--budget", "5")
+    assert "unknown model" in _error(capsys, "bench", "--models", "not-registered")
 
 
 def test_console_script_and_module_entry_points() -> None:
@@ -52,7 +52,7 @@ def test_console_script_and_module_entry_points() -> None:
     assert ep.value == "layerpass.cli:main" and ep.load() is main
     proc = subprocess.run([sys.executable, "-m", "layerpass", "bench", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--quick", "--models", "--layers", "--modes", "--out", "--timeout", "--budget", "--jobs"):
+    for flag in ("--quick", "--full", "--jobs", "--models", "--layers", "--modes", "--out", "--timeout"):
         assert flag in proc.stdout
 
 
@@ -67,7 +67,7 @@ def _bench(tmp_path, capsys, *argv: str) -> tuple[dict, str]:
 
 def test_timeout_is_recorded_and_skips_larger_layer_counts(tmp_path, capsys) -> None:
     doc, table = _bench(tmp_path, capsys, "--models", "llama", "--layers", "8,2", "--modes", "inductor,layerpass",
-                        "--timeout", "1", "--budget", "0", "--jobs", "2")
+                        "--timeout", "1", "--jobs", "2")
     got = [(r["layers"], r["mode"], r["status"], r["reason"]) for r in doc["rows"]]
     assert got == [  # plan order: small layer counts first; each (model, mode) in increasing layers
         (2, "inductor", "timeout", "cold run exceeded 1 s"),
@@ -78,13 +78,3 @@ def test_timeout_is_recorded_and_skips_larger_layer_counts(tmp_path, capsys) -> 
     assert doc["rows"][0]["cold_wall_s"] < 30  # killed, not waited for
     assert doc["config"]["jobs"] == 2 and doc["machine"]["cpu_count"] == os.cpu_count()
     assert "| llama | 2 | inductor | timeout |" in table and "**timeout**: cold run exceeded 1 s" in table
-
-
-def test_budget_skips_what_does_not_fit(tmp_path, capsys) -> None:
-    doc, table = _bench(tmp_path, capsys, "--quick", "--budget", "5")
-    assert len(doc["rows"]) == 8  # llama x {2, 8} x 4 modes
-    assert {r["status"] for r in doc["rows"]} == {"skipped"}
-    assert all("budget" in r["reason"] for r in doc["rows"])
-    assert doc["config"]["quick"] and doc["config"]["layers"] == [2, 8]
-    with open(tmp_path / "res" / "results.md") as f:
-        assert f.read().strip() == table.strip()

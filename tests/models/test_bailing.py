@@ -147,7 +147,8 @@ def test_layer_matches_float64_reference(num_decodes, prefills, norm_groups, see
                                          norm_groups=norm_groups, prefix="attn")
     attn.state_cache.normal_(generator=g)
     before = attn.state_cache.clone()
-    md = build_batch_metadata(q_lens, ctx, [[0, 1, 2, 3]] * len(q_lens), 16, state_indices=slots)
+    tables = [[4 * r + j for j in range(4)] for r in range(len(q_lens))]  # each request its own blocks
+    md = build_batch_metadata(q_lens, ctx, tables, 16, state_indices=slots)
     x = torch.randn(sum(q_lens), 32, generator=g)
     positions = torch.cat([torch.arange(c, c + q) for q, c in zip(q_lens, ctx)])
     with torch.no_grad(), set_forward_context(md, reg):

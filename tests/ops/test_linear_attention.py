@@ -59,7 +59,8 @@ def make_metadata(q_lens, has_state, slots, num_decodes) -> BatchMetadata:
         num_prefill_tokens=sum(q_lens[num_decodes:]),
         query_start_loc=qsl,
         seq_lens=torch.tensor(q_lens, dtype=torch.int32),
-        slot_mapping=torch.zeros(sum(q_lens), dtype=torch.long),
+        # KV slots (unused by linear attention, which reads state_indices): one distinct slot per token
+        slot_mapping=torch.arange(sum(q_lens), dtype=torch.long),
         block_table=torch.zeros(n, 1, dtype=torch.int32),
         state_indices=torch.tensor(slots, dtype=torch.long),
         has_initial_state=torch.tensor(has_state, dtype=torch.bool),

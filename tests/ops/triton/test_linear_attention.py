@@ -52,7 +52,8 @@ def _inputs(q_lens, heads, dk, dv, dtype, seed):
 def test_kernels_match_reference(dtype, state_dtype, tol, mix, dims, seed):
     q_lens, ctx, slots, num_slots = mix
     heads, dk, dv = dims
-    md = build_batch_metadata(q_lens, ctx, [[0, 1, 2, 3, 4, 5]] * len(q_lens), 8, state_indices=slots)
+    tables = [[6 * r + j for j in range(6)] for r in range(len(q_lens))]  # each request its own blocks
+    md = build_batch_metadata(q_lens, ctx, tables, 8, state_indices=slots)
     q, k, v = _inputs(q_lens, heads, dk, dv, dtype, seed)
     slopes = torch.linspace(0.02, 0.6, heads)
     cache = torch.randn(num_slots, heads, dk, dv, generator=torch.Generator().manual_seed(seed)).to(state_dtype)
@@ -81,7 +82,8 @@ def test_op_entry_point_with_layer_name():
     """``linear_attention_triton`` is what the op's CUDA slot calls: layer by name, decode-first metadata."""
     q_lens, ctx, slots = [1, 1, 20, 3], [4, 2, 0, 6], [2, 0, 3, 1]
     heads, dk, dv = 2, 16, 16
-    md = build_batch_metadata(q_lens, ctx, [[0, 1, 2, 3]] * 4, 8, state_indices=slots, device=DEVICE)
+    tables = [[4 * r + j for j in range(4)] for r in range(4)]  # each request its own blocks
+    md = build_batch_metadata(q_lens, ctx, tables, 8, state_indices=slots, device=DEVICE)
     q, k, v = (x.to(DEVICE) for x in _inputs(q_lens, heads, dk, dv, torch.float32, 5))
     slopes = torch.tensor([0.1, 0.4], device=DEVICE)
     cache = torch.randn(4, heads, dk, dv, device=DEVICE)
@@ -113,7 +115,8 @@ def test_op_dispatches_to_triton_on_cuda():
     from layerpass.ops import op_overload
 
     q_lens, ctx, slots = [1, 7], [3, 0], [1, 0]
-    md = build_batch_metadata(q_lens, ctx, [[0, 1]] * 2, 8, state_indices=slots, device="cuda")
+    tables = [[2 * r + j for j in range(2)] for r in range(2)]  # each request its own blocks
+    md = build_batch_metadata(q_lens, ctx, tables, 8, state_indices=slots, device="cuda")
     q, k, v = (x.cuda() for x in _inputs(q_lens, 2, 16, 16, torch.float32, 1))
     cache = torch.randn(2, 2, 16, 16, device="cuda")
     ref_cache = cache.clone()
