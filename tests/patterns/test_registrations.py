@@ -38,22 +38,68 @@ def count_registrations() -> dict:
     return {"use_layername": layerpass.USE_LAYERNAME, "counts": out}
 
 
-_COUNT_BODY = """\
-from tests.patterns.test_registrations import count_registrations
-emit(count_registrations())
+def per_name_results() -> dict:
+    """Switch off: the attention pattern registered for one layer name applied to a captured graph of
+    layer 7, for layer 3's name and for layer 7's own."""
+    import torch
+
+    import layerpass
+    from layerpass.ops import LayerRegistry, build_batch_metadata, layer_registry_scope, set_forward_context
+    from layerpass.ops.library import op_name
+    from layerpass.patterns.attn_quant import AttnQuantFusionPass
+    from tests.helpers import fusion as fh
+    from tests.patterns.test_patterns import AttnQuant
+
+    registry = LayerRegistry("per-name")
+    name = "model.layers.7.self_attn.attn"
+    with layer_registry_scope(registry):
+        m = AttnQuant(4, 2, 16, 0.05, torch.float32, name)
+    md = build_batch_metadata([1, 4], [9, 0], [[0], [1]], 16)
+    q, k, v = torch.randn(5, 64), torch.randn(5, 32), torch.randn(5, 32)
+    with torch.no_grad(), set_forward_context(md, registry):
+        eager = m(q, k, v)
+    cap = fh.capture_graph(m, [q, k, v], metadata=md, registry=registry)
+    results = {}
+    for seen in ("model.layers.3.self_attn.attn", name):
+        p = AttnQuantFusionPass()
+        fused, matches = fh.apply_passes(cap.gm, [p], {"str_constants": [("n", op_name(torch.ops.layerpass.unified_attention_with_output), seen)]})
+        with torch.no_grad(), set_forward_context(md, registry):
+            out = cap.run(fused)
+        results[seen] = {"matches": matches["fuse_attn_quant"], "registrations": p.registrations,
+                         "equal": bool(torch.equal(fh.fp8_bits(out), fh.fp8_bits(eager)))}
+    return {"use_layername": layerpass.USE_LAYERNAME, "results": results,
+            "arg_types": [type(a).__name__ for a in cap.args]}
+
+
+_OTHER_SETTING_BODY = """\
+from tests.patterns import test_registrations as t
+emit({{"counts": t.count_registrations(), "per_name": t.per_name_results() if {off} else None}})
 """
 
 
-@pytest.mark.parametrize("switch", ["1", "0"])
-def test_registration_counts(switch) -> None:
-    """The setting this process runs with is counted here; the other in a fresh process."""
+@pytest.fixture(scope="module")
+def other_setting() -> dict:
+    """The results under the switch setting this process does not run with, from ONE fresh process."""
+    from layerpass.envs import USE_LAYERNAME
+
+    switch = "0" if USE_LAYERNAME else "1"
+    env = dict(bh.subprocess_env(), VLLM_USE_LAYERNAME=switch)
+    body = _OTHER_SETTING_BODY.format(off=switch == "0")
+    return bh.run_python(body, env=env, what=f"VLLM_USE_LAYERNAME={switch} process").result
+
+
+def _under(switch: str, request: pytest.FixtureRequest, key: str, here) -> dict:
+    """``here()`` when this process runs with ``switch``, else the fresh process's ``key`` result."""
     from layerpass.envs import USE_LAYERNAME
 
     if USE_LAYERNAME is (switch == "1"):
-        res = count_registrations()
-    else:
-        env = dict(bh.subprocess_env(), VLLM_USE_LAYERNAME=switch)
-        res = bh.run_python(_COUNT_BODY, env=env, what=f"registration count (VLLM_USE_LAYERNAME={switch})").result
+        return here()
+    return request.getfixturevalue("other_setting")[key]
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_registration_counts(switch, request) -> None:
+    res = _under(switch, request, "counts", count_registrations)
     assert res["use_layername"] is (switch == "1")
     two, many = res["counts"]["2"], res["counts"]["32"]
     for name in ("fuse_norm_quant", "fuse_act_quant"):  # no layer name in these patterns
@@ -65,41 +111,10 @@ def test_registration_counts(switch) -> None:
         assert (two["fuse_moe"], many["fuse_moe"]) == (4, 64)
 
 
-_PER_NAME_BODY = """\
-import torch
-from tests.helpers import fusion as fh
-from tests.patterns.test_patterns import AttnQuant
-from layerpass.ops import LayerRegistry, build_batch_metadata, layer_registry_scope, set_forward_context
-from layerpass.ops.library import op_name
-from layerpass.patterns.attn_quant import AttnQuantFusionPass
-import layerpass
-registry = LayerRegistry("per-name")
-name = "model.layers.7.self_attn.attn"
-with layer_registry_scope(registry):
-    m = AttnQuant(4, 2, 16, 0.05, torch.float32, name)
-md = build_batch_metadata([1, 4], [9, 0], [[0], [1]], 16)
-q, k, v = torch.randn(5, 64), torch.randn(5, 32), torch.randn(5, 32)
-with torch.no_grad(), set_forward_context(md, registry):
-    eager = m(q, k, v)
-cap = fh.capture_graph(m, [q, k, v], metadata=md, registry=registry)
-results = {}
-for seen in (["model.layers.3.self_attn.attn"], [name]):
-    p = AttnQuantFusionPass()
-    fused, matches = fh.apply_passes(cap.gm, [p], {"str_constants": [("n", op_name(torch.ops.layerpass.unified_attention_with_output), s) for s in seen]})
-    with torch.no_grad(), set_forward_context(md, registry):
-        out = cap.run(fused)
-    results[seen[0]] = {"matches": matches["fuse_attn_quant"], "registrations": p.registrations,
-                        "equal": bool(torch.equal(fh.fp8_bits(out), fh.fp8_bits(eager)))}
-placeholders = [str(type(a).__name__) for a in cap.args]
-emit({"use_layername": layerpass.USE_LAYERNAME, "results": results, "arg_types": placeholders})
-"""
-
-
-def test_per_name_pattern_matches_only_its_layer() -> None:
+def test_per_name_pattern_matches_only_its_layer(request) -> None:
     """Switch off: the pattern registered for layer 7's name fuses layer 7's chain; one registered
     for another layer's name does not (the name is part of the pattern, not a wildcard)."""
-    env = dict(bh.subprocess_env(), VLLM_USE_LAYERNAME="0")
-    res = bh.run_python(_PER_NAME_BODY, env=env, what="per-name attention pattern").result
+    res = _under("0", request, "per_name", per_name_results)
     assert res["use_layername"] is False and "LayerName" not in res["arg_types"]
     other, own = res["results"]["model.layers.3.self_attn.attn"], res["results"]["model.layers.7.self_attn.attn"]
     assert other == {"matches": 0, "registrations": 1, "equal": True}
