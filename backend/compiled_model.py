@@ -49,8 +49,7 @@ class CompiledModel(nn.Module):
         elif not has_aot_api():
             self._whole_model(f"torch {torch.__version__} cannot trace a layer ahead of time (no aot_compile)")
         else:
-            store = None if config.disable_cache else ProgramStore(config.cache_dir, model, self.backend.key_parts())
-            self.regions = Regions(layers, self.backend, store, config.dynamic_tokens)
+            self.regions = Regions(layers, self.backend, None, config.dynamic_tokens)
 
     def _whole_model(self, why: str) -> None:
         self.trace_note = why
@@ -63,12 +62,13 @@ class CompiledModel(nn.Module):
         check_model_inputs(self.model, args, kwargs)
         self.num_calls += 1
         if self.regions is not None:
-            try:
-                return self._run_regions(args, kwargs)
-            except torch._dynamo.exc.Unsupported as e:
-                logger.warning("layerpass: a layer cannot be traced whole (%s); compiling the whole model instead",
-                               str(e).splitlines()[0])
-                self._whole_model(f"a layer cannot be traced whole: {str(e).splitlines()[0]}")
+            out = self._run_regions(args, kwargs)
+            if self.regions.failed is None:
+                return out
+            # this step ran that layer (and the ones after it) eagerly; from the next step on, whole model
+            logger.warning("layerpass: %s; compiling the whole model instead", self.regions.failed)
+            self._whole_model(self.regions.failed)
+            return out
         if self.config.dynamic_tokens:
             mark_token_dims([*args, *kwargs.values()])
         calls = self.backend.num_calls
@@ -87,6 +87,9 @@ class CompiledModel(nn.Module):
 
     def _run_regions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         assert self.regions is not None
+        if self.num_calls == 1 and not self.config.disable_cache:
+            # keyed at the first call, so passes added after compile() (add_pass) are in the key
+            self.regions.store = ProgramStore(self.config.cache_dir, self.model, self.backend.key_parts())
         tokens = _token_count(args, kwargs)
         t0 = time.perf_counter()
         with self.regions.installed(tokens) as run:

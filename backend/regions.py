@@ -7,9 +7,8 @@ call through ``Regions.call``. A *region* is one AOT-compiled program of the lay
 argument, so its weights are graph inputs and one program serves every layer that passes the
 program's guards. A layer is served by a region only if
 
-- its structure signature (classes, parameter/buffer shapes and dtypes, Python constants and
-  callables on every submodule; ``str`` attributes are left to Dynamo's guards) equals the
-  region's, and
+- its structure signature (classes, parameter/buffer shapes and dtypes, callables and other
+  objects on every submodule: what Dynamo's saved guards do not check) equals the region's, and
 - Dynamo's guards of the region pass for this layer and these inputs (tensor metadata, the
   ``str`` and other constants the trace read, ``None``-ness of inputs, ...).
 
@@ -64,11 +63,13 @@ def _breadth_first(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _describe(value: Any) -> Any:
-    """A Python attribute as it can shape the traced program (``str`` left to Dynamo's guards)."""
-    if isinstance(value, str):
-        return "str"
-    if isinstance(value, (bool, int, float, complex)) or value is None:
-        return (type(value).__name__, value)
+    """A Python attribute as far as Dynamo's *saved* guards may not cover it.
+
+    Scalars and strings are left to those guards: a trace that reads one guards on its value (or
+    takes it as an input), and such guards are saved. What saved guards drop is object identity
+    (ID/function/class match), so callables, classes and other objects are named here."""
+    if isinstance(value, (str, bool, int, float, complex)) or value is None:
+        return type(value).__name__
     if isinstance(value, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
         return str(value)
     if isinstance(value, torch.Tensor):
@@ -151,6 +152,7 @@ class Regions:
         self.last: dict[int, Region] = {}  # layer id -> the region it used last (checked first)
         self.loaded_classes: set[type] = set()
         self.run: RegionsRun | None = None
+        self.failed: str | None = None  # why a layer could not become a region
 
     @contextlib.contextmanager
     def installed(self, tokens: int | None) -> Iterator[RegionsRun]:
@@ -168,9 +170,15 @@ class Regions:
             self.run = None
 
     def call(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.failed is not None:  # this step finishes eagerly; the compiled model then goes whole-model
+            return type(layer).forward(layer, *args, **kwargs)
         region = self._find(layer, args, kwargs)
         if region is None:
-            region = self._compile(layer, args, kwargs)
+            try:
+                region = self._compile(layer, args, kwargs)
+            except Exception as e:  # e.g. a graph break, or guards that cannot be saved
+                self.failed = f"{type(layer).__name__} cannot be traced as a region ({type(e).__name__}: {_first_line(e)})"
+                return type(layer).forward(layer, *args, **kwargs)
         self.last[id(layer)] = region
         if self.run is not None:
             self.run.layer_regions.append((self.index[id(layer)], region))
@@ -254,6 +262,11 @@ class _RegionForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.regions.call(self.layer, args, kwargs)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else ""
 
 
 def _fresh_copy(t: torch.Tensor) -> torch.Tensor:

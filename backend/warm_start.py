@@ -151,7 +151,8 @@ class ProgramStore:
             raise ValueError("it belongs to another layer class")
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             raise ValueError("checksum mismatch (truncated or corrupted)")
-        aot = AOTCompiledFunction.deserialize(payload, f_globals=cls.forward.__globals__)
+        aot = AOTCompiledFunction.deserialize(payload, f_globals=inspect.unwrap(cls.forward).__globals__,
+                                              external_closure_data=_forward_chain(cls))
         return header, aot
 
     def _why_missing(self) -> str:
@@ -180,7 +181,11 @@ class ProgramStore:
 
         folder = os.path.join(self.dir, self.class_key(region.cls))
         try:
-            payload = AOTCompiledFunction.serialize(region.aot).serialized_data
+            payload = AOTCompiledFunction.serialize(region.aot, _forward_chain(region.cls)).serialized_data
+            # never save what cannot be loaded (torch 2.13 cannot restore the guards of some frames,
+            # e.g. transformers' decoder layers): a failed round trip is reported, nothing is written
+            AOTCompiledFunction.deserialize(payload, f_globals=inspect.unwrap(region.cls.forward).__globals__,
+                                            external_closure_data=_forward_chain(region.cls))
             header = {"format": FORMAT_VERSION, "model_key": self.model_key, "class_key": self.class_key(region.cls),
                       "signature": region.signature, "sha256": hashlib.sha256(payload).hexdigest(),
                       "torch": torch.__version__}
@@ -193,10 +198,23 @@ class ProgramStore:
             if self.status == "off":
                 self.status = "saved"
         except Exception as e:
+            why = f"{type(region.aot).__name__} of {region.cls.__qualname__} cannot be saved ({type(e).__name__}: {e})"
+            self.status = f"off: {why}"
             if not self._warned_write:
                 self._warned_write = True
-                logger.warning("layerpass: warm start: could not save the traced program in %s (%s: %s); "
-                               "the next process will trace again", folder, type(e).__name__, e)
+                logger.warning("layerpass: warm start: %s; the next process will trace again", why)
+
+
+def _forward_chain(cls: type) -> dict[str, Any]:
+    """``cls.forward`` and the functions it wraps (decorated forwards, as in transformers): saved
+    by reference, since pickle cannot name a wrapped function, and supplied again on load."""
+    chain, fn = {}, cls.forward
+    for i in range(8):
+        chain[f"forward{i}"] = fn
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            break
+    return chain
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -1,0 +1,232 @@
+"""Regions: ``layerpass.compile`` traces each distinct decoder layer once and never shares wrongly.
+
+- Dynamo traces (counted at ``fullgraph_capture``) do not grow with depth.
+- Layers that differ in shape, dtype, structure, a graph-changing Python constant, a callable or
+  a ``str`` get their own region, and every output equals eager.
+- The hybrid model and a converted HF model dedup; no repeated layers: the whole model, as before;
+  a torch without the AOT API: the whole model, saying why.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+import layerpass
+from layerpass.backend import compiled_model as cm
+from layerpass.backend.config import CompilationConfig
+from tests.helpers import backend as bh
+
+
+class CountTraces:
+    """Counts Dynamo's whole-frame traces (every region trace goes through ``fullgraph_capture``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._orig = torch._dynamo.convert_frame.fullgraph_capture
+
+    def __enter__(self) -> CountTraces:
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self._orig(*args, **kwargs)
+
+        self._patch = mock.patch.object(torch._dynamo.convert_frame, "fullgraph_capture", counted)
+        self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._patch.__exit__(*exc)
+
+
+def compile_and_run(model: nn.Module, *inputs: torch.Tensor, **config) -> tuple[torch.Tensor, layerpass.CompileReport, int]:
+    """Eager output, then ``layerpass.compile``'s output (asserted equal), its report and the trace count."""
+    with torch.no_grad():
+        ref = model(*inputs)
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("regions"), **config))
+        with CountTraces() as traces:
+            out = compiled(*inputs)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    return out, layerpass.last_compile_report(), traces.count
+
+
+@pytest.mark.parametrize("layers", [3, 9])
+def test_region_traces_do_not_grow_with_depth(layers: int) -> None:
+    _, report, traces = compile_and_run(bh.Stack(layers, seed=layers).eval(), torch.randn(5, 8))
+    assert report.trace == "regions" and report.num_regions == 1 and traces == 1, (report.num_regions, traces)
+    assert report.num_pieces == layers and report.num_unique_pieces == 1 and report.num_compiled == 1
+    assert [p.layer for p in report.pieces] == list(range(layers))
+    assert [p.source for p in report.pieces] == ["compiled"] + ["shared"] * (layers - 1)
+
+
+def test_zoo_region_count_is_independent_of_depth() -> None:
+    two, eight = bh.compiled_zoo("llama", 2), bh.compiled_zoo("llama", 8)
+    for c in (two, eight):
+        bh.assert_matches(c.out, c.ref, "llama regions")
+        assert c.report.trace == "regions"
+    if layerpass.USE_LAYERNAME:  # the first layer (no residual yet) and the rest
+        assert two.report.num_regions == eight.report.num_regions == 2
+
+
+# ---------------------------------------------------------------- layers that must not share
+class Scaled(nn.Module):
+    """``relu(lin(x)) * scale + x`` (``repeats`` times), optionally through an activation callable
+    and a mode ``str``: each of these changes the traced graph."""
+
+    def __init__(self, width: int, repeats: int = 1, act=torch.relu, mode: str = "plain",
+                 dtype: torch.dtype = torch.float32, extra: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width, dtype=dtype)
+        self.repeats, self.act, self.mode = repeats, act, mode
+        self.extra = nn.Linear(width, width, dtype=dtype) if extra else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.lin.weight.dtype)
+        for _ in range(self.repeats):
+            h = self.act(self.lin(h))
+        if self.mode == "doubled":
+            h = h * 2
+        if self.extra is not None:
+            h = self.extra(h)
+        return (h + x.to(h.dtype)).to(x.dtype)
+
+
+class Mixed(nn.Module):
+    def __init__(self, layers: list[nn.Module], width: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+DIFFERING = {
+    "constant": lambda: [Scaled(8), Scaled(8), Scaled(8, repeats=2)],
+    "callable": lambda: [Scaled(8), Scaled(8), Scaled(8, act=torch.tanh)],
+    "str": lambda: [Scaled(8), Scaled(8), Scaled(8, mode="doubled")],
+    "dtype": lambda: [Scaled(8), Scaled(8), Scaled(8, dtype=torch.float64)],
+    "structure": lambda: [Scaled(8), Scaled(8), Scaled(8, extra=True)],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DIFFERING))
+def test_layers_that_differ_get_their_own_region(kind: str) -> None:
+    torch.manual_seed(0)
+    model = Mixed(DIFFERING[kind]()).eval()
+    _, report, traces = compile_and_run(model, torch.randn(6, 8))
+    assert report.num_regions == 2 and traces == 2, (kind, report.num_regions, traces)
+    keys = [p.key for p in report.pieces]
+    assert keys[0] == keys[1] and keys[2] != keys[0], kind
+
+
+class Proj(nn.Module):
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x))
+
+
+class Breaks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        torch._dynamo.graph_break()
+        return torch.relu(h) + x
+
+
+def test_layers_of_different_shapes_get_their_own_region() -> None:
+    torch.manual_seed(0)
+    model = Mixed([Proj(8, 8), Proj(8, 8), Proj(8, 16), Proj(16, 16)]).eval()
+    _, report, traces = compile_and_run(model, torch.randn(6, 8))
+    assert report.num_regions == 3 and traces == 3
+    assert len({p.key for p in report.pieces}) == 3
+
+
+# ---------------------------------------------------------------- models of the zoo and HF
+@pytest.mark.slow
+def test_hybrid_model_dedups() -> None:
+    four, eight = bh.compile_zoo("bailing-hybrid", 4), bh.compile_zoo("bailing-hybrid", 8)
+    for c in (four, eight):
+        bh.assert_matches(c.out, c.ref, "bailing-hybrid regions")
+        assert c.report.trace == "regions"
+    assert four.report.num_regions == eight.report.num_regions <= 4
+    assert four.report.num_unique_pieces == eight.report.num_unique_pieces <= 5
+
+
+@pytest.mark.slow
+def test_converted_hf_model_dedups() -> None:
+    transformers = pytest.importorskip("transformers")
+    from layerpass.models import from_config, make_step
+
+    reports = []
+    for layers in (2, 4):
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        torch.manual_seed(0)
+        model = from_config(cfg)
+        step = make_step(model, num_decodes=2, prefill_lens=[5, 3])
+        ref = step.run(model)
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("hf-regions")))
+        with CountTraces() as traces:
+            out = step.run(compiled)
+        bh.assert_matches(out, ref, f"hf llama {layers} layers")
+        report = layerpass.last_compile_report()
+        assert report.trace == "regions" and report.num_pieces == layers
+        reports.append((report.num_regions, report.num_unique_pieces, traces.count))
+    assert reports[0] == reports[1], reports
+
+
+# ---------------------------------------------------------------- whole-model paths
+def test_model_without_repeated_layers_compiles_whole() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    _, report, _ = compile_and_run(model, torch.randn(5, 8))
+    assert report.trace == "whole-model" and report.num_compiled >= 1
+    assert any("no repeated layers" in n for n in report.notes), report.notes
+
+
+def test_torch_without_the_aot_api_compiles_whole_and_says_why() -> None:
+    with mock.patch.object(cm, "has_aot_api", lambda: False):
+        _, report, _ = compile_and_run(bh.Stack(3).eval(), torch.randn(5, 8))
+    assert report.trace == "whole-model"
+    assert any("aot_compile" in n for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_a_layer_that_cannot_be_a_region_falls_back_to_the_whole_model(caplog, local: bool) -> None:
+    """A graph break, or a class defined in a function (its guards cannot be saved): the first
+    step finishes eagerly, the next ones run the whole model through the backend."""
+    layer_cls = type("LocalScaled", (Scaled,), {}) if local else Breaks
+    caplog.set_level("WARNING", logger="layerpass")
+    model = Mixed([layer_cls(), layer_cls()] if not local else [layer_cls(8), layer_cls(8)]).eval()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("fallback")))
+        torch.testing.assert_close(compiled(x), ref)
+        assert compiled.regions is None
+        torch.testing.assert_close(compiled(x), ref)
+    report = layerpass.last_compile_report()
+    assert report.trace == "whole-model" and any("cannot be traced as a region" in n for n in report.notes)
+    assert any("cannot be traced as a region" in m for m in caplog.messages), caplog.messages
+
+
+def test_compile_does_not_change_the_eager_model() -> None:
+    model = bh.Stack(3).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("eager")))
+        compiled(x)
+        assert all("forward" not in vars(layer) for layer in model.layers)
+        with CountTraces() as traces:
+            model(x)
+    assert traces.count == 0
