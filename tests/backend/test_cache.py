@@ -40,6 +40,7 @@ def entry_is_valid(entry: str) -> bool:
         return hashlib.sha256(f.read()).hexdigest() == meta["sha256"]
 
 
+@pytest.mark.slow
 def test_cold_compile_fills_the_cache(cold: bh.Compiled) -> None:
     found = entries(cold.cache_dir)
     assert len(found) == cold.report.num_unique_pieces
@@ -47,6 +48,7 @@ def test_cold_compile_fills_the_cache(cold: bh.Compiled) -> None:
     assert all(entry_is_valid(e) for e in found)
 
 
+@pytest.mark.slow
 def test_warm_start_in_a_fresh_process_compiles_nothing(cold: bh.Compiled) -> None:
     res = bh.run_python(bh.compile_zoo_body("llama", 2, cold.cache_dir), what="warm start").result
     r = res["report"]
@@ -59,6 +61,7 @@ def test_warm_start_in_a_fresh_process_compiles_nothing(cold: bh.Compiled) -> No
     bh.assert_matches(torch.tensor(res["out"]), torch.tensor(res["ref"]), "warm-start output vs its own eager")
 
 
+@pytest.mark.slow
 def test_corrupted_entries_are_detected_logged_and_recompiled(cold: bh.Compiled) -> None:
     broken_dir = bh.fresh_cache_dir("corrupt")
     shutil.copytree(cold.cache_dir, broken_dir, dirs_exist_ok=True)
@@ -86,6 +89,7 @@ def test_corrupted_entries_are_detected_logged_and_recompiled(cold: bh.Compiled)
 CORRUPTIONS = ["truncate", "flip", "meta-json", "meta-sha", "missing-artifact", "format"]
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(kind=st.sampled_from(CORRUPTIONS), where=st.floats(0.0, 0.999))
 def test_cache_load_rejects_every_kind_of_corruption(cold: bh.Compiled, kind: str, where: float) -> None:
@@ -130,6 +134,7 @@ def test_cache_load_rejects_every_kind_of_corruption(cold: bh.Compiled, kind: st
     assert not os.path.exists(entry), "an unusable entry must be removed"
 
 
+@pytest.mark.slow
 def test_cache_load_of_an_intact_entry(cold: bh.Compiled) -> None:
     """An intact entry loads with its metadata; an absent key is a plain miss (no warning needed)."""
     prologue = cold.report.pieces[0]
@@ -307,6 +312,7 @@ def test_swapped_entries_are_evicted_not_served(a: bytes, b: bytes, same_prefix:
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_swapped_real_entries_are_evicted(cold: bh.Compiled, layerpass_log) -> None:
     root = bh.fresh_cache_dir("swap-real")
     shutil.copytree(cold.cache_dir, root, dirs_exist_ok=True)

@@ -170,6 +170,7 @@ def _doctor_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
                           env=full_env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_doctor_moe_with_the_switch_off_exits_nonzero() -> None:
     proc = _doctor_cli("--model", "moe", "--layers", "3", "--no-compile", env={"VLLM_USE_LAYERNAME": "0"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -193,6 +194,7 @@ def test_cli_doctor_rejects_unknown_model(capsys: pytest.CaptureFixture[str]) ->
     assert "unknown model 'no-such-model'; registered models:" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_layername
 def test_through_the_real_backend() -> None:
     """compile=True: Inductor compiles each unique piece; the findings match the analysis-only run."""

@@ -67,6 +67,7 @@ def test_single_token_step_does_not_recompile(llama2: bh.Compiled) -> None:
     assert llama2.compiled.recompiles == 0
 
 
+@pytest.mark.slow
 def test_compile_sizes_static_variant_at_n_and_dynamic_elsewhere() -> None:
     n = 4
     c = bh.compile_zoo("llama", 2, compile_sizes=(n,))

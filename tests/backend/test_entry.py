@@ -107,6 +107,7 @@ emit({"imported_by_compile": imported_by_compile, "err": (out - ref).abs().max()
 """
 
 
+@pytest.mark.slow
 def test_torch_compile_backend_string_without_importing_layerpass() -> None:
     env = bh.subprocess_env(**{CACHE_DIR_ENV: bh.fresh_cache_dir("entry")})
     proc = bh.run_python(ENTRY_BODY, env=env, what='torch.compile(backend="layerpass")')

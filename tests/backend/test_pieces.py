@@ -70,6 +70,7 @@ def test_unique_pieces_do_not_grow_with_layers(llama2: bh.Compiled, llama8: bh.C
     assert sources == ["shared"] * 6
 
 
+@pytest.mark.slow
 def test_moe_matches_eager_and_shares_pieces() -> None:
     c = bh.compiled_zoo("moe", 8)
     bh.assert_matches(c.out, c.ref, "moe-8")
@@ -77,6 +78,7 @@ def test_moe_matches_eager_and_shares_pieces() -> None:
     assert c.report.num_unique_pieces <= 2, c.report.summary()
 
 
+@pytest.mark.slow
 def test_switch_off_every_layer_is_unique() -> None:
     """``VLLM_USE_LAYERNAME=0``: the layer name is a str constant, so no two layers share a piece."""
     dirs = [bh.fresh_cache_dir("off2"), bh.fresh_cache_dir("off3")]

@@ -166,6 +166,7 @@ def test_switch_on_one_graph_names_are_placeholders(num_layers: int) -> None:
     assert s["max_diff"] == 0.0
 
 
+@pytest.mark.slow
 def test_switch_off_names_are_str_constants(tmp_path: Path) -> None:
     script = tmp_path / "switch_off.py"
     script.write_text(textwrap.dedent(f"""

@@ -70,6 +70,7 @@ def test_fp8_moe_ops_opcheck_and_errors() -> None:
                                             encode_layer_name("plain.experts"), x.dtype)
 
 
+@pytest.mark.slow
 def test_moe_fp8_model_quant_input_fusion_covers_every_layer() -> None:
     run = fh.compile_recorded("moe-fp8", 2)
     r = run.report

@@ -97,6 +97,7 @@ def _under(switch: str, request: pytest.FixtureRequest, key: str, here) -> dict:
     return request.getfixturevalue("other_setting")[key]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_registration_counts(switch, request) -> None:
     res = _under(switch, request, "counts", count_registrations)
