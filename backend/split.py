@@ -1,7 +1,10 @@
 """Split a Dynamo graph into pieces with ``torch.fx.passes.split_module``.
 
-- ``"layers"``: one piece per repeated decoder layer (children of the model's largest
-  ``ModuleList``, found from each node's ``nn_module_stack``), plus a prologue and an epilogue.
+- ``"layers"``: one piece per repeated decoder layer (children of the model's outermost
+  repeated ``ModuleList``, found from each node's ``nn_module_stack``), plus a prologue and an
+  epilogue. Outermost: a layer's own list of heads or experts is never taken for the layers.
+  With ``whole_layer=True`` (the graph is one decoder layer, a region of ``layerpass.compile``)
+  the graph is one piece: nothing inside a layer is a layer.
 - ``"ops"``: cut around each splitting op; the op is a piece of its own that runs eagerly.
 """
 
@@ -43,16 +46,30 @@ def _layer_paths(node: fx.Node) -> list[tuple[str, int]]:
     return out
 
 
+def _inside(path: str, container: str) -> bool:
+    """``path`` is a module under ``container`` (e.g. ``layers.0.heads`` under ``layers``)."""
+    return len(path) > len(container) and path.startswith(container) and path[len(container)] in ".["
+
+
 def find_layer_container(gm: fx.GraphModule) -> str | None:
-    """The module path whose indexed children cover the most distinct indices (the decoder layers)."""
+    """The decoder layers' container: among the module paths whose indexed children cover two or
+    more distinct indices, the outermost ones (not under another such path, so nested lists of
+    heads or experts never win); of those, the one covering the most indices (then the shortest)."""
     seen: dict[str, set[int]] = {}
     for node in gm.graph.nodes:
         for parent, idx in _layer_paths(node):
             seen.setdefault(parent, set()).add(idx)
-    if not seen:
+    repeated = {path: idx for path, idx in seen.items() if len(idx) >= 2}
+    outer = [(path, idx) for path, idx in repeated.items() if not any(_inside(path, other) for other in repeated)]
+    if not outer:
         return None
-    best = max(seen.items(), key=lambda kv: (len(kv[1]), -len(kv[0])))
-    return best[0] if len(best[1]) >= 2 else None
+    return max(outer, key=lambda kv: (len(kv[1]), -len(kv[0])))[0]
+
+
+def split_whole(gm: fx.GraphModule) -> SplitResult:
+    """The whole graph as one piece (``submod_0``, no layer index)."""
+    split = split_module(gm, None, lambda n: 0, keep_original_order=True)
+    return SplitResult(split, {name: None for name, _ in split.named_children()}, set(), None)
 
 
 def split_by_layers(gm: fx.GraphModule) -> SplitResult:
@@ -113,6 +130,10 @@ def split_by_ops(gm: fx.GraphModule, splitting_ops: tuple[str, ...]) -> SplitRes
     return SplitResult(split, {n: None for n in names}, {f"submod_{i}" for i in eager} & names)
 
 
-def split_graph(gm: fx.GraphModule, split: str, splitting_ops: tuple[str, ...]) -> SplitResult:
-    """The split a ``CompilationConfig`` asks for (``split`` is ``"layers"`` or ``"ops"``)."""
-    return split_by_layers(gm) if split == "layers" else split_by_ops(gm, splitting_ops)
+def split_graph(gm: fx.GraphModule, split: str, splitting_ops: tuple[str, ...], whole_layer: bool = False) -> SplitResult:
+    """The split a ``CompilationConfig`` asks for (``split`` is ``"layers"`` or ``"ops"``).
+
+    ``whole_layer``: ``gm`` is one decoder layer (a region), so ``"layers"`` gives one piece."""
+    if split != "layers":
+        return split_by_ops(gm, splitting_ops)
+    return split_whole(gm) if whole_layer else split_by_layers(gm)
