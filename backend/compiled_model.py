@@ -20,6 +20,7 @@ from torch import nn
 
 from .compiler import LayerpassBackend, mark_token_dims
 from .config import CompilationConfig
+from .isa_probe import probe_cpu_isa_in_background
 from .regions import Regions, RegionsRun, find_repeated_layers
 from .report import CompileReport, PieceInfo, publish
 from .warm_start import ProgramStore, has_aot_api
@@ -43,6 +44,7 @@ class CompiledModel(nn.Module):
         self.trace_note = ""
         self.num_calls = 0
         self._region_calls_with_new = 0
+        probe_cpu_isa_in_background(model)
         layers = find_repeated_layers(model)
         if not layers:
             self._whole_model("no repeated layers (no ModuleList of two or more modules)")
@@ -94,7 +96,7 @@ class CompiledModel(nn.Module):
         t0 = time.perf_counter()
         with self.regions.installed(tokens) as run:
             out = self.model(*args, **kwargs)
-        if run.new_regions or self.num_calls == 1:
+        if self.regions.failed is None and (run.new_regions or self.num_calls == 1):
             if run.new_regions:
                 self._region_calls_with_new += 1
             publish(self._regions_report(run, time.perf_counter() - t0))

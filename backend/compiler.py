@@ -124,6 +124,7 @@ class LayerpassBackend:
         self.last_report: CompileReport | None = None
         # key -> artifact, across this backend's graphs: regions of one model share pieces
         self.compiled: dict[str, CompiledPiece] = {}
+        self.whole_layer = False  # set by Regions while it traces one decoder layer: that graph is one piece
 
     def key_parts(self) -> dict[str, Any]:
         """Everything besides the piece's own structure that its compiled code depends on."""
@@ -137,7 +138,7 @@ class LayerpassBackend:
         self.num_calls += 1
         cfg = self.config
         report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1, dynamo_s=dynamo_s)
-        result = split_graph(gm, cfg.split, cfg.splitting_ops)
+        result = split_graph(gm, cfg.split, cfg.splitting_ops, whole_layer=self.whole_layer)
         if cfg.split == "ops" and cfg.fuse_attn_quant:
             report.notes.append("split='ops': the splitting ops run eagerly, so no fusion can cross them (attention+quant is off)")
         split_gm = result.graph_module
@@ -171,7 +172,7 @@ class LayerpassBackend:
         if self.publish_reports:
             publish(report)
         split_gm.recompile()
-        state = {"cache_dir": cfg.cache_dir, "config": dataclasses.asdict(cfg)}
+        state = {"cache_dir": cfg.cache_dir, "config": dataclasses.asdict(cfg), "whole_layer": self.whole_layer}
         return PiecewiseProgram(split_gm, gm, calls, state, report)
 
     # -- steps ----------------------------------------------------------------------
@@ -269,7 +270,7 @@ def install_loaded_pieces(gm: fx.GraphModule, calls: dict[str, PieceCall], state
     """Rebuild a saved program: split ``gm`` as it was split when compiled and put each piece's
     artifact, loaded from the on-disk cache once per key, in its place. Raises if anything is missing."""
     config = CompilationConfig(**state["config"])
-    result = split_graph(gm, config.split, config.splitting_ops)
+    result = split_graph(gm, config.split, config.splitting_ops, whole_layer=state.get("whole_layer", False))
     split_gm = result.graph_module
     cache = ArtifactCache(state["cache_dir"])
     report = CompileReport(split=config.split)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .compiler import LayerpassBackend
+from .isa_probe import wait_for_cpu_isa_probe
 from .program import PiecewiseProgram
 from .report import CompileReport
 from .warm_start import ProgramStore
@@ -210,6 +211,7 @@ class Regions:
     def _ensure_loaded(self, region: Region) -> bool:
         """Load a saved region's pieces on its first use; an unusable one is dropped (and its file)."""
         t0 = time.perf_counter()
+        wait_for_cpu_isa_probe()
         try:
             region.program.ensure_loaded()
             return True
@@ -224,6 +226,7 @@ class Regions:
 
     def _compile(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Region:
         t0 = time.perf_counter()
+        wait_for_cpu_isa_probe()
         # trace on fresh copies: the caller's tensors are neither marked nor aliased by the trace
         example_args, example_kwargs = pytree.tree_map_only(torch.Tensor, _fresh_copy, (args, kwargs))
         if self.dynamic_tokens:
@@ -232,9 +235,11 @@ class Regions:
         fn = torch.compile(type(layer).forward, backend=self.backend, fullgraph=True)
         # the trace must not see the routing attribute (it would reach this object's state)
         routed = vars(layer).pop("forward", None)
+        self.backend.whole_layer = True  # a layer's own lists (heads, experts) are not decoder layers
         try:
             aot = fn.aot_compile(((layer, *example_args), example_kwargs))
         finally:
+            self.backend.whole_layer = False
             if routed is not None:
                 layer.forward = routed
         wall = time.perf_counter() - t0

@@ -23,8 +23,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from typing import TYPE_CHECKING
+
 from torch import fx
-from torch._inductor.pattern_matcher import Match, PatternMatcherPass, fwd_only, register_replacement
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from layerpass import envs
@@ -32,6 +33,9 @@ from layerpass.ops.layer_name import LayerName, resolve_layer_name
 from layerpass.ops.library import op_name
 
 from .base import LayerpassPass
+
+if TYPE_CHECKING:
+    from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
 logger = logging.getLogger("layerpass")
 
@@ -71,10 +75,20 @@ class PatternPass(LayerpassPass):
 
     def __init__(self) -> None:
         super().__init__()
-        self.patterns = PatternMatcherPass(pass_name=f"layerpass_{self.name}")
+        self._patterns: PatternMatcherPass | None = None
         self.context: dict[str, Any] = {}
         self._registered = False
         self._names: set[str] = set()
+
+    @property
+    def patterns(self) -> PatternMatcherPass:
+        """Built on first use: Inductor's pattern matcher is imported only when a piece is compiled
+        (a warm start that loads every piece never imports it)."""
+        if self._patterns is None:
+            from torch._inductor.pattern_matcher import PatternMatcherPass
+
+            self._patterns = PatternMatcherPass(pass_name=f"layerpass_{self.name}")
+        return self._patterns
 
     # -- what a fusion module overrides ---------------------------------------------------
     def register_patterns(self) -> None:
@@ -108,6 +122,8 @@ class PatternPass(LayerpassPass):
             raise TypeError(f"{self.name}: pattern {pattern.__name__} has no {LAYER_NAME_ARG!r} parameter to bind")
         if extra_check is not None:
             kwargs["extra_check"] = extra_check
+        from torch._inductor.pattern_matcher import fwd_only, register_replacement
+
         with FakeTensorMode():
             register_replacement(pattern, replacement, example_inputs(), fwd_only, self.patterns, **kwargs)
         self.registrations += 1

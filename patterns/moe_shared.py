@@ -9,12 +9,16 @@ ARE that module's parameters (``weights_are_shared_experts``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch._inductor.pattern_matcher import Match
 
 from layerpass.ops import lookup_layer
 from layerpass.passes.pattern_pass import PatternPass, partial_pattern
 from layerpass.patterns.common import MOE, MOE_SHARED, SILU_AND_MUL, aten, lp
+
+if TYPE_CHECKING:
+    from torch._inductor.pattern_matcher import Match
 
 
 def _linear(x, w):

@@ -163,7 +163,9 @@ def test_damaged_entry_recompiles_then_loads_again(model_dir: Path, damage: str)
     proc = run(model_dir, cache)
     r = assert_ok(proc)
     assert r["warm_start"].startswith("fallback") and "unusable" in r["warm_start"], r
-    assert "unusable" in proc.stderr and r["num_compiled"] == 1
+    assert "unusable" in proc.stderr
+    if damage == "missing-artifacts":  # the program was saved but its piece is gone: compiled again
+        assert r["num_compiled"] == 1, r
     again = assert_ok(run(model_dir, cache, forbid_tracing=True))
     assert again["warm_start"] == "loaded", again
 

@@ -549,9 +549,6 @@ def test_nested_module_lists_layerpass_compile() -> None:
         out = compiled(x)
     report = layerpass.last_compile_report()
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
-    if report.num_pieces != 3 and not hasattr(compiled.backend, "whole_layer"):
-        pytest.xfail("a region's graph is split at the layer's own list of heads: the backend needs "
-                     "split_graph(..., whole_layer=True) for region graphs (backend/compiler.py, regions.py)")
     assert report.num_pieces == 3, [(p.name, p.layer) for p in report.pieces]
     assert sorted(p.layer for p in report.pieces) == [0, 1, 2]
     assert report.num_unique_pieces == 1, report.summary()
