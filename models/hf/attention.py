@@ -180,12 +180,30 @@ class GatheredPacked(nn.Module):
         return torch.cat([s(y) for s in self.slices], dim=-1)
 
 
-class TransformersAttention(nn.Module):
+class ReadsThrough(nn.Module):
+    """A module wrapping an HF module (its submodule named ``INNER``): attributes the wrapper does
+    not have are read through to the HF module."""
+
+    INNER = ""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get(type(self).INNER)
+            if inner is None or name.startswith("__"):  # half-built (copy, unpickling) or a dunder
+                raise
+            return getattr(inner, name)
+
+
+class TransformersAttention(ReadsThrough):
     """An HF attention module (``hf_attn``, run by its own forward) whose q/k/v come from ONE packed
     ``qkv_proj``: ``hf_attn.q_proj``/``k_proj``/``v_proj`` are ``PackedSlice``s, and the HF forward
     receives the packed projections in place of ``hidden_states`` (an HF attention forward uses
     ``hidden_states`` only as the projections' input and for its leading shape). Same call
     signature and return as the HF module; other attributes are read through to it."""
+
+    INNER = "hf_attn"
 
     def __init__(self, qkv_proj: ColumnParallelLinear, hf_attn: nn.Module) -> None:
         super().__init__()
@@ -198,12 +216,3 @@ class TransformersAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.hf_attn(self.qkv_proj(hidden_states), *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            inner = self.__dict__.get("_modules", {}).get("hf_attn")
-            if inner is None or name.startswith("__"):  # half-built (copy, unpickling) or a dunder
-                raise
-            return getattr(inner, name)

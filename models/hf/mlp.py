@@ -17,6 +17,8 @@ from torch import nn
 
 from layerpass.layers import MergedColumnParallelLinear, RowParallelLinear, SiluAndMul
 
+from .attention import ReadsThrough
+
 
 class TransformersMLP(nn.Module):
     """``down_proj(silu_and_mul(gate_up_proj(x)))``."""
@@ -29,9 +31,11 @@ class TransformersMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
-class TransformersPackedMLP(nn.Module):
+class TransformersPackedMLP(ReadsThrough):
     """``hf_mlp(gate_up_proj(x))``, ``hf_mlp``'s ``gate_proj``/``up_proj`` being ``PackedSlice``s.
     Other attributes are read through to the HF module."""
+
+    INNER = "hf_mlp"
 
     def __init__(self, gate_up_proj: MergedColumnParallelLinear, hf_mlp: nn.Module) -> None:
         super().__init__()
@@ -40,12 +44,3 @@ class TransformersPackedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.hf_mlp(self.gate_up_proj(x), *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            inner = self.__dict__.get("_modules", {}).get("hf_mlp")
-            if inner is None or name.startswith("__"):  # half-built (copy, unpickling) or a dunder
-                raise
-            return getattr(inner, name)

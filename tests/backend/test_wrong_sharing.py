@@ -234,13 +234,17 @@ def test_python_call_target_counts_by_its_code_and_closure() -> None:
 
 
 # ============================================================== models with per-layer bodies
-class CheckpointLayer(nn.Module):
-    """The issue's example: each layer multiplies by its own constant inside ``checkpoint``."""
+class ConstantLayer(nn.Module):
+    """A linear layer and the layer's own constant ``k``, which the subclasses' bodies use."""
 
     def __init__(self, k) -> None:
         super().__init__()
         self.lin = nn.Linear(8, 8)
         self.k = k
+
+
+class CheckpointLayer(ConstantLayer):
+    """The issue's example: each layer multiplies by its own constant inside ``checkpoint``."""
 
     def f(self, t: torch.Tensor) -> torch.Tensor:
         return torch.relu(t) * self.k
@@ -249,30 +253,20 @@ class CheckpointLayer(nn.Module):
         return checkpoint(self.f, self.lin(x), use_reentrant=False)
 
 
-class CondLayer(nn.Module):
-    def __init__(self, k) -> None:
-        super().__init__()
-        self.lin = nn.Linear(8, 8)
-        self.k = k
-
+class CondLayer(ConstantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.lin(x)
         return torch.cond(y.sum() > 0, lambda t: t * self.k, lambda t: t - self.k, (y,))
 
 
-class FlexLayer(nn.Module):
-    """Self-attention over the tokens with a per-layer temperature in ``score_mod``."""
-
-    def __init__(self, k) -> None:
-        super().__init__()
-        self.lin = nn.Linear(8, 8)
-        self.temperature = k
+class FlexLayer(ConstantLayer):
+    """Self-attention over the tokens with a per-layer temperature (``k``) in ``score_mod``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.lin(x).view(1, -1, 2, 4).transpose(1, 2)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score / self.temperature
+            return score / self.k
 
         return flex_attention(q, q, q, score_mod=score_mod).transpose(1, 2).reshape(x.shape) + x
 

@@ -10,12 +10,9 @@ are marked slow (run them with ``pytest -m slow tests/test_tensor_parallel.py``)
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from layerpass.layers import (
     LoRAConfig,
@@ -28,6 +25,7 @@ from layerpass.layers import (
 )
 from layerpass.models import build_model, make_step
 from layerpass.ops import LayerRegistry, layer_registry_scope
+from tests.helpers.distributed import spawn_ranks
 
 WORLD = 2
 CASES = {
@@ -49,30 +47,23 @@ def run_case(name: str, overrides: dict, lora: bool = False) -> torch.Tensor:
     return step.run()
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results = {"world": get_tp_world_size(), "rank": get_tp_rank()}
-        for key, case in CASES.items():
-            results[key] = run_case(case["name"], case["overrides"], case.get("lora", False))
-        # collectives by themselves, against their definition
-        x = torch.full((2, 3), float(rank + 1))
-        results["all_reduce"] = tensor_model_parallel_all_reduce(x)
-        results["all_gather"] = tensor_model_parallel_all_gather(x, dim=-1)
-        with layer_registry_scope(LayerRegistry()):
-            emb = VocabParallelEmbedding(251, 8, prefix="emb")
-        results["emb_shard"] = (emb.vocab_start_index, emb.vocab_end_index, emb.num_embeddings_padded)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int) -> dict:
+    results = {"world": get_tp_world_size(), "rank": get_tp_rank()}
+    for key, case in CASES.items():
+        results[key] = run_case(case["name"], case["overrides"], case.get("lora", False))
+    # collectives by themselves, against their definition
+    x = torch.full((2, 3), float(rank + 1))
+    results["all_reduce"] = tensor_model_parallel_all_reduce(x)
+    results["all_gather"] = tensor_model_parallel_all_gather(x, dim=-1)
+    with layer_registry_scope(LayerRegistry()):
+        emb = VocabParallelEmbedding(251, 8, prefix="emb")
+    results["emb_shard"] = (emb.vocab_start_index, emb.vocab_end_index, emb.num_embeddings_padded)
+    return results
 
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp")
-    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("tp"), WORLD)
 
 
 def test_world_size_one_without_distributed():

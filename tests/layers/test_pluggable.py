@@ -27,13 +27,16 @@ def test_every_in_tree_layer_is_registered():
             "rotary_embedding", "silu_and_mul", "attention", "fused_moe"} <= names
 
 
-def test_duplicate_in_tree_name_raises(clean_oot):
-    class Other(PluggableLayer):
-        def forward(self, x):
-            return x
+class Identity(PluggableLayer):
+    """A pluggable layer with a forward, subclassing no in-tree layer (registered by no one here)."""
 
+    def forward(self, x):
+        return x
+
+
+def test_duplicate_in_tree_name_raises(clean_oot):
     with pytest.raises(ValueError, match="'rms_norm' is already registered in tree by RMSNorm"):
-        PluggableLayer.register("rms_norm")(Other)
+        PluggableLayer.register("rms_norm")(Identity)
 
 
 def test_layer_without_forward_is_rejected_at_registration(clean_oot):
@@ -56,12 +59,8 @@ def test_register_requires_pluggable_subclass(clean_oot):
 
 
 def test_oot_must_subclass_in_tree(clean_oot):
-    class NotASubclass(PluggableLayer):
-        def forward(self, x):
-            return x
-
-    with pytest.raises(TypeError, match="NotASubclass.*QKVParallelLinear"):
-        QKVParallelLinear.register_oot(NotASubclass)
+    with pytest.raises(TypeError, match="Identity.*QKVParallelLinear"):
+        QKVParallelLinear.register_oot(Identity)
     # a sibling in-tree layer is not a replacement either
     with pytest.raises(TypeError, match="must be a subclass"):
         QKVParallelLinear.register_oot(MergedColumnParallelLinear)

@@ -16,40 +16,10 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from layerpass.layers import (  # noqa: E402
-    Attention,
-    Fp8Config,
-    FusedMoEWithLoRA,
-    LoRAConfig,
-    MergedColumnParallelLinear,
-    ParallelLMHead,
-    PluggableLayer,
-    QKVParallelLinear,
-    ReplicatedLinear,
-    RMSNorm,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    apply_lora,
-)
+from layerpass import layers as lp  # noqa: E402
 from layerpass.layers.layernorm import GemmaRMSNorm  # noqa: E402
 from layerpass.models import ModelConfig, build_model, make_step, registered_models  # noqa: E402
-from layerpass.models.hf import (  # noqa: E402
-    HF_ZOO,
-    TESTED_ARCHITECTURES,
-    PackedSlice,
-    TransformersAttention,
-    TransformersFusedMoE,
-    TransformersMLP,
-    TransformersPackedMLP,
-    TransformersScaledEmbedding,
-    TransformersSparseMoeBlock,
-    UnsupportedArchitectureError,
-    UnsupportedModuleError,
-    build_hf_model,
-    from_transformers,
-    layerpass_attention_forward,
-    supported_architectures,
-)
+from layerpass.models import hf as lphf  # noqa: E402
 from layerpass.ops import FP8_DTYPE  # noqa: E402
 from tests.models.hf.common import FAMILIES, close, hf_config, hf_logits  # noqa: E402
 
@@ -58,7 +28,7 @@ GEMMA = {"hf-gemma2", "hf-gemma3"}
 
 
 def hf(name: str, num_layers: int = 2, **overrides):
-    return build_hf_model(HF_ZOO[name](ModelConfig(num_layers=num_layers, **overrides)), seed=0)
+    return lphf.build_hf_model(lphf.HF_ZOO[name](ModelConfig(num_layers=num_layers, **overrides)), seed=0)
 
 
 def matches_hf(ref, model, what: str) -> None:
@@ -71,8 +41,8 @@ def matches_hf(ref, model, what: str) -> None:
 
 
 def test_zoo_names_are_registered() -> None:
-    assert set(HF_ZOO) == set(TESTED_ARCHITECTURES.values()) <= set(registered_models())
-    assert supported_architectures() == sorted(TESTED_ARCHITECTURES)
+    assert set(lphf.HF_ZOO) == set(lphf.TESTED_ARCHITECTURES.values()) <= set(registered_models())
+    assert lphf.supported_architectures() == sorted(lphf.TESTED_ARCHITECTURES)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -81,43 +51,45 @@ def test_layers_are_swapped_and_registered_by_hf_path(name: str) -> None:
     reg = model.layer_registry
     emb = model.model.embed_tokens
     if name in GEMMA:  # Gemma's embedding scales by sqrt(hidden): the scale stays, the table is vocab-parallel
-        assert isinstance(emb, TransformersScaledEmbedding) and float(emb.embed_scale) == pytest.approx(64 ** 0.5)
+        assert isinstance(emb, lphf.TransformersScaledEmbedding) and float(emb.embed_scale) == pytest.approx(64 ** 0.5)
         emb = emb.embedding
-    assert isinstance(emb, VocabParallelEmbedding) and reg.get("model.embed_tokens") is emb
-    assert isinstance(model.lm_head, ParallelLMHead) and reg.get("lm_head") is model.lm_head
+    assert isinstance(emb, lp.VocabParallelEmbedding) and reg.get("model.embed_tokens") is emb
+    assert isinstance(model.lm_head, lp.ParallelLMHead) and reg.get("lm_head") is model.lm_head
     assert (model.lm_head.weight is emb.weight) == (name in GEMMA)  # tied in Gemma's configs
-    norm_cls = GemmaRMSNorm if name in GEMMA else RMSNorm
+    norm_cls = GemmaRMSNorm if name in GEMMA else lp.RMSNorm
     assert type(model.model.norm) is norm_cls
     assert isinstance(model.model.layers, nn.ModuleList) and len(model.model.layers) == 3
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}"
         attn = layer.self_attn
         if name == "hf-phi3":  # packed in the checkpoint: loaded as is, HF module kept
-            assert type(attn).__name__ == "Phi3Attention" and isinstance(attn.qkv_proj, QKVParallelLinear)
+            assert type(attn).__name__ == "Phi3Attention" and isinstance(attn.qkv_proj, lp.QKVParallelLinear)
         else:
-            assert isinstance(attn, TransformersAttention) and isinstance(attn.qkv_proj, QKVParallelLinear)
-            assert all(isinstance(getattr(attn.hf_attn, n), PackedSlice) for n in ("q_proj", "k_proj", "v_proj"))
+            assert isinstance(attn, lphf.TransformersAttention) and isinstance(attn.qkv_proj, lp.QKVParallelLinear)
+            assert all(isinstance(getattr(attn.hf_attn, n), lphf.PackedSlice) for n in ("q_proj", "k_proj", "v_proj"))
         assert reg.get(f"{p}.self_attn.qkv_proj") is attn.qkv_proj
-        assert isinstance(attn.o_proj, RowParallelLinear) and reg.get(f"{p}.self_attn.o_proj") is attn.o_proj
-        assert isinstance(attn.attn, Attention) and reg.get(f"{p}.self_attn.attn") is attn.attn
+        assert isinstance(attn.o_proj, lp.RowParallelLinear) and reg.get(f"{p}.self_attn.o_proj") is attn.o_proj
+        assert isinstance(attn.attn, lp.Attention) and reg.get(f"{p}.self_attn.attn") is attn.attn
         assert attn.attn.kv_cache.shape[1:3] == (model.cache_config.num_blocks, model.cache_config.block_size)
         norms = [m for n, m in layer.named_children() if "norm" in n]
         assert norms and all(type(m) is norm_cls for m in norms)
         if name in MOE:
-            assert isinstance(layer.mlp, TransformersSparseMoeBlock) and isinstance(layer.mlp.gate, ReplicatedLinear)
-            assert type(layer.mlp.experts) is TransformersFusedMoE and reg.get(f"{p}.mlp.experts") is layer.mlp.experts
+            assert isinstance(layer.mlp, lphf.TransformersSparseMoeBlock) and isinstance(layer.mlp.gate, lp.ReplicatedLinear)
+            assert type(layer.mlp.experts) is lphf.TransformersFusedMoE and reg.get(f"{p}.mlp.experts") is layer.mlp.experts
             assert (layer.mlp.experts.shared_experts is not None) == (name == "hf-qwen2-moe")
         elif name in GEMMA:  # GELU: HF's forward on one packed gate/up projection
-            assert isinstance(layer.mlp, TransformersPackedMLP) and isinstance(layer.mlp.gate_up_proj, MergedColumnParallelLinear)
+            assert isinstance(layer.mlp, lphf.TransformersPackedMLP)
+            assert isinstance(layer.mlp.gate_up_proj, lp.MergedColumnParallelLinear)
         else:  # SiLU-gated (Phi-3's packed gate_up_proj too): the silu_and_mul layer
-            assert isinstance(layer.mlp, TransformersMLP) and isinstance(layer.mlp.gate_up_proj, MergedColumnParallelLinear)
+            assert isinstance(layer.mlp, lphf.TransformersMLP)
+            assert isinstance(layer.mlp.gate_up_proj, lp.MergedColumnParallelLinear)
             assert reg.get(f"{p}.mlp.gate_up_proj") is layer.mlp.gate_up_proj
         if name in ("hf-qwen3", "hf-qwen3-moe", "hf-olmo2", "hf-gemma3"):
             assert type(attn.q_norm) is norm_cls and reg.get(f"{p}.self_attn.q_norm") is attn.q_norm
     # nothing HF-trainable is left behind: every parameter belongs to a layerpass layer
     for pname, _ in model.named_parameters():
         owner = model.get_submodule(pname.rpartition(".")[0])
-        assert isinstance(owner, PluggableLayer), f"{pname} is held by a {type(owner).__name__}, not a layerpass layer"
+        assert isinstance(owner, lp.PluggableLayer), f"{pname} is held by a {type(owner).__name__}, not a layerpass layer"
 
 
 def attention_features(model) -> list[tuple]:
@@ -136,7 +108,7 @@ def test_attention_features_are_read_per_layer() -> None:
 
 def test_weights_are_kept_exactly() -> None:
     ref = hf("hf-qwen2-moe")
-    model = from_transformers(copy.deepcopy(ref))
+    model = lphf.from_transformers(copy.deepcopy(ref))
     r, m = ref.model.layers[1], model.model.layers[1]
     hf_attn = r.self_attn
     torch.testing.assert_close(m.self_attn.qkv_proj.weight, torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight, hf_attn.v_proj.weight]), rtol=0, atol=0)
@@ -147,7 +119,7 @@ def test_weights_are_kept_exactly() -> None:
     torch.testing.assert_close(emb[: ref.config.vocab_size], ref.model.embed_tokens.weight, rtol=0, atol=0)
     assert not emb[ref.config.vocab_size:].any(), "vocabulary padding rows must be zero"
     g = hf("hf-gemma2")
-    gm = from_transformers(copy.deepcopy(g))  # Gemma's 1 + w, held in float32
+    gm = lphf.from_transformers(copy.deepcopy(g))  # Gemma's 1 + w, held in float32
     torch.testing.assert_close(gm.model.layers[0].input_layernorm.weight, 1 + g.model.layers[0].input_layernorm.weight.float(),
                                rtol=0, atol=0)
 
@@ -156,7 +128,7 @@ def test_fp8_quantises_the_hf_weights() -> None:
     """With an ``Fp8Config`` the linears hold the HF weights quantised (per-tensor scale from the
     full weight's absmax), and the model still tracks the float one."""
     ref = hf("hf-llama")
-    model = from_transformers(copy.deepcopy(ref), quant_config=Fp8Config())
+    model = lphf.from_transformers(copy.deepcopy(ref), quant_config=lp.Fp8Config())
     lin = model.model.layers[0].self_attn.qkv_proj
     a = ref.model.layers[0].self_attn
     full = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
@@ -164,7 +136,7 @@ def test_fp8_quantises_the_hf_weights() -> None:
     torch.testing.assert_close(lin.weight_scale, full.abs().max().reshape(1) / 448.0)
     err = (lin.weight.float() * lin.weight_scale - full).abs()
     assert (err <= 2**-4 * full.abs() + lin.weight_scale * 2**-9).all(), "dequantised weight is not the HF weight"
-    floats = from_transformers(copy.deepcopy(ref))
+    floats = lphf.from_transformers(copy.deepcopy(ref))
     sq, sf = make_step(model, num_decodes=1, prefill_lens=[4], seed=0), make_step(floats, num_decodes=1, prefill_lens=[4], seed=0)
     x, y = sq.run(), sf.run()
     assert 0 < (x - y).abs().max() and torch.corrcoef(torch.stack([x.flatten(), y.flatten()]))[0, 1] > 0.99
@@ -173,15 +145,15 @@ def test_fp8_quantises_the_hf_weights() -> None:
 def test_attention_function_is_registered_with_transformers() -> None:
     from transformers import AttentionInterface
 
-    model = from_transformers(hf("hf-llama"))
-    assert AttentionInterface._global_mapping["layerpass"] is layerpass_attention_forward
+    model = lphf.from_transformers(hf("hf-llama"))
+    assert AttentionInterface._global_mapping["layerpass"] is lphf.layerpass_attention_forward
     assert model.hf_config._attn_implementation == "layerpass"
 
 
 def test_attention_function_needs_a_converted_module() -> None:
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(TypeError, match="layerpass Attention at `module.attn`.*from_transformers"):
-        layerpass_attention_forward(nn.Linear(2, 2), q, q, q, None)
+        lphf.layerpass_attention_forward(nn.Linear(2, 2), q, q, q, None)
 
 
 def test_eager_call_checks_the_features_the_layer_was_built_with() -> None:
@@ -206,9 +178,9 @@ def test_a_norm_that_computes_something_else_stays_an_hf_module() -> None:
         old = layer.input_layernorm
         layer.input_layernorm = CenteredNorm(old.weight.shape[0], old.variance_epsilon)
         layer.input_layernorm.weight.data.copy_(old.weight)
-    model = from_transformers(copy.deepcopy(ref))
+    model = lphf.from_transformers(copy.deepcopy(ref))
     assert all(type(layer.input_layernorm) is CenteredNorm for layer in model.model.layers)
-    assert all(type(layer.post_attention_layernorm) is RMSNorm for layer in model.model.layers)
+    assert all(type(layer.post_attention_layernorm) is lp.RMSNorm for layer in model.model.layers)
     matches_hf(ref, model, "llama with a centred norm")
 
 
@@ -226,10 +198,10 @@ def test_an_mlp_that_uses_its_input_elsewhere_is_not_packed() -> None:
         old = layer.mlp
         layer.mlp = ResidualMLP(ref.config)
         layer.mlp.load_state_dict(old.state_dict())
-    model = from_transformers(copy.deepcopy(ref))
+    model = lphf.from_transformers(copy.deepcopy(ref))
     mlp = model.model.layers[0].mlp
     assert type(mlp) is ResidualMLP and type(mlp.gate_proj).__name__ == "ColumnParallelLinear"
-    assert type(mlp.down_proj) is RowParallelLinear
+    assert type(mlp.down_proj) is lp.RowParallelLinear
     matches_hf(ref, model, "llama with a residual MLP")
 
 
@@ -239,7 +211,7 @@ def test_lora_wraps_the_packed_projections() -> None:
     model = build_model("hf-qwen2", num_layers=2, seed=1)
     step = make_step(model, num_decodes=1, prefill_lens=[3], seed=1)
     ref = step.run()
-    wrapped = apply_lora(model, LoRAConfig(max_lora_rank=4))
+    wrapped = lp.apply_lora(model, lp.LoRAConfig(max_lora_rank=4))
     names = {n.rsplit(".", 1)[-1] for n in wrapped}
     assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} <= names
     torch.testing.assert_close(step.run(), ref, atol=1e-5, rtol=1e-5)
@@ -252,8 +224,8 @@ def test_local_checkpoint_directory(tmp_path) -> None:
 
     hf("hf-gemma2").save_pretrained(tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
-    matches_hf(ref, from_transformers(AutoModelForCausalLM.from_pretrained(tmp_path)), "gemma2 from a checkpoint dir")
-    model = from_transformers(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16))
+    matches_hf(ref, lphf.from_transformers(AutoModelForCausalLM.from_pretrained(tmp_path)), "gemma2 from a checkpoint dir")
+    model = lphf.from_transformers(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16))
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.float32  # 1 + w
     step = make_step(model, num_decodes=0, prefill_lens=[7], seed=1)
     x, y = step.run().float(), hf_logits(ref, step.requests[0].tokens)
@@ -263,25 +235,25 @@ def test_local_checkpoint_directory(tmp_path) -> None:
 # -- what cannot be converted: one clear error per kind ---------------------------------------
 def test_not_a_transformers_model() -> None:
     with pytest.raises(TypeError, match="takes a transformers PreTrainedModel"):
-        from_transformers(nn.Linear(2, 2))
+        lphf.from_transformers(nn.Linear(2, 2))
 
 
 def test_encoder_decoder_is_refused() -> None:
     from transformers import T5Config, T5ForConditionalGeneration
 
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2))
-    with pytest.raises(UnsupportedArchitectureError, match="T5ForConditionalGeneration is an encoder-decoder model"):
-        from_transformers(t5)
+    with pytest.raises(lphf.UnsupportedArchitectureError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        lphf.from_transformers(t5)
 
 
 def test_not_a_causal_lm_is_refused() -> None:
     from transformers import LlamaForSequenceClassification
 
     clf = LlamaForSequenceClassification(_tiny_llama_config(num_labels=3))
-    with pytest.raises(UnsupportedArchitectureError, match="LlamaForSequenceClassification is not a causal language model"):
-        from_transformers(clf)
-    with pytest.raises(UnsupportedArchitectureError, match="LlamaModel is not a causal language model"):
-        from_transformers(hf("hf-llama").model)
+    with pytest.raises(lphf.UnsupportedArchitectureError, match="LlamaForSequenceClassification is not a causal language model"):
+        lphf.from_transformers(clf)
+    with pytest.raises(lphf.UnsupportedArchitectureError, match="LlamaModel is not a causal language model"):
+        lphf.from_transformers(hf("hf-llama").model)
 
 
 def _tiny_llama_config(**kw):
@@ -298,63 +270,63 @@ def test_multimodal_is_refused() -> None:
                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16),
                        vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                                           image_size=28, patch_size=14), mm_tokens_per_image=4)
-    with pytest.raises(UnsupportedArchitectureError, match="is a multimodal model .*vision_config.*Gemma3ForCausalLM"):
-        from_transformers(Gemma3ForConditionalGeneration(cfg))
+    with pytest.raises(lphf.UnsupportedArchitectureError, match="is a multimodal model .*vision_config.*Gemma3ForCausalLM"):
+        lphf.from_transformers(Gemma3ForConditionalGeneration(cfg))
 
 
 def test_no_attention_interface_is_refused() -> None:
     from transformers import BloomConfig, BloomForCausalLM
 
     bloom = BloomForCausalLM(BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2))
-    with pytest.raises(UnsupportedArchitectureError, match="BloomForCausalLM does not run its attention through "
+    with pytest.raises(lphf.UnsupportedArchitectureError, match="BloomForCausalLM does not run its attention through "
                                                            "transformers' AttentionInterface"):
-        from_transformers(bloom)
+        lphf.from_transformers(bloom)
 
 
 def test_recurrent_state_is_refused() -> None:
     from transformers import MambaConfig, MambaForCausalLM
 
     mamba = MambaForCausalLM(MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4))
-    with pytest.raises(UnsupportedArchitectureError, match="MambaForCausalLM has recurrent"):
-        from_transformers(mamba)
+    with pytest.raises(lphf.UnsupportedArchitectureError, match="MambaForCausalLM has recurrent"):
+        lphf.from_transformers(mamba)
 
 
 def test_bidirectional_attention_is_refused() -> None:
     from transformers import Gemma3TextConfig
 
     cfg = Gemma3TextConfig(**{**hf_config("hf-gemma3").to_dict(), "use_bidirectional_attention": True})
-    with pytest.raises(UnsupportedModuleError, match=r"'model\.layers\.0\.self_attn' \(Gemma3Attention\) uses "
+    with pytest.raises(lphf.UnsupportedModuleError, match=r"'model\.layers\.0\.self_attn' \(Gemma3Attention\) uses "
                                                      r"bidirectional attention"):
-        from_transformers(build_hf_model(cfg))
+        lphf.from_transformers(lphf.build_hf_model(cfg))
 
 
 def test_an_attention_module_shared_by_two_layers_is_refused() -> None:
     model = hf("hf-llama")
     model.model.layers[1].self_attn = model.model.layers[0].self_attn
-    with pytest.raises(UnsupportedModuleError, match=r"'model\.layers\.1\.self_attn' is the same LlamaAttention as "
+    with pytest.raises(lphf.UnsupportedModuleError, match=r"'model\.layers\.1\.self_attn' is the same LlamaAttention as "
                                                      r"'model\.layers\.0\.self_attn'"):
-        from_transformers(model)
+        lphf.from_transformers(model)
 
 
 def test_lm_head_must_be_a_linear() -> None:
     model = hf("hf-llama")
     model.lm_head = nn.Sequential(model.lm_head)
-    with pytest.raises(UnsupportedModuleError, match="'lm_head' is a Sequential; expected torch.nn.Linear"):
-        from_transformers(model)
+    with pytest.raises(lphf.UnsupportedModuleError, match="'lm_head' is a Sequential; expected torch.nn.Linear"):
+        lphf.from_transformers(model)
 
 
 def test_converting_twice_is_refused_and_a_converted_model_copies() -> None:
     ref = hf("hf-gemma2")
-    model = from_transformers(ref)
+    model = lphf.from_transformers(ref)
     with pytest.raises(ValueError, match="Gemma2ForCausalLM was already converted"):
-        from_transformers(ref)
+        lphf.from_transformers(ref)
     twin = copy.deepcopy(model)  # the wrappers read through to the HF modules, also half-built
     assert twin.model.layers[0].self_attn.sliding_window == 8 and twin.model.layers[0].mlp.hidden_size == 64
 
 
 def test_quant_config_type_is_checked() -> None:
     with pytest.raises(TypeError, match="quant_config must be None or an Fp8Config"):
-        from_transformers(hf("hf-llama"), quant_config="fp8")
+        lphf.from_transformers(hf("hf-llama"), quant_config="fp8")
 
 
 # -- MoE --------------------------------------------------------------------------------------
@@ -372,8 +344,8 @@ def test_oot_moe_replaces_it_and_lora_accepts_it(clean_oot) -> None:
     step = make_step(base_model, num_decodes=1, prefill_lens=[3], seed=1)
     ref = step.run()
 
-    @TransformersFusedMoE.register_oot
-    class CountingMoE(TransformersFusedMoE):
+    @lphf.TransformersFusedMoE.register_oot
+    class CountingMoE(lphf.TransformersFusedMoE):
         calls = 0
 
         def forward(self, hidden_states, router_logits):
@@ -388,10 +360,10 @@ def test_oot_moe_replaces_it_and_lora_accepts_it(clean_oot) -> None:
     torch.testing.assert_close(step2.run(), ref, atol=1e-5, rtol=1e-5)
     assert CountingMoE.calls == 2 * 2  # two layers, history prefill + the step
 
-    assert FusedMoEWithLoRA.can_replace_layer(experts[0], LoRAConfig(), ["gate_proj", "up_proj"])
-    wrapped = apply_lora(model, LoRAConfig(max_lora_rank=4, target_modules=("experts",)))
+    assert lp.FusedMoEWithLoRA.can_replace_layer(experts[0], lp.LoRAConfig(), ["gate_proj", "up_proj"])
+    wrapped = lp.apply_lora(model, lp.LoRAConfig(max_lora_rank=4, target_modules=("experts",)))
     moe_wrappers = {n: w for n, w in wrapped.items() if n.endswith("mlp.experts")}
-    assert len(moe_wrappers) == 2 and all(type(w) is FusedMoEWithLoRA for w in moe_wrappers.values())
+    assert len(moe_wrappers) == 2 and all(type(w) is lp.FusedMoEWithLoRA for w in moe_wrappers.values())
     assert all(type(w.base_layer) is CountingMoE for w in moe_wrappers.values())
     torch.testing.assert_close(step2.run(), ref, atol=1e-4, rtol=1e-4)  # zero adapters: the base output
     w = next(iter(moe_wrappers.values()))

@@ -10,35 +10,25 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tests.models.hf.common import (  # noqa: E402
-    FAMILIES,
-    GEN_ADMIT_AT,
-    GEN_NEW_TOKENS,
-    GEN_PROMPT_LENS,
-    LoopStats,
-    generate_cb,
-    hf_generate,
-    pair,
-    prompts,
-)
+from tests.models.hf import common as hc  # noqa: E402
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(hc.FAMILIES))
 def test_continuous_batching_greedy_equals_hf_generate(name: str) -> None:
-    hf, model = pair(name)
-    ps = prompts(model.config.vocab_size, GEN_PROMPT_LENS, seed=1)
-    stats = LoopStats()
+    hf, model = hc.pair(name)
+    ps = hc.prompts(model.config.vocab_size, hc.GEN_PROMPT_LENS, seed=1)
+    stats = hc.LoopStats()
     free_before = model.block_allocator.num_free
-    got = generate_cb(model, ps, GEN_ADMIT_AT, GEN_NEW_TOKENS, stats=stats)
+    got = hc.generate_cb(model, ps, hc.GEN_ADMIT_AT, hc.GEN_NEW_TOKENS, stats=stats)
     assert stats.mixed_steps >= 2 and stats.max_batch == 3, f"the loop did not mix decodes and prefills: {stats}"
     assert model.block_allocator.num_free == free_before, "KV blocks leaked"
     for i, p in enumerate(ps):
-        assert got[i] == hf_generate(hf, p, GEN_NEW_TOKENS), f"{name} request {i} (prompt {len(p)} tokens)"
+        assert got[i] == hc.hf_generate(hf, p, hc.GEN_NEW_TOKENS), f"{name} request {i} (prompt {len(p)} tokens)"
 
 
 def test_long_generation_crosses_the_sliding_window() -> None:
     """Gemma 2 past several sliding windows (8 tokens) and a KV block boundary (16)."""
-    hf, model = pair("hf-gemma2")
-    ps = prompts(model.config.vocab_size, (3, 12), seed=4)
-    got = generate_cb(model, ps, (0, 2), 20)
-    assert got == [hf_generate(hf, p, 20) for p in ps]
+    hf, model = hc.pair("hf-gemma2")
+    ps = hc.prompts(model.config.vocab_size, (3, 12), seed=4)
+    got = hc.generate_cb(model, ps, (0, 2), 20)
+    assert got == [hc.hf_generate(hf, p, 20) for p in ps]

@@ -10,12 +10,10 @@ experts. Spawning two interpreters costs 10-25 s on the shared 2-core box: slow.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.helpers.distributed import spawn_ranks
 
 pytest.importorskip("transformers")
 
@@ -38,25 +36,15 @@ def run_family(name: str) -> dict:
     return {"logits": logits, "tokens": generate_cb(model, ps, GEN_ADMIT_AT, GEN_NEW_TOKENS), "shapes": shapes}
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        from layerpass.layers import get_tp_world_size
+def _worker(rank: int) -> dict:
+    from layerpass.layers import get_tp_world_size
 
-        results = {"world": get_tp_world_size()}
-        for name in FAMILIES:
-            results[name] = run_family(name)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    return {"world": get_tp_world_size(), **{name: run_family(name) for name in FAMILIES}}
 
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf-tp")
-    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("hf-tp"), WORLD)
 
 
 @pytest.mark.slow
