@@ -225,8 +225,8 @@ class Regions:
                 self.run.wall_s += time.perf_counter() - t0
 
     def _compile(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Region:
+        wait_for_cpu_isa_probe()  # before the clock: Inductor start-up, not tracing
         t0 = time.perf_counter()
-        wait_for_cpu_isa_probe()
         # trace on fresh copies: the caller's tensors are neither marked nor aliased by the trace
         example_args, example_kwargs = pytree.tree_map_only(torch.Tensor, _fresh_copy, (args, kwargs))
         if self.dynamic_tokens:

@@ -148,6 +148,20 @@ def _build_compiled(model: Any, mode: str, clock: _CompileClock) -> Callable[...
     return _dynamic_tokens(torch.compile(model, backend=clock.wrap(compile_fx)))
 
 
+def _import_inductor() -> float:
+    """Import Inductor's modules before the clock, the same in every mode, and say how long it took.
+
+    Every mode pays this once per process, whether the first call compiles or loads; which mode
+    triggers the import lazily inside its first call must not decide the figure (the old bench
+    imported ``compile_fx`` before the clock for inductor mode only)."""
+    t = time.perf_counter()
+    import torch._inductor.codecache  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+    import torch._inductor.standalone_compile  # noqa: F401
+
+    return time.perf_counter() - t
+
+
 def _timed_steps(step: Any, fns: dict[str, Callable[..., Any]], repeats: int) -> dict[str, tuple[float, float]]:
     """(median, min) milliseconds per step of each fn, interleaved so load drift hits all alike.
 
@@ -184,10 +198,12 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
             step = make_step(model, num_decodes=NUM_DECODES, prefill_lens=list(PREFILL_LENS))
             ref = step.run(model)
             stage = "compile"
+            row["inductor_import_s"] = _import_inductor()
             clock = _CompileClock()
             before = len(compile_reports())
             # "first call": from the compile call (a backend may load a saved program there) to the
-            # end of the first compiled step; imports, model build and the eager reference are outside
+            # end of the first compiled step; imports (Inductor's included, above, in every mode), model
+            # build and the eager reference are outside
             t = time.perf_counter()
             compiled = _build_compiled(model, mode, clock)
             out = step.run(compiled)

@@ -39,7 +39,9 @@ RATIO_FIELDS = ("key", "model", "what", "deep", "shallow", "value", "numerator",
 LEGEND = """\
 - **cold first call**: wall time of the first compiled call in a fresh process with empty layerpass and
   Inductor caches: `layerpass.compile` / `torch.compile` + Dynamo + backend compile + one step, excluding
-  interpreter start-up, imports, model build and the eager reference run.
+  interpreter start-up, imports, model build and the eager reference run. Inductor's modules are imported
+  before the clock in every mode (`inductor_import_s` in results.json); its per-process CPU ISA probe is
+  inside the first call.
 - **dynamo s**: Dynamo tracing (compile start to backend entry, summed over graphs); **compile s**: backend time.
 - **warm first call**: the same first call in a second fresh process on the same (now filled) caches: what a
   restarted server pays.

@@ -75,6 +75,7 @@ ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "step_ms_compiled": _OPT_NUM, "step_ms_eager": _OPT_NUM, "step_speedup": _OPT_NUM,
     "step_ms_compiled_min": _OPT_NUM, "step_ms_eager_min": _OPT_NUM, "repeats": _OPT_INT,
     "cold_wall_s": _OPT_NUM, "warm_wall_s": _OPT_NUM, "timeout_s": _OPT_NUM,
+    "inductor_import_s": _OPT_NUM, "warm_inductor_import_s": _OPT_NUM,
 }
 DOC_FIELDS = ("schema_version", "created", "machine", "config", "wall_s", "rows", "ratios")
 
@@ -314,7 +315,7 @@ def merge(model: str, layers: int, mode: str, cold: dict[str, Any], warm: dict[s
     row["cold_wall_s"] = cold.get("wall_s")
     for k in ("dynamo_s", "compile_s", "first_call_s", "pieces", "unique_pieces", "compiled_pieces", "fusion_matches",
               "max_abs_err", "ref_max_abs", "step_ms_compiled", "step_ms_eager", "step_ms_compiled_min",
-              "step_ms_eager_min", "repeats", "trace", "num_regions"):
+              "step_ms_eager_min", "repeats", "trace", "num_regions", "inductor_import_s"):
         row[k] = cold.get(k)
     row["cold_warm_start"] = cold.get("warm_start")
     if row["fusion_matches"] is not None:
@@ -331,6 +332,7 @@ def merge(model: str, layers: int, mode: str, cold: dict[str, Any], warm: dict[s
         row["warm_max_abs_err"] = warm.get("max_abs_err")
         row["warm_dynamo_s"] = warm.get("dynamo_s")
         row["warm_warm_start"] = warm.get("warm_start")
+        row["warm_inductor_import_s"] = warm.get("inductor_import_s")
     if cold["status"] != "ok":
         row["status"], row["reason"] = cold["status"], cold.get("reason")
         return row
