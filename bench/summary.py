@@ -20,19 +20,16 @@ ACCEPT_SHALLOW = 2
 
 # key, model, description ({deep}/{shallow} filled in), numerator, denominator, comparison, bound.
 # numerator/denominator: (mode, row field, "deep" | "shallow").
+_LP_COLD, _LP_WARM, _IND_COLD, _IND_WARM = (("layerpass", "first_call_s"), ("layerpass", "warm_start_s"),
+                                            ("inductor", "first_call_s"), ("inductor", "warm_start_s"))
+_FIRST_CALL = "first call, {deep} layers"
 RATIO_SPECS: tuple[tuple[str, str, str, tuple[str, str, str], tuple[str, str, str], str, float], ...] = (
-    ("cold_deep_vs_shallow", "llama", "layerpass cold first call, {deep} vs {shallow} layers",
-     ("layerpass", "first_call_s", "deep"), ("layerpass", "first_call_s", "shallow"), "<=", 1.15),
-    ("dynamo_deep_vs_shallow", "llama", "layerpass dynamo s (cold), {deep} vs {shallow} layers",
-     ("layerpass", "dynamo_s", "deep"), ("layerpass", "dynamo_s", "shallow"), "<=", 4.0),
-    ("warm_vs_cold", "llama", "layerpass warm first call / cold first call, {deep} layers",
-     ("layerpass", "warm_start_s", "deep"), ("layerpass", "first_call_s", "deep"), "<=", 0.15),
-    ("warm_vs_inductor_warm", "llama", "layerpass warm first call / inductor warm first call, {deep} layers",
-     ("layerpass", "warm_start_s", "deep"), ("inductor", "warm_start_s", "deep"), "<=", 0.25),
-    ("inductor_cold_vs_layerpass_cold", "llama", "inductor cold first call / layerpass cold first call, {deep} layers",
-     ("inductor", "first_call_s", "deep"), ("layerpass", "first_call_s", "deep"), ">=", 4.5),
-    ("inductor_cold_vs_layerpass_cold", "llama-fp8", "inductor cold first call / layerpass cold first call, {deep} layers",
-     ("inductor", "first_call_s", "deep"), ("layerpass", "first_call_s", "deep"), ">=", 6.0),
+    ("cold_deep_vs_shallow", "llama", "layerpass cold first call, {deep} vs {shallow} layers", (*_LP_COLD, "deep"), (*_LP_COLD, "shallow"), "<=", 1.15),
+    ("dynamo_deep_vs_shallow", "llama", "layerpass dynamo s (cold), {deep} vs {shallow} layers", ("layerpass", "dynamo_s", "deep"), ("layerpass", "dynamo_s", "shallow"), "<=", 4.0),
+    ("warm_vs_cold", "llama", "layerpass warm first call / cold " + _FIRST_CALL, (*_LP_WARM, "deep"), (*_LP_COLD, "deep"), "<=", 0.15),
+    ("warm_vs_inductor_warm", "llama", "layerpass warm first call / inductor warm " + _FIRST_CALL, (*_LP_WARM, "deep"), (*_IND_WARM, "deep"), "<=", 0.25),
+    ("inductor_cold_vs_layerpass_cold", "llama", "inductor cold first call / layerpass cold " + _FIRST_CALL, (*_IND_COLD, "deep"), (*_LP_COLD, "deep"), ">=", 4.5),
+    ("inductor_cold_vs_layerpass_cold", "llama-fp8", "inductor cold first call / layerpass cold " + _FIRST_CALL, (*_IND_COLD, "deep"), (*_LP_COLD, "deep"), ">=", 6.0),
 )
 RATIO_FIELDS = ("key", "model", "what", "deep", "shallow", "value", "numerator", "denominator", "target", "meets")
 
