@@ -201,6 +201,8 @@ def test_unwritable_debug_dump_does_not_fail_a_real_compile(tmp_path, monkeypatc
     blocker = tmp_path / "dump_file"
     blocker.write_text("")
     monkeypatch.setenv(DEBUG_DUMP_ENV, str(blocker))
+    # a fresh Inductor cache: a piece served from the session's would never run the passes (nor dump)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     with caplog.at_level(logging.WARNING, logger="layerpass"):
         c = bh.compile_zoo("llama", 2, disable_cache=True)
     bh.assert_matches(c.out, c.ref, "llama-2 compiled with an unwritable dump dir")
