@@ -30,6 +30,7 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 import layerpass
+from layerpass.passes.base import PieceContext
 from layerpass.passes.pass_manager import PassManager
 
 from .cache import ArtifactCache, cache_key
@@ -155,8 +156,8 @@ class LayerpassBackend:
                 report.pieces.append(PieceInfo(target, "eager", None, layer, "eager"))
                 return
             sig, key = self.piece_key(sub, args, key_parts)
-            context = {"str_constants": sig.constants, "piece": target, "layer": layer,
-                       "real_inputs": [real_of.get(a) if isinstance(a, fx.Node) else None for a in node.args]}
+            context = PieceContext(target, layer, sig.constants,
+                                   [real_of.get(a) if isinstance(a, fx.Node) else None for a in node.args])
             piece, source = self.get_or_compile(key, target, sub, args, context)
             self.record(report, PieceInfo(target, "compiled", key, layer, source, sig.constants, sig.shape_key),
                         piece.stats, first_here=key not in seen_here)
@@ -181,7 +182,7 @@ class LayerpassBackend:
         return sig, cache_key(piece=sig.key, **key_parts)
 
     def get_or_compile(self, key: str, name: str, sub: fx.GraphModule, args: Sequence[Any],
-                       context: dict[str, Any]) -> tuple[CompiledPiece, str]:
+                       context: PieceContext) -> tuple[CompiledPiece, str]:
         """The artifact for ``key``, and where it came from: "shared", "cache" or "compiled"."""
         if key in self.compiled:
             return self.compiled[key], "shared"
@@ -213,9 +214,9 @@ class LayerpassBackend:
         report.num_pieces += 1
         report.pieces.append(info)
 
-    def runner(self, sub: fx.GraphModule, artifact: Any, call: PieceCall, context: dict[str, Any]) -> PieceRunner:
+    def runner(self, sub: fx.GraphModule, artifact: Any, call: PieceCall, context: PieceContext) -> PieceRunner:
         def compile_static(real_args: list[Any]) -> Callable[..., Any]:
-            return self._compile_piece(f"{context.get('piece', 'piece')}-static", sub, real_args, context, static=True)[0]
+            return self._compile_piece(f"{context.piece}-static", sub, real_args, context, static=True)[0]
 
         return PieceRunner(artifact, call.single_output, call.token_arg, compile_static, self.config.compile_sizes)
 
@@ -229,7 +230,7 @@ class LayerpassBackend:
         patches.update(self.config.inductor_options)
         return {"config_patches": patches}
 
-    def _compile_piece(self, name: str, gm: fx.GraphModule, args: list[Any], context: dict[str, Any],
+    def _compile_piece(self, name: str, gm: fx.GraphModule, args: list[Any], context: PieceContext,
                        static: bool = False) -> tuple[Any, dict[str, Any]]:
         self.pass_manager.begin_piece(name, context)
         runs = self.pass_manager.runs
@@ -296,7 +297,7 @@ def install_loaded_pieces(gm: fx.GraphModule, calls: dict[str, PieceCall], state
         def compile_static(real_args: list[Any], sub: fx.GraphModule = sub, name: str = name) -> Callable[..., Any]:
             if not backend:
                 backend.append(LayerpassBackend(config, publish_reports=False))
-            return backend[0]._compile_piece(f"{name}-static", sub, real_args, {"piece": name}, static=True)[0]
+            return backend[0]._compile_piece(f"{name}-static", sub, real_args, PieceContext(name), static=True)[0]
 
         setattr(split_gm, name, PieceRunner(entry.artifact, call.single_output, call.token_arg, compile_static,
                                             config.compile_sizes))

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import fx
@@ -115,6 +116,16 @@ def module_closure(roots: list[str], packages: set[str]) -> dict[str, str]:
     return seen
 
 
+
+@dataclass
+class PieceContext:
+    """What the backend knows about the piece being compiled; every pass's ``prepare`` gets it."""
+
+    piece: str = "piece"  # the split graph's name for it
+    layer: int | None = None  # decoder-layer index, when the split knows it
+    str_constants: list[tuple[str, str, Any]] = field(default_factory=list)  # (node, op target, value)
+    real_inputs: list[Any] = field(default_factory=list)  # the real value behind each placeholder, or None
+
 class LayerpassPass:
     """A post-grad graph pass. Subclasses set ``name`` and implement ``apply(graph) -> matches``.
 
@@ -132,8 +143,8 @@ class LayerpassPass:
     def apply(self, graph: fx.Graph) -> int:
         raise NotImplementedError
 
-    def prepare(self, context: dict[str, Any]) -> None:
-        """Called before each piece's compile with what the backend knows (layer names, ...)."""
+    def prepare(self, context: PieceContext) -> None:
+        """Called before each piece's compile with what the backend knows about it."""
 
     def config_key(self) -> str:
         return ""

@@ -29,7 +29,7 @@ from layerpass.patterns.moe_quant_input import MoEQuantInputFusionPass
 from layerpass.patterns.moe_shared import MoESharedFusionPass
 from layerpass.patterns.norm_quant import NormQuantFusionPass
 
-from .base import LayerpassPass
+from .base import LayerpassPass, PieceContext
 from .cleanup import DeadCodeEliminationPass
 from .fix_functionalization import FixFunctionalizationPass
 from .noop_elimination import NoOpEliminationPass
@@ -91,7 +91,7 @@ class PassManager(CustomGraphPass):
         self.passes = list(passes)
         self.config_fingerprint = config_fingerprint
         self.piece_name = "piece"
-        self.context: dict[str, Any] = {}
+        self.context = PieceContext()
         self.stats: dict[str, dict[str, float]] = {}
         self.failures: list[str] = []
         self.runs = 0
@@ -117,10 +117,10 @@ class PassManager(CustomGraphPass):
         idx = names.index(anchor)
         self.passes.insert(idx if before is not None else idx + 1, pass_)
 
-    def begin_piece(self, name: str, context: dict[str, Any] | None = None) -> None:
+    def begin_piece(self, name: str, context: PieceContext | None = None) -> None:
         """Reset per-piece stats before Inductor compiles the piece called ``name``."""
         self.piece_name = name
-        self.context = context or {}
+        self.context = context if context is not None else PieceContext(piece=name)
         self.stats = defaultdict(lambda: {"matches": 0, "time_s": 0.0})
         self.failures = []
         for p in self.passes:

@@ -32,7 +32,7 @@ from layerpass import envs
 from layerpass.ops.layer_name import LayerName, resolve_layer_name
 from layerpass.ops.library import op_name
 
-from .base import LayerpassPass
+from .base import LayerpassPass, PieceContext
 
 if TYPE_CHECKING:
     from torch._inductor.pattern_matcher import Match, PatternMatcherPass
@@ -76,7 +76,7 @@ class PatternPass(LayerpassPass):
     def __init__(self) -> None:
         super().__init__()
         self._patterns: PatternMatcherPass | None = None
-        self.context: dict[str, Any] = {}
+        self.context = PieceContext()
         self._registered = False
         self._names: set[str] = set()
 
@@ -142,11 +142,11 @@ class PatternPass(LayerpassPass):
         return extra_check
 
     def real_input(self, node: Any) -> Any:
-        """The real value behind a piece placeholder (``context["real_inputs"]``), else None."""
+        """The real value behind a piece placeholder (``context.real_inputs``), else None."""
         if not isinstance(node, fx.Node) or node.op != "placeholder":
             return None
         placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
-        real = self.context.get("real_inputs") or []
+        real = self.context.real_inputs
         idx = placeholders.index(node)
         return real[idx] if idx < len(real) else None
 
@@ -154,7 +154,7 @@ class PatternPass(LayerpassPass):
     def config_key(self) -> str:
         return f"use_layername={envs.USE_LAYERNAME}"
 
-    def prepare(self, context: dict[str, Any]) -> None:
+    def prepare(self, context: PieceContext) -> None:
         self.context = context
         if not self._registered:
             self._registered = True
@@ -163,7 +163,7 @@ class PatternPass(LayerpassPass):
                 self.register_layer_patterns(None)  # the name is a pattern input: one registration, every layer
         if self.named_op is not None and not envs.USE_LAYERNAME:
             named = op_name(self.named_op)
-            for _, target, value in context.get("str_constants", []):
+            for _, target, value in context.str_constants:
                 if op_name(target) == named and value not in self._names:
                     self._names.add(value)
                     self.register_layer_patterns(value)  # the name is a constant: one registration per layer

@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
 import layerpass.ops  # noqa: F401  (registers the ops named below)
-from layerpass.passes.base import LayerpassPass
+from layerpass.passes.base import LayerpassPass, PieceContext
 from tests.helpers import backend as bh
 from tests.helpers.fp8 import fp8_bits, fp8_model_tolerance  # noqa: F401  (used as fh.fp8_bits, ...)
 
@@ -90,13 +90,13 @@ def clone_gm(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def apply_passes(gm: fx.GraphModule, passes: Iterable[Any], context: dict[str, Any] | None = None) -> tuple[fx.GraphModule, dict[str, int]]:
+def apply_passes(gm: fx.GraphModule, passes: Iterable[Any], context: PieceContext | None = None) -> tuple[fx.GraphModule, dict[str, int]]:
     """Run layerpass passes on a copy of ``gm`` (each ``prepare``d with ``context``); returns the copy
     and matches per pass."""
     new = clone_gm(gm)
     matches: dict[str, int] = {}
     for p in passes:
-        p.prepare(context or {})
+        p.prepare(context if context is not None else PieceContext())
         matches[p.name] = int(p.apply(new.graph) or 0)
         new.graph.lint()
     new.recompile()

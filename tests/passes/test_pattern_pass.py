@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from layerpass.ops.library import op_name
+from layerpass.passes.base import PieceContext
 from layerpass.passes.pattern_pass import LAYER_NAME_ARG, PatternPass, partial_pattern
 from layerpass.patterns import attn_quant, moe_quant_input, moe_shared
 
@@ -80,11 +81,11 @@ def test_prepare_registers_per_name_only_for_the_named_op(monkeypatch) -> None:
               ("e", "layerpass.moe_forward.default", "l0.experts")]
     monkeypatch.setattr(envs, "USE_LAYERNAME", False)
     p = _Named()
-    p.prepare({"str_constants": consts})
-    p.prepare({"str_constants": consts})
+    p.prepare(PieceContext(str_constants=consts))
+    p.prepare(PieceContext(str_constants=consts))
     assert p.seen == ["l0.experts", "l1.experts"]
     monkeypatch.setattr(envs, "USE_LAYERNAME", True)
     q = _Named()
-    q.prepare({"str_constants": consts})
-    q.prepare({})
+    q.prepare(PieceContext(str_constants=consts))
+    q.prepare(PieceContext())
     assert q.seen == [None]

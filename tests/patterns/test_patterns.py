@@ -20,6 +20,7 @@ from torch import nn
 from tests.helpers import fusion as fh
 from layerpass.layers import Attention, FusedMoE, RMSNorm, SiluAndMul
 from layerpass.ops import FP8_DTYPE, LayerRegistry, build_batch_metadata, encode_layer_name, layer_registry_scope
+from layerpass.passes.base import PieceContext
 from layerpass.passes.cleanup import DeadCodeEliminationPass
 from layerpass.passes.fix_functionalization import FixFunctionalizationPass
 from layerpass.patterns.act_quant import ActQuantFusionPass
@@ -263,7 +264,7 @@ def _moe_case(tokens, hidden, experts, top_k, gated, owned, seed):
     cap = fh.capture_graph(m, [x], registry=registry)
     p = MoESharedFusionPass()
     with set_forward_context(None, registry):
-        fused, matches = fh.apply_passes(cap.gm, [p], {"real_inputs": cap.args})
+        fused, matches = fh.apply_passes(cap.gm, [p], PieceContext(real_inputs=list(cap.args)))
         final = finish(fused)
         with torch.no_grad():
             out = cap.run(final)

@@ -20,6 +20,7 @@ def count_registrations() -> dict:
     import layerpass
     from layerpass.backend.config import CompilationConfig
     from layerpass.ops.library import op_name
+    from layerpass.passes.base import PieceContext
     from layerpass.passes.pass_manager import configure
 
     lp = torch.ops.layerpass
@@ -33,7 +34,7 @@ def count_registrations() -> dict:
                                                              (lp.moe_forward_shared, "mlp.not_a_moe_forward"))]
         for piece in range(layers):
             for p in passes:
-                p.prepare({"str_constants": [c for c in consts if c[2].startswith(f"model.layers.{piece}.")]})
+                p.prepare(PieceContext(str_constants=[c for c in consts if c[2].startswith(f"model.layers.{piece}.")]))
         out[str(layers)] = {p.name: p.registrations for p in passes}
     return {"use_layername": layerpass.USE_LAYERNAME, "counts": out}
 
@@ -46,6 +47,7 @@ def per_name_results() -> dict:
     import layerpass
     from layerpass.ops import LayerRegistry, build_batch_metadata, layer_registry_scope, set_forward_context
     from layerpass.ops.library import op_name
+    from layerpass.passes.base import PieceContext
     from layerpass.patterns.attn_quant import AttnQuantFusionPass
     from tests.helpers import fusion as fh
     from tests.patterns.test_patterns import AttnQuant
@@ -62,7 +64,7 @@ def per_name_results() -> dict:
     results = {}
     for seen in ("model.layers.3.self_attn.attn", name):
         p = AttnQuantFusionPass()
-        fused, matches = fh.apply_passes(cap.gm, [p], {"str_constants": [("n", op_name(torch.ops.layerpass.unified_attention_with_output), seen)]})
+        fused, matches = fh.apply_passes(cap.gm, [p], PieceContext(str_constants=[("n", op_name(torch.ops.layerpass.unified_attention_with_output), seen)]))
         with torch.no_grad(), set_forward_context(md, registry):
             out = cap.run(fused)
         results[seen] = {"matches": matches["fuse_attn_quant"], "registrations": p.registrations,
