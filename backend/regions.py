@@ -7,8 +7,9 @@ call through ``Regions.call``. A *region* is one AOT-compiled program of the lay
 argument, so its weights are graph inputs and one program serves every layer that passes the
 program's guards. A layer is served by a region only if
 
-- its structure signature (classes, parameter/buffer shapes and dtypes, callables and other
-  objects on every submodule: what Dynamo's saved guards do not check) equals the region's, and
+- its structure signature (``backend/signature.py``: classes, parameter/buffer shapes and dtypes,
+  callables and other objects on every submodule: what Dynamo's saved guards do not check) equals
+  the region's, and
 - Dynamo's guards of the region pass for this layer and these inputs (tensor metadata, the
   ``str`` and other constants the trace read, ``None``-ness of inputs, ...).
 
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
-import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from .compiler import LayerpassBackend
 from .isa_probe import wait_for_cpu_isa_probe
 from .program import PiecewiseProgram
 from .report import CompileReport
+from .signature import layer_signature
 from .warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
@@ -61,50 +61,6 @@ def _breadth_first(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         name, module = queue.pop(0)
         yield name, module
         queue.extend((f"{name}.{n}" if name else n, m) for n, m in module.named_children())
-
-
-def _describe(value: Any) -> Any:
-    """A Python attribute as far as Dynamo's *saved* guards may not cover it.
-
-    Scalars and strings are left to those guards: a trace that reads one guards on its value (or
-    takes it as an input), and such guards are saved. What saved guards drop is object identity
-    (ID/function/class match), so callables, classes and other objects are named here."""
-    if isinstance(value, (str, bool, int, float, complex)) or value is None:
-        return type(value).__name__
-    if isinstance(value, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return ("tensor", str(value.dtype), tuple(value.shape), value.device.type)
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_describe(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple((repr(k), _describe(v)) for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))))
-    if callable(value):
-        return ("callable", getattr(value, "__module__", None), getattr(value, "__qualname__", type(value).__qualname__))
-    return ("object", type(value).__module__, type(value).__qualname__)
-
-
-def layer_signature(layer: nn.Module) -> str:
-    """Structure of a layer that any program traced from it depends on (see the module docstring)."""
-    h = hashlib.sha256()
-    for path, module in layer.named_modules():
-        cls = type(module)
-        h.update(f"{path}|{cls.__module__}.{cls.__qualname__}|{module.training}".encode())
-        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{t.device.type}|{t.requires_grad}".encode())
-        for name, value in sorted(vars(module).items()):
-            if name.startswith("_") or name == "training":
-                continue
-            h.update(f"{name}={_describe(value)!r}".encode())
-    return h.hexdigest()[:32]
-
-
-def class_key(cls: type) -> str:
-    """Names a layer class in the program store: its qualified name and its source."""
-    h = hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}".encode())
-    with contextlib.suppress(OSError, TypeError):
-        h.update(inspect.getsource(cls).encode())
-    return h.hexdigest()[:24]
 
 
 @dataclass
@@ -231,7 +187,6 @@ class Regions:
         example_args, example_kwargs = pytree.tree_map_only(torch.Tensor, _fresh_copy, (args, kwargs))
         if self.dynamic_tokens:
             mark_token_dims_of(example_args, example_kwargs, _STEP_TOKENS.get())
-        self.backend.last_report = None
         fn = torch.compile(type(layer).forward, backend=self.backend, fullgraph=True)
         # the trace must not see the routing attribute (it would reach this object's state)
         routed = vars(layer).pop("forward", None)

@@ -32,6 +32,8 @@ from torch import nn
 
 import layerpass
 
+from .signature import class_key, class_source, module_lines
+
 if TYPE_CHECKING:
     from .regions import Region
 
@@ -49,31 +51,15 @@ def has_aot_api() -> bool:
     return hasattr(torch.compiler, "load_compiled_function")
 
 
-def _class_source(cls: type) -> str:
-    try:
-        return inspect.getsource(cls)
-    except (OSError, TypeError):
-        return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def model_key_parts(model: nn.Module, key_parts: dict[str, Any]) -> dict[str, str]:
     """The parts of a model's program key, each hashed (so a mismatch can be named)."""
-    from .regions import _describe
-
     code, structure = hashlib.sha256(), hashlib.sha256()
-    classes: dict[str, type] = {}
-    for path, module in model.named_modules():
-        cls = type(module)
-        classes[f"{cls.__module__}.{cls.__qualname__}"] = cls
-        structure.update(f"{path}|{cls.__qualname__}|{module.training}".encode())
-        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            structure.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{t.device.type}|{t.requires_grad}".encode())
-        for name, value in sorted(vars(module).items()):
-            if not name.startswith("_"):
-                structure.update(f"{name}={value!r}".encode() if isinstance(value, str) else f"{name}={_describe(value)!r}".encode())
+    for line in module_lines(model, values=True):
+        structure.update(line.encode())
+    classes = {f"{type(m).__module__}.{type(m).__qualname__}": type(m) for m in model.modules()}
     for name in sorted(classes):
         code.update(name.encode())
-        code.update(_class_source(classes[name]).encode())
+        code.update(class_source(classes[name]).encode())
     config = getattr(model, "config", None)
     return {
         "model code": code.hexdigest()[:24],
@@ -91,15 +77,12 @@ class ProgramStore:
     """Saved region programs of one model (see the module docstring)."""
 
     def __init__(self, cache_dir: str, model: nn.Module, key_parts: dict[str, Any]) -> None:
-        from .regions import class_key
-
         self.cache_dir = cache_dir
         self.parts = model_key_parts(model, key_parts)
         self.model_key = hashlib.sha256(json.dumps(self.parts, sort_keys=True).encode()).hexdigest()[:32]
         self.family = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode()).hexdigest()[:16]
         self.root = os.path.join(cache_dir, "programs")
         self.dir = os.path.join(self.root, f"{self.family}-{self.model_key}")
-        self.class_key = class_key
         self.status = "off"  # what the report says: "loaded", "saved", "fallback: <why>"
         self._warned_write = False
 
@@ -108,7 +91,7 @@ class ProgramStore:
         """Every usable saved region of layer class ``cls``; logs once why there are none."""
         from .regions import Region
 
-        folder = os.path.join(self.dir, self.class_key(cls))
+        folder = os.path.join(self.dir, class_key(cls))
         names = sorted(n for n in _listdir(folder) if n.endswith(".bin"))
         if not names:
             self._fallback(self._why_missing())
@@ -140,20 +123,16 @@ class ProgramStore:
         self._fallback(f"saved program {path} is unusable ({why}); {removed}")
 
     def _read(self, path: str, cls: type) -> tuple[dict[str, Any], Any]:
-        from torch._dynamo.aot_compile import AOTCompiledFunction
-
         with open(path, "rb") as f:
             header = json.loads(f.readline())
             payload = f.read()
         if header.get("format") != FORMAT_VERSION or header.get("model_key") != self.model_key:
             raise ValueError("it belongs to another model key")
-        if header.get("class_key") != self.class_key(cls):
+        if header.get("class_key") != class_key(cls):
             raise ValueError("it belongs to another layer class")
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             raise ValueError("checksum mismatch (truncated or corrupted)")
-        aot = AOTCompiledFunction.deserialize(payload, f_globals=inspect.unwrap(cls.forward).__globals__,
-                                              external_closure_data=_forward_chain(cls))
-        return header, aot
+        return header, _deserialize(payload, cls)
 
     def _why_missing(self) -> str:
         """Name the key parts that changed since this model was last saved, if it was."""
@@ -179,14 +158,13 @@ class ProgramStore:
         """Best effort: a region that cannot be saved is logged once, never fatal."""
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
-        folder = os.path.join(self.dir, self.class_key(region.cls))
+        folder = os.path.join(self.dir, class_key(region.cls))
         try:
             payload = AOTCompiledFunction.serialize(region.aot, _forward_chain(region.cls)).serialized_data
             # never save what cannot be loaded (torch 2.13 cannot restore the guards of some frames,
             # e.g. transformers' decoder layers): a failed round trip is reported, nothing is written
-            AOTCompiledFunction.deserialize(payload, f_globals=inspect.unwrap(region.cls.forward).__globals__,
-                                            external_closure_data=_forward_chain(region.cls))
-            header = {"format": FORMAT_VERSION, "model_key": self.model_key, "class_key": self.class_key(region.cls),
+            _deserialize(payload, region.cls)
+            header = {"format": FORMAT_VERSION, "model_key": self.model_key, "class_key": class_key(region.cls),
                       "signature": region.signature, "sha256": hashlib.sha256(payload).hexdigest(),
                       "torch": torch.__version__}
             os.makedirs(folder, exist_ok=True)
@@ -203,6 +181,14 @@ class ProgramStore:
             if not self._warned_write:
                 self._warned_write = True
                 logger.warning("layerpass: warm start: %s; the next process will trace again", why)
+
+
+def _deserialize(payload: bytes, cls: type) -> Any:
+    """A saved region of layer class ``cls`` as an ``AOTCompiledFunction`` (pieces loaded on first use)."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    return AOTCompiledFunction.deserialize(payload, f_globals=inspect.unwrap(cls.forward).__globals__,
+                                           external_closure_data=_forward_chain(cls))
 
 
 def _forward_chain(cls: type) -> dict[str, Any]:

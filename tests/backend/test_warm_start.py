@@ -260,3 +260,21 @@ def test_converted_hf_model_warm_starts() -> None:
         return
     warm = bh.run_python(textwrap.dedent(HF_RUN.format(cache_dir=cache, forbid_tracing=True)), what="hf warm").result
     assert warm["err"] < 1e-4 and warm["warm_start"] == "loaded", warm
+
+
+def test_model_key_counts_attribute_values_and_strings() -> None:
+    """The saved-program key takes Python attributes by value (a region match leaves them to guards)."""
+    from layerpass.backend.signature import layer_signature
+    from layerpass.backend.warm_start import model_key_parts
+
+    part = "model config and structure"
+    base = bh.Stack(2)
+    other_float, other_str = bh.Stack(2), bh.Stack(2)
+    other_float.layers[1].eps = 1e-5
+    base.layers[1].eps = 1e-6
+    other_str.layers[1].eps = 1e-6
+    other_str.layers[1].mode = "b"
+    base.layers[1].mode = other_float.layers[1].mode = "a"
+    keys = [model_key_parts(m, {})[part] for m in (base, other_float, other_str)]
+    assert len(set(keys)) == 3, keys
+    assert layer_signature(base.layers[1]) == layer_signature(other_float.layers[1]) == layer_signature(other_str.layers[1])
