@@ -12,7 +12,6 @@ says which and why.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
@@ -93,16 +92,15 @@ class CompiledModel(nn.Module):
             # keyed at the first call, so passes added after compile() (add_pass) are in the key
             self.regions.store = ProgramStore(self.config.cache_dir, self.model, self.backend.key_parts())
         tokens = _token_count(args, kwargs)
-        t0 = time.perf_counter()
         with self.regions.installed(tokens) as run:
             out = self.model(*args, **kwargs)
         if self.regions.failed is None and (run.new_regions or self.num_calls == 1):
             if run.new_regions:
                 self._region_calls_with_new += 1
-            publish(self._regions_report(run, time.perf_counter() - t0))
+            publish(self._regions_report(run))
         return out
 
-    def _regions_report(self, run: RegionsRun, call_s: float) -> CompileReport:
+    def _regions_report(self, run: RegionsRun) -> CompileReport:
         assert self.regions is not None
         cfg = self.config
         new = {id(r) for r in run.new_regions}
