@@ -12,6 +12,7 @@ says which and why.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from .compiler import LayerpassBackend, mark_token_dims
 from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
-from .regions import Regions, RegionsRun, find_repeated_layers
+from .regions import Regions, RegionsRun, find_layer_container
 from .report import CompileReport, PieceInfo, publish
 from .warm_start import ProgramStore, has_aot_api
 
@@ -43,34 +44,47 @@ class CompiledModel(nn.Module):
         self.trace_note = ""
         self.num_calls = 0
         self._region_calls_with_new = 0
+        # one call at a time: regions route the shared layer modules, and a first call traces
+        self._lock = threading.RLock()
+        self._warned_training = False
         probe_cpu_isa_in_background(model)
-        layers = find_repeated_layers(model)
-        if not layers:
+        container = find_layer_container(model)
+        if container is None:
             self._whole_model("no repeated layers (no ModuleList of two or more modules)")
         elif not has_aot_api():
             self._whole_model(f"torch {torch.__version__} cannot trace a layer ahead of time (no aot_compile)")
         else:
-            self.regions = Regions(layers, self.backend, None, config.dynamic_tokens)
+            self.regions = Regions(container, self.backend, None, config.dynamic_tokens)
 
     def _whole_model(self, why: str) -> None:
         self.trace_note = why
-        self.regions = None
         self.backend.publish_reports = True
         self.compiled = torch.compile(self.model, backend=self.backend)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from .inputs import check_model_inputs  # a bad step input: ValueError before Dynamo sees it
         check_model_inputs(self.model, args, kwargs)
-        self.num_calls += 1
-        if self.regions is not None:
-            out = self._run_regions(args, kwargs)
-            if self.regions.failed is None:
-                return out
-            # this step ran that layer (and the ones after it) eagerly; from the next step on, whole model
-            logger.warning("layerpass: %s; compiling the whole model instead", self.regions.failed)
-            self._whole_model(self.regions.failed)
-            return out
-        if self.config.dynamic_tokens:
+        with self._lock:
+            self.num_calls += 1
+            if self.regions is not None and self.regions.failed is None and not self._training():
+                return self._run_regions(args, kwargs)
+            if self.compiled is None:  # regions are inference-only: training compiles the whole model
+                self._whole_model("the model is in training mode (regions are inference-only)")
+            return self._run_whole_model(args, kwargs)
+
+    def _training(self) -> bool:
+        if not self.model.training:
+            return False
+        if not self._warned_training:
+            self._warned_training = True
+            logger.warning("layerpass: the model is in training mode; regions (and the warm start) are inference-only, "
+                           "so the whole model is compiled with torch.compile for training-mode calls; call .eval() "
+                           "for the region path")
+        return True
+
+    def _run_whole_model(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.config.dynamic_tokens and not self.model.training:
+            # (training-mode ops such as dropout guard on the token count: left to Dynamo's dynamism)
             mark_token_dims([*args, *kwargs.values()])
         calls = self.backend.num_calls
         out = self.compiled(*args, **kwargs)
@@ -80,7 +94,7 @@ class CompiledModel(nn.Module):
             raise RuntimeError(
                 "layerpass: torch.compile ran the model eagerly without calling the layerpass backend "
                 f"(Dynamo recompile limit {torch._dynamo.config.recompile_limit} reached for this forward, or "
-                "compilation disabled); raise torch._dynamo.config.recompile_limit or call torch._dynamo.reset()"
+                "compilation disabled); raise torch._dynamo.config.recompile_limit or call torch.compiler.reset()"
             )
         if self.backend.num_calls > calls and self.backend.last_report is not None:
             self.backend.last_report.notes.append(f"whole model traced: {self.trace_note}")
@@ -88,13 +102,24 @@ class CompiledModel(nn.Module):
 
     def _run_regions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         assert self.regions is not None
-        if self.num_calls == 1 and not self.config.disable_cache:
+        if self.regions.store is None and not self.config.disable_cache:
             # keyed at the first call, so passes added after compile() (add_pass) are in the key
             self.regions.store = ProgramStore(self.config.cache_dir, self.model, self.backend.key_parts())
+        notes = self.regions.begin_step()
         tokens = _token_count(args, kwargs)
         with self.regions.installed(tokens) as run:
             out = self.model(*args, **kwargs)
-        if self.regions.failed is None and (run.new_regions or self.num_calls == 1):
+        run.notes.extend(notes)
+        if self.regions.failed is not None:
+            # this step ran that layer (and the ones after it) eagerly; from the next step on, whole model
+            logger.warning("layerpass: %s; compiling the whole model instead", self.regions.failed)
+            report = self._regions_report(run)
+            report.trace = "eager (this step; whole-model from the next)"
+            report.notes.append(self.regions.failed)
+            publish(report)
+            self._whole_model(self.regions.failed)
+            return out
+        if run.new_regions or notes or self.num_calls == 1:
             if run.new_regions:
                 self._region_calls_with_new += 1
             publish(self._regions_report(run))
@@ -105,7 +130,7 @@ class CompiledModel(nn.Module):
         cfg = self.config
         new = {id(r) for r in run.new_regions}
         report = CompileReport(split=cfg.split, trace="regions", recompiles=max(0, self._region_calls_with_new - 1))
-        report.num_regions = len({id(r) for r in self.regions.last.values()})
+        report.num_regions = len({id(r) for _, r in run.layer_regions} | {id(r) for r in self.regions.last.values()})
         store = self.regions.store
         report.warm_start = "off (disable_cache=True)" if store is None else store.status
         keys: set[str] = set()
@@ -141,11 +166,12 @@ class CompiledModel(nn.Module):
                 report.pass_time_s[name] = report.pass_time_s.get(name, 0.0) + t
         report.num_unique_pieces = len(keys)
         report.total_s = run.wall_s if run.new_regions else 0.0
+        report.notes.extend(run.notes)
         return report
 
     @property
     def recompiles(self) -> int:
-        if self.regions is not None:
+        if self.regions is not None and self.compiled is None:
             return max(0, self._region_calls_with_new - 1)
         return max(0, self.backend.num_calls - 1)
 

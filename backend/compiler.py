@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from .piece_hash import PieceSignature, piece_signature
 from .program import PieceCall, PieceRunner, PiecewiseProgram
 from .report import CompileReport, PieceInfo, publish
 from .split import split_graph
+from .trace_deps import traced_code_of_this_trace
 
 logger = logging.getLogger("layerpass")
 
@@ -125,7 +127,12 @@ class LayerpassBackend:
         self.last_report: CompileReport | None = None
         # key -> artifact, across this backend's graphs: regions of one model share pieces
         self.compiled: dict[str, CompiledPiece] = {}
-        self.whole_layer = False  # set by Regions while it traces one decoder layer: that graph is one piece
+        self.last_program: PiecewiseProgram | None = None
+
+    def for_layer(self) -> Callable[[fx.GraphModule, Sequence[Any]], PiecewiseProgram]:
+        """This backend for a graph that is one decoder layer (a region): that graph is one piece,
+        since a layer's own lists (heads, experts) are not decoder layers."""
+        return functools.partial(self.compile_graph, whole_layer=True)
 
     def key_parts(self) -> dict[str, Any]:
         """Everything besides the piece's own structure that its compiled code depends on."""
@@ -134,12 +141,15 @@ class LayerpassBackend:
 
     # -- the backend ----------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> PiecewiseProgram:
+        return self.compile_graph(gm, example_inputs)
+
+    def compile_graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any], whole_layer: bool = False) -> PiecewiseProgram:
         t_enter = time.perf_counter()
         dynamo_s = max(0.0, t_enter - _dynamo_start[0]) if _dynamo_start[0] else 0.0
         self.num_calls += 1
         cfg = self.config
         report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1, dynamo_s=dynamo_s)
-        result = split_graph(gm, cfg.split, cfg.splitting_ops, whole_layer=self.whole_layer)
+        result = split_graph(gm, cfg.split, cfg.splitting_ops, whole_layer=whole_layer)
         if cfg.split == "ops" and cfg.fuse_attn_quant:
             report.notes.append("split='ops': the splitting ops run eagerly, so no fusion can cross them (attention+quant is off)")
         split_gm = result.graph_module
@@ -162,7 +172,7 @@ class LayerpassBackend:
             self.record(report, PieceInfo(target, "compiled", key, layer, source, sig.constants, sig.shape_key),
                         piece.stats, first_here=key not in seen_here)
             seen_here.add(key)
-            calls[target] = PieceCall(key, _single_output(sub), _token_arg(args))
+            calls[target] = PieceCall(key, _single_output(sub), _token_arg(args), len(node.args))
             setattr(split_gm, target, self.runner(sub, piece.artifact, calls[target], context))
 
         walk_pieces(split_gm, example_inputs, visit)
@@ -173,8 +183,11 @@ class LayerpassBackend:
         if self.publish_reports:
             publish(report)
         split_gm.recompile()
-        state = {"cache_dir": cfg.cache_dir, "config": dataclasses.asdict(cfg), "whole_layer": self.whole_layer}
-        return PiecewiseProgram(split_gm, gm, calls, state, report)
+        state = {"cache_dir": cfg.cache_dir, "config": dataclasses.asdict(cfg), "whole_layer": whole_layer}
+        program = PiecewiseProgram(split_gm, gm, calls, state, report)
+        program.traced_code = traced_code_of_this_trace()
+        self.last_program = program
+        return program
 
     # -- steps ----------------------------------------------------------------------
     def piece_key(self, sub: fx.GraphModule, args: Sequence[Any], key_parts: dict[str, Any]) -> tuple[PieceSignature, str]:
@@ -267,9 +280,11 @@ def _single_output(sub: fx.GraphModule) -> bool:
     return isinstance(out_node.args[0], fx.Node)
 
 
-def install_loaded_pieces(gm: fx.GraphModule, calls: dict[str, PieceCall], state: dict[str, Any]) -> tuple[fx.GraphModule, CompileReport]:
+def install_loaded_pieces(gm: fx.GraphModule, calls: dict[str, PieceCall], state: dict[str, Any],
+                          backend: LayerpassBackend) -> tuple[fx.GraphModule, CompileReport]:
     """Rebuild a saved program: split ``gm`` as it was split when compiled and put each piece's
-    artifact, loaded from the on-disk cache once per key, in its place. Raises if anything is missing."""
+    artifact, loaded from the on-disk cache once per key, in its place; static-size variants
+    compile with ``backend`` (the compiled model's, with its passes). Raises if anything is missing."""
     config = CompilationConfig(**state["config"])
     result = split_graph(gm, config.split, config.splitting_ops, whole_layer=state.get("whole_layer", False))
     split_gm = result.graph_module
@@ -279,8 +294,12 @@ def install_loaded_pieces(gm: fx.GraphModule, calls: dict[str, PieceCall], state
     names = [name for name, _ in split_gm.named_children() if name not in result.eager_pieces]
     if set(names) != set(calls):
         raise ValueError(f"saved program's pieces {sorted(calls)} do not match its graph's split {sorted(names)}")
-    backend: list[LayerpassBackend] = []  # built only if a static-size variant is needed
-
+    num_args = {n.target: len(n.args) for n in split_gm.graph.nodes if n.op == "call_module"}
+    wrong = [name for name in names if calls[name].num_args != num_args.get(name)]
+    if wrong:
+        raise ValueError(f"saved program's pieces {wrong} took other arguments when compiled "
+                         f"({[calls[n].num_args for n in wrong]}) than its graph's split gives them "
+                         f"({[num_args.get(n) for n in wrong]})")
     for name in names:
         call = calls[name]
         if call.key not in loaded:
@@ -295,9 +314,7 @@ def install_loaded_pieces(gm: fx.GraphModule, calls: dict[str, PieceCall], state
         sub = getattr(split_gm, name)
 
         def compile_static(real_args: list[Any], sub: fx.GraphModule = sub, name: str = name) -> Callable[..., Any]:
-            if not backend:
-                backend.append(LayerpassBackend(config, publish_reports=False))
-            return backend[0]._compile_piece(f"{name}-static", sub, real_args, PieceContext(name), static=True)[0]
+            return backend._compile_piece(f"{name}-static", sub, real_args, PieceContext(name), static=True)[0]
 
         setattr(split_gm, name, PieceRunner(entry.artifact, call.single_output, call.token_arg, compile_static,
                                             config.compile_sizes))

@@ -16,12 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
 from torch._dynamo.aot_compile_types import SerializableCallable
 
 from .report import CompileReport
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sizes kept for re-splitting, PieceCall.num_args
 
 
 class PieceRunner(nn.Module):
@@ -60,13 +61,36 @@ class PieceCall:
     key: str
     single_output: bool
     token_arg: int | None
+    num_args: int  # checked against the loaded graph's split before any piece runs
 
 
 def _strip_for_pickle(gm: fx.GraphModule) -> None:
-    """Drop node metadata that holds live Python objects (module stacks, example values)."""
+    """Drop node metadata that holds live Python objects (module stacks, opaque objects).
+
+    What re-splitting the loaded graph needs stays: the symbolic sizes of each value (a tensor's
+    as a tuple of its sizes, strides and offset), from which ``split_module`` threads each piece's
+    symbolic-size inputs (``split="ops"`` pieces take the token count as an argument)."""
     for node in gm.graph.nodes:
-        for k in ("nn_module_stack", "source_fn_stack", "example_value", "stack_trace", "from_node"):
+        for k in ("nn_module_stack", "source_fn_stack", "stack_trace", "from_node"):
             node.meta.pop(k, None)
+        sizes = _sizes_only(node.meta.get("example_value"))
+        if sizes is None:
+            node.meta.pop("example_value", None)
+        else:
+            node.meta["example_value"] = sizes
+
+
+def _sizes_only(value: Any) -> Any:
+    """``value`` with each tensor replaced by its sizes, strides and offset; None if it holds
+    anything but tensors, sizes and plain scalars."""
+    if isinstance(value, torch.Tensor):
+        return (*value.shape, *value.stride(), value.storage_offset())
+    if isinstance(value, (tuple, list)):
+        parts = [_sizes_only(v) for v in value]
+        return None if any(p is None for p in parts) else tuple(parts)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
+        return value
+    return None
 
 
 class PiecewiseProgram(SerializableCallable):
@@ -79,25 +103,27 @@ class PiecewiseProgram(SerializableCallable):
         self.pieces = pieces
         self.state = state  # what loading needs besides the graph: cache dir and config
         self._report = report  # how this program's pieces were obtained
+        self.traced_code: list[Any] = []  # code objects Dynamo traced (in memory; see trace_deps)
 
     @property
     def report(self) -> CompileReport:
-        self.ensure_loaded()
-        assert self._report is not None
+        if self._report is None:
+            raise RuntimeError("a loaded program's report exists once its pieces are loaded (ensure_loaded)")
         return self._report
 
-    def ensure_loaded(self) -> None:
-        """Load the pieces of a program read from disk (on first use: only programs that run pay)."""
+    def ensure_loaded(self, backend: Any) -> None:
+        """Load the pieces of a program read from disk (on first use: only programs that run pay);
+        ``backend`` (a ``LayerpassBackend``) compiles any static-size variant later."""
         if self.split_gm is None:
             from .compiler import install_loaded_pieces
 
             assert self.graph is not None
-            self.split_gm, self._report = install_loaded_pieces(self.graph, self.pieces, self.state)
+            self.split_gm, self._report = install_loaded_pieces(self.graph, self.pieces, self.state, backend)
 
     def __call__(self, *args: Any) -> Any:
         if self.split_gm is None:
-            self.ensure_loaded()
-        return self.split_gm(*args)  # type: ignore[misc]
+            raise RuntimeError("a loaded program runs once its pieces are loaded (ensure_loaded)")
+        return self.split_gm(*args)
 
     @classmethod
     def serialize_compile_artifacts(cls, fn: PiecewiseProgram) -> bytes:

@@ -38,6 +38,7 @@ from .isa_probe import wait_for_cpu_isa_probe
 from .program import PiecewiseProgram
 from .report import CompileReport
 from .signature import layer_signature
+from .trace_deps import GuardRecorder, TraceDeps, record_deps, recording_traced_code
 from .warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
@@ -46,13 +47,19 @@ logger = logging.getLogger("layerpass")
 _STEP_TOKENS: contextvars.ContextVar[int | None] = contextvars.ContextVar("layerpass_step_tokens", default=None)
 
 
-def find_repeated_layers(model: nn.Module) -> list[nn.Module]:
-    """The children of the outermost ``ModuleList`` that holds two or more modules (the decoder
-    layers); outermost, so a layer's own list of heads or experts is never mistaken for it."""
+def find_layer_container(model: nn.Module) -> nn.ModuleList | None:
+    """The outermost ``ModuleList`` that holds two or more modules (the decoder layers); outermost,
+    so a layer's own list of heads or experts is never mistaken for it."""
     for _, module in _breadth_first(model):
         if isinstance(module, nn.ModuleList) and len(module) >= 2:
-            return list(module)
-    return []
+            return module
+    return None
+
+
+def find_repeated_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers: the children of ``find_layer_container(model)`` (none without one)."""
+    container = find_layer_container(model)
+    return [] if container is None else list(container)
 
 
 def _breadth_first(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -65,26 +72,36 @@ def _breadth_first(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 @dataclass
 class Region:
-    """One traced-and-compiled layer program, and the layers that call it."""
+    """One traced-and-compiled layer program, and the layers that call it.
 
-    aot: Any  # torch._dynamo.aot_compile.AOTCompiledFunction
+    ``aot`` is torch's ``AOTCompiledFunction`` (its guards decide which layers it serves; it can be
+    saved). A layer frame whose guards torch cannot save is still traced once, by Dynamo in memory
+    (``aot`` is None, ``fn`` is the ``torch.compile``d forward whose own guards and retraces decide);
+    only its warm start is off (``unsaved`` says why)."""
+
+    fn: Any  # what a layer call runs: (layer, *args, **kwargs) -> output
+    aot: Any  # AOTCompiledFunction, or None for an in-memory region
+    program: PiecewiseProgram
     cls: type
     signature: str
-    source: str  # "compiled" or "loaded"
+    deps: TraceDeps
+    source: str  # "compiled", "in memory" or "loaded"
     path: str | None = None  # the saved file it was loaded from
     dynamo_s: float = 0.0
-
-    @property
-    def program(self) -> PiecewiseProgram:
-        return self.aot._artifacts.compiled_fn
+    unsaved: str | None = None  # why this region cannot be saved, if it cannot
 
     @property
     def report(self) -> CompileReport:
         return self.program.report
 
     def matches(self, layer: nn.Module, signature: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        return (type(layer) is self.cls and signature == self.signature
-                and bool(self.aot.guard_check(layer, *args, **kwargs)))
+        if type(layer) is not self.cls or signature != self.signature:
+            return False
+        if self.aot is None:
+            return True  # Dynamo checks its own guards on the call (and retraces on a miss)
+        if not self.aot.guard_check(layer, *args, **kwargs):
+            return False
+        return not self.deps.has_local_checks or self.deps.check_locals(self.aot.prepare_f_locals(layer, *args, **kwargs))
 
 
 @dataclass
@@ -94,14 +111,18 @@ class RegionsRun:
     new_regions: list[Region] = field(default_factory=list)
     layer_regions: list[tuple[int, Region]] = field(default_factory=list)  # (layer index, region) per call
     wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 class Regions:
-    def __init__(self, layers: list[nn.Module], backend: LayerpassBackend, store: ProgramStore | None,
+    """The regions of one compiled model. Not thread-safe: ``CompiledModel`` calls it under its lock."""
+
+    def __init__(self, container: nn.ModuleList, backend: LayerpassBackend, store: ProgramStore | None,
                  dynamic_tokens: bool) -> None:
-        self.layers = layers
-        self.index = {id(layer): i for i, layer in enumerate(layers)}
-        self.signatures = {id(layer): layer_signature(layer) for layer in layers}
+        self.container = container
+        self.layers: list[nn.Module] = []
+        self.index: dict[int, int] = {}
+        self.signatures: dict[int, str] = {}
         self.backend = backend
         self.store = store
         self.dynamic_tokens = dynamic_tokens
@@ -110,21 +131,71 @@ class Regions:
         self.loaded_classes: set[type] = set()
         self.run: RegionsRun | None = None
         self.failed: str | None = None  # why a layer could not become a region
+        self._warned_own_forward: set[int] = set()
+        self._not_saveable = ""  # why torch could not build a saveable program (for the in-memory region)
+        self._sync_layers()
+
+    def _sync_layers(self) -> bool:
+        """Take the container's current layers (replaced or appended after compile: they get
+        regions like the others); True if they changed."""
+        current = list(self.container)
+        if len(current) == len(self.layers) and all(a is b for a, b in zip(current, self.layers)):
+            return False
+        self.layers = current
+        self.index = {id(layer): i for i, layer in enumerate(current)}
+        self.signatures = {id(layer): self.signatures.get(id(layer)) or layer_signature(layer) for layer in current}
+        self.last = {k: v for k, v in self.last.items() if k in self.index}
+        return True
+
+    def begin_step(self) -> list[str]:
+        """Once per compiled-model call, before any layer runs: new layers are taken in, and a
+        region whose traced code or dropped globals changed since it was traced is dropped (the
+        layers that used it are traced again). Returns what changed, for the report."""
+        notes = []
+        if self._sync_layers():
+            notes.append(f"the decoder layers changed since the last call ({len(self.layers)} now): new layers get regions")
+        for region in list(self.regions):
+            why = region.deps.changed()
+            if why is not None:
+                logger.info("layerpass: region of %s is stale (%s); tracing it again", region.cls.__qualname__, why)
+                notes.append(f"region of {region.cls.__qualname__} traced again: {why}")
+                self._forget(region)
+        return notes
+
+    def _forget(self, region: Region) -> None:
+        self.regions.remove(region)
+        self.last = {k: v for k, v in self.last.items() if v is not region}
 
     @contextlib.contextmanager
     def installed(self, tokens: int | None) -> Iterator[RegionsRun]:
-        """Route the layers' calls through ``call`` for the duration of one model call."""
+        """Route the layers' calls through ``call`` for the duration of one model call.
+
+        A layer's own instance ``forward`` (set by the user) is honoured: that layer runs it,
+        not a region (warned once). Only the routing attribute set here is removed afterwards."""
         run = self.run = RegionsRun()
         token = _STEP_TOKENS.set(tokens)
+        routed = []
         for layer in self.layers:
-            layer.forward = _RegionForward(self, layer)  # instance attribute: shadows the class's forward
+            if "forward" in vars(layer):
+                self._warn_own_forward(layer)
+                continue
+            router = _RegionForward(self, layer)
+            layer.forward = router  # instance attribute: shadows the class's forward
+            routed.append((layer, router))
         try:
             yield run
         finally:
-            for layer in self.layers:
-                vars(layer).pop("forward", None)
+            for layer, router in routed:
+                if vars(layer).get("forward") is router:
+                    del layer.forward
             _STEP_TOKENS.reset(token)
             self.run = None
+
+    def _warn_own_forward(self, layer: nn.Module) -> None:
+        if id(layer) not in self._warned_own_forward:
+            self._warned_own_forward.add(id(layer))
+            logger.warning("layerpass: decoder layer %d (%s) has its own instance forward; it runs that, eagerly, "
+                           "not a compiled region", self.index[id(layer)], type(layer).__qualname__)
 
     def call(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.failed is not None:  # this step finishes eagerly; the compiled model then goes whole-model
@@ -133,13 +204,33 @@ class Regions:
         if region is None:
             try:
                 region = self._compile(layer, args, kwargs)
-            except Exception as e:  # e.g. a graph break, or guards that cannot be saved
+            except _GRAPH_BREAKS as e:  # the layer cannot be traced whole: the only reason to go whole-model
                 self.failed = f"{type(layer).__name__} cannot be traced as a region ({type(e).__name__}: {_first_line(e)})"
                 return type(layer).forward(layer, *args, **kwargs)
         self.last[id(layer)] = region
         if self.run is not None:
             self.run.layer_regions.append((self.index[id(layer)], region))
-        return region.aot.fn(layer, *args, **kwargs)
+        if region.aot is not None:
+            return region.fn(layer, *args, **kwargs)
+        return self._call_in_memory(region, layer, args, kwargs)
+
+    def _call_in_memory(self, region: Region, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An in-memory region's call; if Dynamo traced again (other guards), that trace is a new
+        region of the report (served by the same compiled function)."""
+        calls, t0 = self.backend.num_calls, time.perf_counter()
+        out = region.fn(layer, *args, **kwargs)
+        if self.backend.num_calls > calls and self.backend.last_program is not None:
+            wall = time.perf_counter() - t0
+            retraced = Region(region.fn, None, self.backend.last_program, region.cls, region.signature,
+                              region.deps, "in memory", unsaved=region.unsaved)
+            retraced.dynamo_s = max(0.0, wall - retraced.report.compile_s)
+            self.regions.append(retraced)
+            self.last[id(layer)] = retraced
+            if self.run is not None:
+                self.run.new_regions.append(retraced)
+                self.run.wall_s += wall
+                self.run.layer_regions[-1] = (self.index[id(layer)], retraced)
+        return out
 
     def _find(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Region | None:
         sig = self.signatures[id(layer)]
@@ -169,9 +260,9 @@ class Regions:
         t0 = time.perf_counter()
         wait_for_cpu_isa_probe()
         try:
-            region.program.ensure_loaded()
+            region.program.ensure_loaded(self.backend)
             return True
-        except Exception as e:
+        except Exception as e:  # a missing or unreadable artifact: compile instead
             self.regions.remove(region)
             if self.store is not None:
                 self.store.drop(region, f"{type(e).__name__}: {e}")
@@ -187,20 +278,17 @@ class Regions:
         example_args, example_kwargs = pytree.tree_map_only(torch.Tensor, _fresh_copy, (args, kwargs))
         if self.dynamic_tokens:
             mark_token_dims_of(example_args, example_kwargs, _STEP_TOKENS.get())
-        fn = torch.compile(type(layer).forward, backend=self.backend, fullgraph=True)
+        forward = type(layer).forward
         # the trace must not see the routing attribute (it would reach this object's state)
         routed = vars(layer).pop("forward", None)
-        self.backend.whole_layer = True  # a layer's own lists (heads, experts) are not decoder layers
         try:
-            aot = fn.aot_compile(((layer, *example_args), example_kwargs))
+            region = self._trace_ahead_of_time(layer, forward, example_args, example_kwargs)
+            if region is None:
+                region = self._trace_in_memory(layer, forward, example_args, example_kwargs)
         finally:
-            self.backend.whole_layer = False
             if routed is not None:
                 layer.forward = routed
         wall = time.perf_counter() - t0
-        if not isinstance(aot._artifacts.compiled_fn, PiecewiseProgram):
-            raise TypeError(f"the layerpass backend returned {type(aot._artifacts.compiled_fn).__name__}")
-        region = Region(aot, type(layer), self.signatures[id(layer)], "compiled")
         region.dynamo_s = max(0.0, wall - region.report.compile_s)
         self.regions.append(region)
         if self.run is not None:
@@ -209,6 +297,48 @@ class Regions:
         if self.store is not None:
             self.store.save(region)
         return region
+
+    def _trace_ahead_of_time(self, layer: nn.Module, forward: Any, args: tuple[Any, ...],
+                             kwargs: dict[str, Any]) -> Region | None:
+        """``aot_compile`` of the layer class's forward, with the guards torch drops recorded;
+        None if torch cannot build a saveable program of this frame."""
+        recorder = GuardRecorder()
+        fn = torch.compile(forward, backend=self.backend.for_layer(), fullgraph=True,
+                           options={"guard_filter_fn": recorder})
+        try:
+            with recording_traced_code() as codes:
+                aot = fn.aot_compile(((layer, *args), kwargs))
+        except _GRAPH_BREAKS:
+            raise
+        except Exception as e:  # torch cannot save this frame's guards (e.g. a local-scope class)
+            self._not_saveable = f"{type(e).__name__}: {_first_line(e)}"
+            logger.info("layerpass: %s: no saveable program (%s); tracing it in memory",
+                        type(layer).__qualname__, self._not_saveable)
+            return None
+        program = aot._artifacts.compiled_fn
+        if not isinstance(program, PiecewiseProgram):
+            raise TypeError(f"the layerpass backend returned {type(program).__name__}")
+        deps = record_deps(codes, recorder.dropped, forward)
+        return Region(aot.fn, aot, program, type(layer), self.signatures[id(layer)], deps, "compiled",
+                      unsaved=None if deps.unsaveable is None else f"{type(layer).__qualname__}: {deps.unsaveable}")
+
+    def _trace_in_memory(self, layer: nn.Module, forward: Any, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Region:
+        """Dynamo's ordinary compile of the forward (its guards kept in memory, none dropped)."""
+        backend = self.backend.for_layer()
+        fn = torch.compile(forward, backend=backend, fullgraph=True, isolate_recompiles=True)
+        calls = self.backend.num_calls
+        fn(layer, *args, **kwargs)  # traces and compiles (the output of these copies is dropped)
+        if self.backend.num_calls == calls or self.backend.last_program is None:
+            raise RuntimeError(f"layerpass: Dynamo ran {type(layer).__qualname__}.forward without calling the backend")
+        program = self.backend.last_program
+        deps = record_deps(program.traced_code, [], forward)
+        why = f"{type(layer).__qualname__}: torch cannot save its traced program ({self._not_saveable})"
+        return Region(fn, None, program, type(layer), self.signatures[id(layer)], deps, "in memory", unsaved=why)
+
+
+# Dynamo's errors for a frame it cannot trace whole (a graph break under fullgraph=True)
+_GRAPH_BREAKS = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)
 
 
 class _RegionForward:

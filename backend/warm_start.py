@@ -18,11 +18,14 @@ line saying why, and the layer is traced and compiled as on a cold start. Never 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
 import inspect
 import json
 import logging
 import os
+import sys
 import tempfile
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -33,12 +36,13 @@ from torch import nn
 import layerpass
 
 from .signature import class_key, class_source, module_lines
+from .trace_deps import TraceDeps
 
 if TYPE_CHECKING:
     from .regions import Region
 
 logger = logging.getLogger("layerpass")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header records what the trace ran through (TraceDeps)
 
 
 def has_aot_api() -> bool:
@@ -49,6 +53,26 @@ def has_aot_api() -> bool:
     except ImportError:
         return False
     return hasattr(torch.compiler, "load_compiled_function")
+
+
+_PROGRAM_PACKAGES = ("layerpass.backend", "layerpass.ops", "layerpass.passes", "layerpass.patterns")
+
+
+@functools.cache
+def program_source_hash() -> str:
+    """The source of the layerpass packages that decide how a saved program is compiled, split,
+    loaded and what its ops do (the layers and models are checked function by function instead:
+    ``TraceDeps``), read once per process."""
+    h = hashlib.sha256()
+    for name in _PROGRAM_PACKAGES:
+        folder = os.path.dirname(importlib.import_module(name).__file__ or "")
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    with open(os.path.join(root, f), "rb") as fh:
+                        h.update(f"{os.path.relpath(os.path.join(root, f), folder)}\n".encode() + fh.read())
+    return h.hexdigest()[:24]
 
 
 def model_key_parts(model: nn.Module, key_parts: dict[str, Any]) -> dict[str, str]:
@@ -65,7 +89,9 @@ def model_key_parts(model: nn.Module, key_parts: dict[str, Any]) -> dict[str, st
         "model code": code.hexdigest()[:24],
         "model config and structure": hashlib.sha256(f"{config!r}".encode() + structure.digest()).hexdigest()[:24],
         "layerpass version": str(layerpass.__version__),
+        "layerpass backend and ops source": program_source_hash(),
         "torch version": torch.__version__,
+        "python version": sys.version.split()[0],
         "compilation config": hashlib.sha256(str(key_parts.get("config")).encode()).hexdigest()[:24],
         "pass uuids": str(key_parts.get("passes"))[:24],
         "layer-name switch": str(key_parts.get("use_layername")),
@@ -100,9 +126,16 @@ class ProgramStore:
         for name in names:
             path = os.path.join(folder, name)
             try:
-                header, aot = self._read(path, cls)
-                aot._artifacts.compiled_fn.state["cache_dir"] = self.cache_dir  # pieces live beside it
-                regions.append(Region(aot, cls, header["signature"], "loaded", path))
+                header, payload = self._read(path, cls)
+                deps = TraceDeps.from_json(header["deps"])
+                stale = deps.stale_reason(cls.forward)
+                if stale is not None:
+                    self._remove(path, f"stale: {stale}")
+                    continue
+                aot = _deserialize(payload, cls)
+                program = aot._artifacts.compiled_fn
+                program.state["cache_dir"] = self.cache_dir  # pieces live beside it
+                regions.append(Region(aot.fn, aot, program, cls, header["signature"], deps, "loaded", path))
             except Exception as e:  # a bad entry is never fatal: trace and compile instead
                 self._remove(path, f"{type(e).__name__}: {e}")
         if regions and not self.status.startswith("fallback"):
@@ -122,7 +155,7 @@ class ProgramStore:
             removed = "left in place (cannot remove it)"
         self._fallback(f"saved program {path} is unusable ({why}); {removed}")
 
-    def _read(self, path: str, cls: type) -> tuple[dict[str, Any], Any]:
+    def _read(self, path: str, cls: type) -> tuple[dict[str, Any], bytes]:
         with open(path, "rb") as f:
             header = json.loads(f.readline())
             payload = f.read()
@@ -132,7 +165,7 @@ class ProgramStore:
             raise ValueError("it belongs to another layer class")
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             raise ValueError("checksum mismatch (truncated or corrupted)")
-        return header, _deserialize(payload, cls)
+        return header, payload
 
     def _why_missing(self) -> str:
         """Name the key parts that changed since this model was last saved, if it was."""
@@ -159,6 +192,9 @@ class ProgramStore:
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
         folder = os.path.join(self.dir, class_key(region.cls))
+        if region.unsaved is not None:
+            self._not_saved(region.unsaved)
+            return
         try:
             payload = AOTCompiledFunction.serialize(region.aot, _forward_chain(region.cls)).serialized_data
             # never save what cannot be loaded (torch 2.13 cannot restore the guards of some frames,
@@ -166,6 +202,7 @@ class ProgramStore:
             _deserialize(payload, region.cls)
             header = {"format": FORMAT_VERSION, "model_key": self.model_key, "class_key": class_key(region.cls),
                       "signature": region.signature, "sha256": hashlib.sha256(payload).hexdigest(),
+                      "deps": region.deps.to_json(),
                       "torch": torch.__version__}
             os.makedirs(folder, exist_ok=True)
             parts_path = os.path.join(self.dir, "parts.json")
@@ -175,12 +212,15 @@ class ProgramStore:
                           json.dumps(header).encode() + b"\n" + payload)
             if self.status == "off":
                 self.status = "saved"
-        except Exception as e:
-            why = f"{type(region.aot).__name__} of {region.cls.__qualname__} cannot be saved ({type(e).__name__}: {e})"
-            self.status = f"off: {why}"
-            if not self._warned_write:
-                self._warned_write = True
-                logger.warning("layerpass: warm start: %s; the next process will trace again", why)
+        except Exception as e:  # best effort: the region runs; only the next process traces again
+            self._not_saved(f"{type(region.aot).__name__} of {region.cls.__qualname__} cannot be saved "
+                            f"({type(e).__name__}: {e})")
+
+    def _not_saved(self, why: str) -> None:
+        self.status = f"off: {why}"
+        if not self._warned_write:
+            self._warned_write = True
+            logger.warning("layerpass: warm start: %s; the next process will trace again", why)
 
 
 def _deserialize(payload: bytes, cls: type) -> Any:

@@ -201,23 +201,40 @@ def test_torch_without_the_aot_api_compiles_whole_and_says_why() -> None:
     assert any("aot_compile" in n for n in report.notes), report.notes
 
 
-@pytest.mark.parametrize("local", [False, True])
-def test_a_layer_that_cannot_be_a_region_falls_back_to_the_whole_model(caplog, local: bool) -> None:
-    """A graph break, or a class defined in a function (its guards cannot be saved): the first
-    step finishes eagerly, the next ones run the whole model through the backend."""
-    layer_cls = type("LocalScaled", (Scaled,), {}) if local else Breaks
+def test_a_layer_with_a_graph_break_falls_back_to_the_whole_model(caplog) -> None:
+    """A graph break (the only reason to leave regions): the first step finishes eagerly, says so
+    in its report, and the next ones run the whole model through the backend."""
     caplog.set_level("WARNING", logger="layerpass")
-    model = Mixed([layer_cls(), layer_cls()] if not local else [layer_cls(8), layer_cls(8)]).eval()
+    model = Mixed([Breaks(), Breaks()]).eval()
     x = torch.randn(5, 8)
     with torch.no_grad():
         ref = model(x)
         compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("fallback")))
         torch.testing.assert_close(compiled(x), ref)
-        assert compiled.regions is None
+        first = layerpass.last_compile_report()  # the fallback step has a report of its own
+        assert first.trace.startswith("eager") and any("cannot be traced as a region" in n for n in first.notes)
         torch.testing.assert_close(compiled(x), ref)
     report = layerpass.last_compile_report()
     assert report.trace == "whole-model" and any("cannot be traced as a region" in n for n in report.notes)
     assert any("cannot be traced as a region" in m for m in caplog.messages), caplog.messages
+
+
+def test_a_layer_torch_cannot_save_is_still_a_region_in_memory() -> None:
+    """A class defined in a function: torch cannot save its guards, so its region is traced once in
+    memory and reused at every layer; only the warm start is off, and the report says why."""
+    local_cls = type("LocalScaled", (Scaled,), {})
+    model = Mixed([local_cls(8) for _ in range(4)]).eval()
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("in-memory")))
+        with CountTraces() as traces:
+            torch.testing.assert_close(compiled(x), ref)
+        report = layerpass.last_compile_report()
+        torch.testing.assert_close(compiled(x), ref)
+    assert report.trace == "regions" and report.num_regions == 1 and traces.count == 1, (report, traces.count)
+    assert report.warm_start.startswith("off: ") and "cannot save" in report.warm_start, report.warm_start
+    assert compiled.compiled is None  # never the whole model
 
 
 def test_compile_does_not_change_the_eager_model() -> None:
@@ -230,3 +247,95 @@ def test_compile_does_not_change_the_eager_model() -> None:
         with CountTraces() as traces:
             model(x)
     assert traces.count == 0
+
+
+# ---------------------------------------------------------------- routing, threads, training
+def test_a_layers_own_forward_is_honoured_and_kept(caplog) -> None:
+    caplog.set_level("WARNING", logger="layerpass")
+    model = bh.Stack(3).eval()
+    own = lambda x: x * 0.5  # noqa: E731
+    model.layers[1].forward = own
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("own-forward")))
+        torch.testing.assert_close(compiled(x), ref)
+        torch.testing.assert_close(compiled(x), ref)
+    assert vars(model.layers[1])["forward"] is own
+    assert all("forward" not in vars(layer) for i, layer in enumerate(model.layers) if i != 1)
+    assert any("own instance forward" in m for m in caplog.messages), caplog.messages
+
+
+def test_layers_added_or_replaced_after_compile_are_compiled() -> None:
+    model = bh.Stack(3).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("replaced")))
+        compiled(x)
+        model.layers.append(bh.Block(8).eval())
+        model.layers[0] = bh.Block(8).eval()
+        ref = model(x)
+        with CountTraces() as traces:
+            out = compiled(x)
+    torch.testing.assert_close(out, ref)
+    report = layerpass.last_compile_report()
+    assert any("decoder layers changed" in n for n in report.notes), report.notes
+    assert traces.count == 0  # the new layers are the same kind: served by the existing region
+    assert len(compiled.regions.layers) == 4 and all(id(layer) in compiled.regions.last for layer in model.layers)
+
+
+def test_two_threads_making_the_first_call_at_once() -> None:
+    import threading
+
+    model = bh.Stack(4).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = model(x)
+    compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("threads")))
+    outs, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def call(i: int) -> None:
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                outs[i] = compiled(x)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for out in outs:
+        torch.testing.assert_close(out, ref)
+    assert compiled.compiled is None and compiled.regions is not None and compiled.regions.failed is None
+    assert len({id(r) for r in compiled.regions.regions}) == 1
+
+
+class DropoutBlock(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.relu(self.lin(x))) + x
+
+
+def test_training_mode_compiles_the_whole_model_with_a_warning(caplog) -> None:
+    caplog.set_level("WARNING", logger="layerpass")
+    model = Mixed([DropoutBlock(), DropoutBlock()])
+    x = torch.randn(5, 8)
+    compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("train")))
+    model.train()
+    for _ in range(2):
+        out = compiled(x)
+        assert out.shape == model(x).shape and torch.isfinite(out).all()
+    assert any("training mode" in m for m in caplog.messages), caplog.messages
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert layerpass.last_compile_report().trace == "regions"

@@ -1,0 +1,378 @@
+"""What a traced region depends on beyond the guards torch saves, and the checks that keep it fresh.
+
+torch's ``aot_compile`` saves a traced program with the guards it can serialise. It drops the rest
+(every guard on a global, and ID / function / closure / module matches), and nothing in a saved
+program checks the code it inlined. So a program traced before an edit of a helper function, a
+parent-class method, a helper object's method or a module constant would still load and run the
+old code. ``TraceDeps`` records, at trace time:
+
+- ``codes``: every code object Dynamo traced through (the layer's ``forward``, its base classes'
+  and helpers' methods, module functions, layerpass's own layers): module, qualified name and a
+  fingerprint of the bytecode (names, constants and nested code, line numbers excluded, so a
+  moved function still matches and an edited one never does);
+- ``guards``: each guard torch dropped, as its source expression (``G['FACTOR']``,
+  ``G['__import_mod'].helper``, ``self.qm.fn``) with what it must equal: a constant's value, a
+  type, or an object's identity (fingerprinted by name and code across processes).
+
+Two checks use them:
+
+- ``stale_reason()`` (loading a saved program, any process): every recorded code is found again
+  by module and qualified name with the same fingerprint, every dropped guard evaluates to an
+  equal fingerprint. A difference names the function or global, and the program is not used.
+- ``changed()`` (in-process, once per step per region): the live functions are the very code
+  objects traced and the dropped globals the very objects (or equal constants) seen at trace or
+  load time; a monkeypatched helper, method or global makes the region stale, so it is traced again.
+
+Guards rooted at the layer (``self....``) are checked per layer call by ``check_locals``; the
+models seen so far have none. The torch internals this needs (the guard types torch cannot
+serialise, the hook on the traced code list) are in this one module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import sys
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Guard types whose values are compared for equality (constants) or by type only; every other
+# dropped guard is an identity match (functions, modules, classes, builtins, objects).
+_EQUALS = ("CONSTANT_MATCH", "EQUALS_MATCH")
+_TYPE = ("TYPE_MATCH",)
+
+
+def unsaveable_guard_types() -> tuple[str, ...]:
+    from torch._dynamo.guards import CheckFunctionManager
+
+    return tuple(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+
+
+# -- fingerprints -----------------------------------------------------------------------------
+def code_fingerprint(code: types.CodeType) -> str:
+    """The bytecode and what it names, nested code included; not its file or line numbers."""
+    h = hashlib.sha256()
+
+    def add(c: types.CodeType) -> None:
+        h.update(c.co_code)
+        h.update(repr((getattr(c, "co_qualname", c.co_name), c.co_names, c.co_varnames, c.co_freevars,
+                       c.co_cellvars, c.co_argcount, c.co_kwonlyargcount, c.co_flags)).encode())
+        for const in c.co_consts:
+            if isinstance(const, types.CodeType):
+                add(const)
+            else:
+                h.update(f"{type(const).__name__}:{const!r}".encode())
+
+    add(code)
+    return h.hexdigest()[:24]
+
+
+def value_fingerprint(value: Any) -> str:
+    """What an object a guard matched is, in a form stable across processes."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return f"{type(value).__name__}:{value!r}"
+    if isinstance(value, (tuple, list, frozenset)):
+        return f"{type(value).__name__}({','.join(value_fingerprint(v) for v in value)})"
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return f"{type(value).__name__}:{value}"
+    if isinstance(value, types.ModuleType):
+        return f"module:{value.__name__}"
+    if isinstance(value, types.MethodType):
+        return f"method:{value_fingerprint(value.__func__)}"
+    if isinstance(value, types.FunctionType):
+        fn = value
+        parts = [f"function:{fn.__module__}.{fn.__qualname__}:{code_fingerprint(fn.__code__)}"]
+        for cell in fn.__closure__ or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                parts.append(value_fingerprint(cell.cell_contents))
+        return "|".join(parts)
+    if isinstance(value, type):
+        return f"class:{value.__module__}.{value.__qualname__}"
+    name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
+    if callable(value) and isinstance(name, str):  # builtins, op packets
+        return f"callable:{getattr(value, '__module__', None)}.{name}:{type(value).__qualname__}"
+    if isinstance(value, torch._ops.OpOverloadPacket | torch._ops.OpOverload):
+        return f"op:{value}"
+    return f"object:{type(value).__module__}.{type(value).__qualname__}"
+
+
+# -- recording ---------------------------------------------------------------------------------
+@dataclass
+class TracedCode:
+    module: str
+    qualname: str
+    fingerprint: str
+
+
+@dataclass
+class DroppedGuard:
+    expr: str  # Dynamo's source: "G['x'].y" (global) or "self.x" (the layer's frame)
+    kind: str  # "equals", "type" or "identity"
+    fingerprint: str
+
+
+@dataclass
+class TraceDeps:
+    codes: list[TracedCode] = field(default_factory=list)
+    guards: list[DroppedGuard] = field(default_factory=list)
+    unsaveable: str | None = None  # why a saved copy could not be checked on load (then it is not saved)
+    # in-process: the objects the trace saw, for the cheap identity check
+    _live_codes: list[tuple[TracedCode, Any]] = field(default_factory=list, repr=False)  # (code, the object named so)
+    _live_globals: list[tuple[DroppedGuard, Callable[[], Any], Any]] = field(default_factory=list, repr=False)
+    _local_checks: list[tuple[DroppedGuard, Any, Any]] = field(default_factory=list, repr=False)
+
+    # -- saving -------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"codes": [vars(c) for c in self.codes], "guards": [vars(g) for g in self.guards]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TraceDeps:
+        return cls([TracedCode(**c) for c in data["codes"]], [DroppedGuard(**g) for g in data["guards"]])
+
+    # -- checks -------------------------------------------------------------------
+    @property
+    def has_local_checks(self) -> bool:
+        return bool(self._local_checks)
+
+    def stale_reason(self, root: Callable[..., Any]) -> str | None:
+        """Why this (saved) trace does not describe the code loaded now, or None; on None the
+        live objects are bound for ``changed()``."""
+        live_codes = []
+        for c in self.codes:
+            found = find_code(c.module, c.qualname)
+            match = next((code for code in found if code_fingerprint(code) == c.fingerprint), None)
+            if match is None:
+                what = "is gone" if not found else "changed"
+                return f"{c.module}.{c.qualname} ({_file_of(c.module)}) {what} since the program was traced"
+            live_codes.append((c, _resolve(c.module, c.qualname)))
+        live_globals = []
+        for g in self.guards:
+            if not g.expr.startswith("G["):
+                continue
+            getter = _global_getter(g.expr, root)
+            try:
+                value = getter()
+            except Exception:
+                return f"global {_pretty(g.expr)} is gone since the program was traced"
+            if _fingerprint_for(g.kind, value) != g.fingerprint:
+                return f"global {_pretty(g.expr)} changed since the program was traced"
+            live_globals.append((g, getter, value))
+        self._live_codes, self._live_globals = live_codes, live_globals
+        self._local_checks = [(g, compile(g.expr, "<guard>", "eval"), None) for g in self.guards if not g.expr.startswith("G[")]
+        return None
+
+    def changed(self) -> str | None:
+        """In-process, after trace or load: a traced function or a dropped global that is no longer
+        the object traced (monkeypatched, reloaded), or None."""
+        for c, obj in self._live_codes:
+            if obj is not None and _resolve(c.module, c.qualname) is not obj:
+                return f"{c.module}.{c.qualname} was replaced since the region was traced"
+        for g, getter, value in self._live_globals:
+            try:
+                now = getter()
+            except Exception:
+                return f"global {_pretty(g.expr)} is gone"
+            if not _same(g.kind, now, value):
+                return f"global {_pretty(g.expr)} changed since the region was traced"
+        return None
+
+    def check_locals(self, f_locals: dict[str, Any]) -> bool:
+        """The dropped guards rooted at the layer's frame, for one call (usually none)."""
+        for g, code, _ in self._local_checks:
+            try:
+                value = eval(code, {}, f_locals)  # noqa: S307 (Dynamo's own source expression)
+            except Exception:
+                return False
+            if _fingerprint_for(g.kind, value) != g.fingerprint:
+                return False
+        return True
+
+
+def _same(kind: str, now: Any, then: Any) -> bool:
+    if kind == "equals":
+        return type(now) is type(then) and bool(now == then)
+    if kind == "type":
+        return type(now) is type(then)
+    return now is then
+
+
+def _fingerprint_for(kind: str, value: Any) -> str:
+    if kind == "type":
+        return f"type:{type(value).__module__}.{type(value).__qualname__}"
+    return value_fingerprint(value)
+
+
+def _pretty(expr: str) -> str:
+    """``G['__import_a_dot_b'].X`` -> ``a.b.X``."""
+    if expr.startswith("G['__import_"):
+        head, _, rest = expr[len("G['__import_"):].partition("']")
+        return head.replace("_dot_", ".") + rest
+    if expr.startswith("G['"):
+        head, _, rest = expr[3:].partition("']")
+        return head + rest
+    return expr
+
+
+def _file_of(module: str) -> str:
+    mod = sys.modules.get(module)
+    return getattr(mod, "__file__", None) or module
+
+
+class _Globals(dict):  # type: ignore[type-arg]
+    """Dynamo's ``G``: the traced function's globals, plus ``__import_<module>`` for other modules."""
+
+    def __init__(self, root_globals: dict[str, Any]) -> None:
+        super().__init__()
+        self.root = root_globals
+
+    def __missing__(self, name: str) -> Any:
+        if name.startswith("__import_"):
+            return importlib.import_module(name[len("__import_"):].replace("_dot_", "."))
+        return self.root[name]
+
+
+def _global_getter(expr: str, root: Callable[..., Any]) -> Callable[[], Any]:
+    code = compile(expr, "<guard>", "eval")
+    namespace = {"G": _Globals(getattr(root, "__globals__", {}))}
+    return lambda: eval(code, namespace)  # noqa: S307 (Dynamo's own source expression)
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    """The object now named ``module.qualname`` (looked up in the module's and classes' own
+    ``__dict__``, as the qualified name says where it was defined), or None."""
+    obj: Any = sys.modules.get(module)
+    if obj is None or "<locals>" in qualname:
+        return None
+    for name in qualname.split("."):
+        obj = getattr(obj, "__dict__", {}).get(name)
+        if obj is None:
+            return None
+    return obj
+
+
+def _codes_of(obj: Any) -> Iterator[types.CodeType]:
+    """The code objects of a function, method or property, through decorators' ``__wrapped__``."""
+    if obj is None:
+        return
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    if isinstance(obj, property):
+        for f in (obj.fget, obj.fset):
+            if f is not None:
+                yield from _codes_of(f)
+        return
+    for _ in range(16):
+        code = getattr(obj, "__code__", None)
+        if isinstance(code, types.CodeType):
+            yield code
+        obj = getattr(obj, "__wrapped__", None)
+        if obj is None:
+            return
+
+
+def find_code(module: str, qualname: str) -> list[types.CodeType]:
+    """Every code object of ``module`` with this qualified name: functions and methods reached
+    by name, and for ``<locals>`` names the nested code in their enclosing function's constants."""
+    found = list(_codes_of(_resolve(module, qualname)))
+    if found or "<locals>" not in qualname:
+        return found
+    outer = qualname.split(".<locals>.")[0]
+    for code in find_code(module, outer):
+        found.extend(c for c in _nested(code) if getattr(c, "co_qualname", c.co_name) == qualname)
+    return found
+
+
+def _nested(code: types.CodeType) -> Iterator[types.CodeType]:
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield const
+            yield from _nested(const)
+
+
+def record_deps(codes: Sequence[types.CodeType], dropped: Sequence[Any], root: Callable[..., Any]) -> TraceDeps:
+    """``TraceDeps`` of one trace: the code objects Dynamo traced and the guard entries it dropped."""
+    deps = TraceDeps()
+    seen: set[types.CodeType] = set()
+    for code in codes:
+        if code in seen:
+            continue
+        seen.add(code)
+        module = inspect.getmodule(code)
+        qualname = getattr(code, "co_qualname", code.co_name)
+        if module is None:
+            deps.unsaveable = f"it traced {qualname} ({code.co_filename}), code without a module a new process could check"
+            continue
+        traced = TracedCode(module.__name__, qualname, code_fingerprint(code))
+        deps.codes.append(traced)
+        if not any(c is code for c in find_code(traced.module, traced.qualname)):
+            deps.unsaveable = f"it traced {traced.module}.{qualname}, which cannot be found again by its name"
+        deps._live_codes.append((traced, _resolve(traced.module, traced.qualname)))
+    exprs: set[str] = set()
+    for entry in dropped:
+        if entry.name in exprs or not entry.name:
+            continue
+        exprs.add(entry.name)
+        if not entry.has_value:
+            deps.unsaveable = f"torch dropped a guard it cannot describe ({entry.guard_type} on {entry.name})"
+            continue
+        kind = "equals" if entry.guard_type in _EQUALS else "type" if entry.guard_type in _TYPE else "identity"
+        guard = DroppedGuard(entry.name, kind, _fingerprint_for(kind, entry.value))
+        deps.guards.append(guard)
+        if entry.name.startswith("G["):
+            deps._live_globals.append((guard, _global_getter(entry.name, root), entry.value))
+        else:
+            deps._local_checks.append((guard, compile(entry.name, "<guard>", "eval"), None))
+    return deps
+
+
+class GuardRecorder:
+    """A ``guard_filter_fn`` for ``aot_compile``: drops what torch's own default drops (globals
+    and guard types it cannot serialise) and keeps every dropped entry for ``record_deps``."""
+
+    def __init__(self) -> None:
+        self.dropped: list[Any] = []
+        self._unsaveable = unsaveable_guard_types()
+
+    def __call__(self, entries: Sequence[Any]) -> list[bool]:
+        keep = []
+        for g in entries:
+            types_ = (g.guard_type, *(g.derived_guard_types or ()))
+            drop = g.is_global or any(t in self._unsaveable for t in types_)
+            if drop:
+                self.dropped.append(g)
+            keep.append(not drop)
+        return keep
+
+
+@contextlib.contextmanager
+def recording_traced_code() -> Iterator[list[types.CodeType]]:
+    """Every code object ``aot_compile`` records as inlined (torch's ``SourceInfo.add_code``),
+    including those it skips silently because they have no module."""
+    from torch._dynamo.package import SourceInfo
+
+    codes: list[types.CodeType] = []
+    original = SourceInfo.add_code
+
+    def add_code(self: Any, code: types.CodeType) -> None:
+        codes.append(code)
+        original(self, code)
+
+    SourceInfo.add_code = add_code  # type: ignore[method-assign]
+    try:
+        yield codes
+    finally:
+        SourceInfo.add_code = original  # type: ignore[method-assign]
+
+
+def traced_code_of_this_trace() -> list[types.CodeType]:
+    """From inside a backend called by Dynamo (not ``aot_compile``): the code it traced."""
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    return list(getattr(ctx, "traced_code", None) or [])
