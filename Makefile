@@ -1,13 +1,17 @@
 # Two commands on a fresh machine: `make test` and `make bench`.
-# torch is pinned: any other spec pulls gigabytes of CUDA packages.
+# torch is pinned: any other spec pulls gigabytes of CUDA packages. Everything else installs at the
+# versions in constraints.txt (reproducible); `make test-newest` runs the fast suite on the newest
+# releases instead, in its own venv, so drift shows before users see it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+NEWEST := .venv-newest
 TORCH_SPEC := torch==2.13.0
+CONSTRAINTS := -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: test bench install-test install-bench clean
+.PHONY: test bench test-newest install-test install-bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +22,10 @@ $(VENV)/.torch: | $(VENV)/bin/python
 	touch $@
 
 install-test: $(VENV)/.torch
-	$(PIP) install -q "$(TORCH_SPEC)" -e ".[test,transformers,triton]" build
+	$(PIP) install -q $(CONSTRAINTS) "$(TORCH_SPEC)" -e ".[test,transformers,triton]" build
 
 install-bench: $(VENV)/.torch
-	$(PIP) install -q "$(TORCH_SPEC)" -e ".[bench]"
+	$(PIP) install -q $(CONSTRAINTS) "$(TORCH_SPEC)" -e ".[bench]"
 
 test: install-test
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
@@ -29,5 +33,15 @@ test: install-test
 bench: install-bench
 	$(PY) -m layerpass bench
 
+$(NEWEST)/bin/python:
+	$(PYTHON) -m venv $(NEWEST)
+
+# no constraints.txt; --upgrade-strategy eager: every dependency at its newest release (torch stays pinned)
+test-newest: | $(NEWEST)/bin/python
+	$(NEWEST)/bin/python -m pip install -q --upgrade pip
+	$(NEWEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH_SPEC)" \
+		-e ".[test,transformers,triton]" build
+	$(NEWEST)/bin/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info bench-results
+	rm -rf $(VENV) $(NEWEST) build dist *.egg-info bench-results

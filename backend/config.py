@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,7 +32,27 @@ def _check_cache_dir(value: Any) -> str:
     if not path.strip():
         raise ValueError(f"CompilationConfig.cache_dir must be a non-empty str or os.PathLike (a directory), or None "
                          f"for the default; got {value!r} (an empty path would mean the working directory)")
+    if "\0" in path:
+        raise ValueError(f"CompilationConfig.cache_dir must be a directory path without NUL bytes, got {value!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"CompilationConfig.cache_dir must be a directory (created if missing), but {path!r} exists "
+                         f"and is not one")
     return path
+
+
+def _check_inductor_option_names(names: list[str]) -> None:
+    """``ValueError`` naming the first of ``names`` that is not an Inductor config name
+    (``torch._inductor.list_options()``: ``"max_autotune"``, dotted ``"triton.cudagraphs"``)."""
+    import torch._inductor
+
+    known = torch._inductor.list_options()
+    for name in names:
+        if name not in known:
+            # a group ("triton") -> some of its options; else names that look alike
+            close = [k for k in known if k.startswith(name + ".")][:3] or difflib.get_close_matches(name, known, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"CompilationConfig.inductor_options: {name!r} is not an Inductor config name (see "
+                             f"torch._inductor.list_options(), e.g. 'max_autotune', 'triton.cudagraphs'){hint}")
 
 
 def _check_inductor_options(value: Any) -> dict[str, Any]:
@@ -44,6 +65,8 @@ def _check_inductor_options(value: Any) -> dict[str, Any]:
         raise ValueError(f"CompilationConfig.inductor_options may not set {reserved}: layerpass installs its pass "
                          f"manager there; turn passes off with fuse_attn_quant / fuse_norm_quant / fuse_act_quant / "
                          f"fuse_moe / eliminate_noops instead")
+    if value:
+        _check_inductor_option_names(list(value))
     return dict(value)
 
 

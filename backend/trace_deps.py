@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import importlib
 import inspect
+import re
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -224,8 +225,40 @@ def _file_of(module: str) -> str:
     return getattr(mod, "__file__", None) or module
 
 
+_ATTR_CHAIN = re.compile(r"^G\['([^']+)'\]((?:\.[A-Za-z_][A-Za-z0-9_]*)*)$")
+_MISSING = object()
+
+
+def _global_getter(expr: str, root: Callable[..., Any]) -> Callable[[], Any]:
+    """A function reading Dynamo's global source ``expr`` now. ``G`` is the traced function's
+    globals, with ``G['__import_a_dot_b']`` the module ``a.b``. The common form (a name and an
+    attribute chain) is read with dict lookups and ``getattr``: it runs once per step per guard."""
+    root_globals = getattr(root, "__globals__", {})
+    m = _ATTR_CHAIN.match(expr)
+    if m is None:
+        code = compile(expr, "<guard>", "eval")
+        return lambda: eval(code, {"G": _Globals(root_globals)})  # noqa: S307 (Dynamo's own source expression)
+    name, attrs = m.group(1), tuple(a for a in m.group(2).split(".") if a)
+    if name.startswith("__import_"):
+        table, key = sys.modules, name[len("__import_"):].replace("_dot_", ".")
+    else:
+        table, key = root_globals, name
+
+    def read() -> Any:
+        obj = table.get(key, _MISSING)
+        for a in attrs:
+            if obj is _MISSING:
+                break
+            obj = getattr(obj, a, _MISSING)
+        if obj is _MISSING:
+            raise LookupError(expr)
+        return obj
+
+    return read
+
+
 class _Globals(dict):  # type: ignore[type-arg]
-    """Dynamo's ``G``: the traced function's globals, plus ``__import_<module>`` for other modules."""
+    """Dynamo's ``G`` for expressions that are not a plain attribute chain."""
 
     def __init__(self, root_globals: dict[str, Any]) -> None:
         super().__init__()
@@ -235,12 +268,6 @@ class _Globals(dict):  # type: ignore[type-arg]
         if name.startswith("__import_"):
             return importlib.import_module(name[len("__import_"):].replace("_dot_", "."))
         return self.root[name]
-
-
-def _global_getter(expr: str, root: Callable[..., Any]) -> Callable[[], Any]:
-    code = compile(expr, "<guard>", "eval")
-    namespace = {"G": _Globals(getattr(root, "__globals__", {}))}
-    return lambda: eval(code, namespace)  # noqa: S307 (Dynamo's own source expression)
 
 
 def _resolve(module: str, qualname: str) -> Any:

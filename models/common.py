@@ -132,7 +132,7 @@ class CausalLM(nn.Module):
         # checked in eager only: under torch.compile the token count may be an unbacked symbol (the
         # compiled model runs the same check before Dynamo sees the inputs)
         if not torch.compiler.is_compiling():
-            from layerpass.backend.inputs import check_step_inputs  # ValueError; torch-only imports, no cycle
+            from layerpass.backend.inputs import check_step_inputs, max_position  # ValueError; no import cycle
 
-            check_step_inputs(input_ids, positions)
+            check_step_inputs(input_ids, positions, max_position=max_position(self))
         return self.logits_processor(self.lm_head, self.model(input_ids, positions))

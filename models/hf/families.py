@@ -60,6 +60,11 @@ MOE_FAMILIES: tuple[MoeFamily, ...] = (
 )
 
 
+# transformers' cache layer types (cache_utils.DYNAMIC_LAYER_TYPE_MAPPING) for conv / SSM / linear-attention
+# state: Mamba, Jamba, Qwen3-Next, ...
+RECURRENT_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+
+
 def supported_architectures() -> list[str]:
     """The architectures tested against HF (any other AttentionInterface decoder converts too)."""
     return sorted(TESTED_ARCHITECTURES)
@@ -85,6 +90,13 @@ def _modality_configs(config: Any) -> list[str]:
     return names
 
 
+def _recurrent_layer_types(config: Any) -> list[str]:
+    """The config's ``layer_types`` whose transformers cache holds recurrent state, not KV."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    types = getattr(text, "layer_types", None)
+    return sorted(set(types) & RECURRENT_LAYER_TYPES) if isinstance(types, (list, tuple)) else []
+
+
 def check_convertible(hf_model: Any) -> None:
     """Raise ``UnsupportedArchitectureError`` (``TypeError`` for a non-transformers object) naming
     why ``hf_model`` cannot run on layerpass; return if it is a convertible decoder-only causal LM."""
@@ -108,10 +120,12 @@ def check_convertible(hf_model: Any) -> None:
         raise UnsupportedArchitectureError(
             f"from_transformers: {arch} is a multimodal model ({', '.join(modalities)}); layerpass runs text decoders: "
             f"load the text model alone (e.g. Gemma3ForCausalLM for Gemma 3)")
-    if getattr(hf_model, "_is_stateful", False):
+    recurrent = _recurrent_layer_types(config)
+    if recurrent or getattr(hf_model, "_is_stateful", False):  # _is_stateful: set up to 5.17 at least, gone in 5.25
+        kinds = f"; layer_types {recurrent}" if recurrent else ""
         raise UnsupportedArchitectureError(
-            f"from_transformers: {arch} has recurrent (state-space) layers whose state transformers keeps in its own "
-            f"cache; layerpass only pages attention KV")
+            f"from_transformers: {arch} has recurrent layers (state-space or linear attention{kinds}) whose state "
+            f"transformers keeps in its own cache; layerpass only pages attention KV")
     if not getattr(hf_model, "_supports_attention_backend", False):
         raise UnsupportedArchitectureError(
             f"from_transformers: {arch} does not run its attention through transformers' AttentionInterface "

@@ -65,6 +65,32 @@ def test_inductor_options_are_copied() -> None:
     assert cfg.inductor_options == {"max_autotune": False}
 
 
+@pytest.mark.parametrize("key,suggestion", [("max_autotun", "'max_autotune'"), ("triton.cudagraph", "'triton.cudagraphs'"),
+                                            ("zzz_not_an_option", None), ("triton", "'triton.")])
+def test_inductor_options_must_name_inductor_config(key: str, suggestion: str | None) -> None:
+    """Before: any key was kept, and failed (or was ignored) only when a piece compiled."""
+    with pytest.raises(ValueError, match=rf"inductor_options: '{key}' is not an Inductor config name") as e:
+        CompilationConfig(cache_dir="/tmp/x", inductor_options={"max_autotune": False, key: True})
+    assert (f"did you mean {suggestion}" in str(e.value)) if suggestion else "did you mean" not in str(e.value)
+
+
+def test_inductor_options_take_plain_and_dotted_names() -> None:
+    opts = {"max_autotune": False, "triton.cudagraphs": False, "enable_auto_functionalized_v2": False}
+    assert CompilationConfig(cache_dir="/tmp/x", inductor_options=opts).inductor_options == opts
+
+
+def test_cache_dir_with_a_nul_byte_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"cache_dir must be a directory path without NUL bytes, got '/tmp/a\\x00b'"):
+        CompilationConfig(cache_dir="/tmp/a\0b")
+
+
+def test_cache_dir_that_is_a_file_is_refused(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match=r"cache_dir must be a directory \(created if missing\), but '.*/f' exists and is not one"):
+        CompilationConfig(cache_dir=tmp_path / "f")
+    assert CompilationConfig(cache_dir=tmp_path / "missing" / "dir").cache_dir == str(tmp_path / "missing" / "dir")
+
+
 @pytest.mark.parametrize("value", [1, None, ["layers"], b"layers"])
 def test_split_of_the_wrong_type_names_the_field(value) -> None:
     with pytest.raises(ValueError, match=r"CompilationConfig\.split=.*allowed: layers, ops"):

@@ -71,3 +71,46 @@ def test_valid_input_still_compiles_and_runs(compiled) -> None:
 
     step = make_step(compiled.model, num_decodes=1, prefill_lens=[2])
     bh.assert_matches(step.run(compiled), step.run(compiled.model))
+
+
+@pytest.mark.parametrize("bad", [4096, 5000, -1])
+def test_positions_outside_the_rotary_cache_are_refused(bad: int) -> None:
+    """Before: eager raised an IndexError from the cos/sin cache; compiled, the process aborted on an
+    Inductor bounds assert."""
+    from layerpass.backend.inputs import max_position
+    from layerpass.models import make_step
+
+    model = build_model("llama", num_layers=2)
+    assert max_position(model) == model.config.max_position == 4096
+    step = make_step(model, num_decodes=1, prefill_lens=[2])
+    step.positions = step.positions.clone()
+    step.positions[-1] = bad
+    compiled = layerpass.compile(model, CompilationConfig(disable_cache=True))
+    message = rf"positions must be in \[0, 4096\) \(the model's max_position\), got positions from {min(bad, 0)} to"
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=rf"model forward: {message}"):
+            step.run(model)
+        with pytest.raises(ValueError, match=rf"layerpass compiled model: {message}"):
+            step.run(compiled)
+    assert compiled.backend.num_calls == 0, "nothing may be traced or compiled for a bad input"
+
+
+def test_max_position_is_the_smallest_bound() -> None:
+    from layerpass.backend.inputs import max_position
+    from layerpass.layers import RotaryEmbedding
+
+    from layerpass.ops import LayerRegistry, layer_registry_scope
+
+    model = build_model("llama", num_layers=2, max_position=64)
+    with layer_registry_scope(LayerRegistry()):
+        short, shorter = (RotaryEmbedding(model.config.head_size, max_position=n, prefix=f"r{n}") for n in (32, 16))
+    model.model.layers[1].self_attn.rotary_emb = short
+    assert max_position(model) == 32  # a rotary cache shorter than the config says
+    model.model.layers[0].self_attn.rotary_emb = shorter
+    assert max_position(model) == 32, "the module walk runs once per model"
+    assert max_position(build_model("llama", num_layers=2, max_position=64)) == 64
+    assert max_position(bh.Stack(2)) is None
+    check_step_inputs(torch.arange(3), torch.tensor([0, 5, 10**6]), max_position=None)  # no bound: not checked
+    check_step_inputs(torch.arange(3), torch.tensor([0, 5, 63]), max_position=64)
+    # values on other devices are not read (on CUDA that would be a sync per step)
+    check_step_inputs(torch.arange(3, device="meta"), torch.tensor([0, 5, 64], device="meta"), max_position=64)

@@ -6,10 +6,13 @@ decodes with the newly admitted prompts, each request on its own KV blocks. Eage
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 pytest.importorskip("transformers")
 
+from layerpass.models.hf import build_hf_model, from_transformers  # noqa: E402
 from tests.models.hf import common as hc  # noqa: E402
 
 
@@ -32,3 +35,14 @@ def test_long_generation_crosses_the_sliding_window() -> None:
     ps = hc.prompts(model.config.vocab_size, (3, 12), seed=4)
     got = hc.generate_cb(model, ps, (0, 2), 20)
     assert got == [hc.hf_generate(hf, p, 20) for p in ps]
+
+
+@pytest.mark.parametrize("name", ["hf-llama", "hf-qwen3"])
+def test_heads_times_head_dim_other_than_hidden_size(name: str) -> None:
+    """4 heads x head_dim 32 = 128 attention features on a 64-wide model: q/k/v widen, o_proj narrows."""
+    hf = build_hf_model(hc.hf_config(name, head_size=32))
+    model = from_transformers(copy.deepcopy(hf))
+    assert model.config.num_heads * model.config.head_size != model.config.hidden_size
+    ps = hc.prompts(model.config.vocab_size, hc.GEN_PROMPT_LENS, seed=1)
+    got = hc.generate_cb(model, ps, hc.GEN_ADMIT_AT, hc.GEN_NEW_TOKENS)
+    assert got == [hc.hf_generate(hf, p, hc.GEN_NEW_TOKENS) for p in ps]
