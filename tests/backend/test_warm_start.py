@@ -291,3 +291,48 @@ def test_split_ops_warm_start_loads_and_runs() -> None:
     for res in runs:
         bh.assert_matches(torch.tensor(res["out"]), torch.tensor(res["ref"]), "split='ops' output")
     assert runs[1]["report"]["warm_start"] == "loaded" and runs[1]["report"]["dynamo_s"] == 0.0, runs[1]["report"]
+
+
+ADD_PASS_RUN = """
+import sys
+sys.path.insert(0, {model_dir!r})
+import torch, layerpass
+from layerpass.backend.config import CompilationConfig
+from layerpass.passes.base import LayerpassPass
+import warm_model
+
+class CountedPass(LayerpassPass):
+    name = "counted_for_warm_test"
+    runs = 0
+
+    def apply(self, graph) -> int:
+        CountedPass.runs += 1
+        return 0
+
+model = warm_model.Net(3).eval()
+compiled = layerpass.compile(model, CompilationConfig(cache_dir={cache_dir!r}, compile_sizes=(6,)))
+compiled.backend.pass_manager.add_pass(CountedPass())
+with torch.no_grad():
+    out3 = compiled(torch.randn(3, model.head.in_features))
+    runs_before_static = CountedPass.runs
+    x6 = torch.randn(6, model.head.in_features)
+    err6 = (compiled(x6) - model(x6)).abs().max().item() if {static} else 0.0
+emit({{"warm_start": layerpass.last_compile_report().warm_start, "runs_before_static": runs_before_static,
+       "runs": CountedPass.runs, "err6": err6}})
+"""
+
+
+@pytest.mark.slow
+def test_static_size_variant_after_a_warm_load_runs_passes_added_with_add_pass(model_dir: Path) -> None:
+    """A warm-loaded program compiles its ``compile_sizes`` variants with the compiled model's own
+    backend: a pass added with ``add_pass`` runs on them (it used to be missing: a fresh backend)."""
+    cache = bh.fresh_cache_dir("add-pass")
+    # the cold process never runs 6 tokens: the variant is first compiled after the warm load
+    # (and is not in Inductor's cache, which would skip the passes)
+    cold = bh.run_python(textwrap.dedent(ADD_PASS_RUN.format(model_dir=str(model_dir), cache_dir=cache, static=False)),
+                         what="add_pass cold").result
+    assert cold["runs"] > 0, cold
+    warm = bh.run_python(textwrap.dedent(ADD_PASS_RUN.format(model_dir=str(model_dir), cache_dir=cache, static=True)),
+                         what="add_pass warm").result
+    assert warm["warm_start"] == "loaded" and warm["runs_before_static"] == 0, warm
+    assert warm["err6"] < 1e-5 and warm["runs"] > 0, warm
