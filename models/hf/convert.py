@@ -73,7 +73,14 @@ from .attention import (
     recording_attention_calls,
     register_attention_function,
 )
-from .families import MOE_FAMILIES, MoeFamily, UnsupportedModuleError, check_convertible
+from .families import (
+    MOE_FAMILIES,
+    MoeFamily,
+    UnsupportedArchitectureError,
+    UnsupportedModuleError,
+    check_convertible,
+    supported_architectures,
+)
 from .layers import TransformersLMHead, TransformersScaledEmbedding
 from .loading import copy_param, load_linear, load_vocab
 from .mlp import TransformersMLP, TransformersPackedMLP
@@ -89,6 +96,7 @@ ROWWISE_SPLIT = {"rowwise_split_input", "rowwise_rep"}
 CONVERTED = (TransformersAttention, TransformersMLP, TransformersPackedMLP, TransformersSparseMoeBlock, GatheredPacked,
              PackedSlice, TransformersLMHead, TransformersScaledEmbedding)
 HARMLESS_ATTENTION_KWARGS = {"position_ids", "use_cache", "output_attentions", "cache_position", "layer_idx"}
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense")  # an attention module's output projection, by family
 
 
 class TransformersForCausalLM(nn.Module):
@@ -129,9 +137,10 @@ class TransformersForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # checked in eager only: under torch.compile the token count may be an unbacked symbol
-        if not torch.compiler.is_compiling() and (input_ids.dim() != 1 or positions.shape != input_ids.shape):
-            raise ValueError(f"model forward takes input_ids [T] and positions [T], got {tuple(input_ids.shape)} "
-                             f"and {tuple(positions.shape)}")
+        if not torch.compiler.is_compiling():
+            from layerpass.backend.inputs import check_step_inputs, max_position  # ValueError; no import cycle
+
+            check_step_inputs(input_ids, positions, max_position=max_position(self))
         out = self._hf_forward(self.hf, input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
                                use_cache=False)
         return out.logits[0]
@@ -563,6 +572,26 @@ def model_config_from_hf(hf_config: Any, dtype: torch.dtype, cache_config: Cache
     )
 
 
+def _output_width_error(call: AttentionCall, path: str | None, hf_config: Any) -> ValueError | None:
+    """The clear error for an attention module whose output projection does not take what the
+    attention returns (heads * head_dim features): the dry run fails on it with a shape error, and
+    so would the Hugging Face model (Helium builds ``o_proj`` as hidden_size -> hidden_size)."""
+    width = call.num_heads * call.value_head_size
+    for name in OUTPUT_PROJECTIONS:
+        proj = call.module._modules.get(name)
+        takes = {getattr(proj, a, None) for a in ("in_features", "input_size", "input_size_per_partition")} - {None}
+        if takes and width not in takes:
+            c = getattr(hf_config, "get_text_config", lambda: hf_config)()
+            return ValueError(
+                f"from_transformers: {path or type(call.module).__name__!r} ({type(call.module).__name__}) returns "
+                f"{call.num_heads} heads x head_dim {call.value_head_size} = {width} attention features, but its {name} "
+                f"takes {max(takes)} (config: head_dim={getattr(c, 'head_dim', None)}, num_attention_heads="
+                f"{getattr(c, 'num_attention_heads', None)}, hidden_size={getattr(c, 'hidden_size', None)}); the "
+                f"Hugging Face model cannot run this config either: use a head_dim with num_attention_heads * head_dim "
+                f"= {max(takes)}")
+    return None
+
+
 def _run_base_model_undecorated(base: nn.Module) -> None:
     """The base model runs its own forward without transformers' output-capturing wrappers."""
     raw = inspect.unwrap(type(base).forward)
@@ -588,14 +617,21 @@ def from_transformers(hf_model: nn.Module, *, cache_config: CacheConfig | None =
     architecture = type(hf_model).__name__
     cache_config = cache_config if cache_config is not None else CacheConfig(num_blocks=128, block_size=16)
     hf_config = hf_model.config
-    dtype = next(hf_model.parameters()).dtype
     head = hf_model.get_output_embeddings()
     if isinstance(head, TransformersLMHead):
         raise ValueError(f"from_transformers: this {architecture} was already converted (it converts in place); "
                          f"load or copy the Hugging Face model again to convert another")
-    head_name = next(n for n, m in hf_model.named_children() if m is head)
+    head_name = next((n for n, m in hf_model.named_children() if m is head), None)
+    if head_name is None:
+        path = next((n for n, m in hf_model.named_modules() if m is head), None)
+        where = f"is at {path!r}" if path else "is not a module of the model"
+        raise UnsupportedArchitectureError(
+            f"from_transformers: {architecture}'s language-model head (get_output_embeddings()) {where}; layerpass "
+            f"converts decoder-only *ForCausalLM models whose head is a top-level torch.nn.Linear (such as lm_head), "
+            f"e.g. {', '.join(supported_architectures())}")
     if type(head) is not nn.Linear:
         raise UnsupportedModuleError(f"from_transformers: {head_name!r} is a {type(head).__name__}; expected torch.nn.Linear")
+    dtype = next(hf_model.parameters()).dtype  # the head has a weight: there is one
     input_embedding = hf_model.get_input_embeddings()
     tied = input_embedding is not None and head.weight is getattr(input_embedding, "weight", None)
     base = hf_model.base_model
@@ -616,7 +652,13 @@ def from_transformers(hf_model: nn.Module, *, cache_config: CacheConfig | None =
         hf_model.set_attn_implementation(PROBE_IMPLEMENTATION)
         zero = torch.zeros(1, dtype=torch.long)
         with recording_attention_calls() as calls, torch.no_grad(), set_forward_context(None, reg):
-            model(zero, zero)
+            try:
+                model(zero, zero)
+            except RuntimeError as e:  # a shape error: say which module and why, where we can
+                error = _output_width_error(calls[-1], converter.paths.get(id(calls[-1].module)), hf_config) if calls else None
+                if error is not None:
+                    raise error from e
+                raise
         converter.attach_attention(calls)
     hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model.layer_registry = reg

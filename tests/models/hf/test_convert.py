@@ -284,11 +284,53 @@ def test_no_attention_interface_is_refused() -> None:
 
 
 def test_recurrent_state_is_refused() -> None:
+    """Before (transformers 5.25, no ``_is_stateful``): refused for lacking AttentionInterface instead."""
     from transformers import MambaConfig, MambaForCausalLM
 
     mamba = MambaForCausalLM(MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4))
-    with pytest.raises(lphf.UnsupportedArchitectureError, match="MambaForCausalLM has recurrent"):
+    with pytest.raises(lphf.UnsupportedArchitectureError, match="MambaForCausalLM has recurrent layers"):
         lphf.from_transformers(mamba)
+
+
+def test_hybrid_recurrent_model_is_refused() -> None:
+    """Granite 4 hybrid runs its attention layers through AttentionInterface: before, on transformers
+    5.25, it passed the checks and its Mamba layers' state would have been silently dropped."""
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    cfg = GraniteMoeHybridConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, num_local_experts=0,
+                                 shared_intermediate_size=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                                 mamba_n_groups=1, layer_types=["mamba", "attention"])
+    with pytest.raises(lphf.UnsupportedArchitectureError,
+                       match=r"GraniteMoeHybridForCausalLM has recurrent layers \(state-space or linear attention; "
+                             r"layer_types \['linear_attention'\]\)"):
+        lphf.from_transformers(GraniteMoeHybridForCausalLM(cfg))
+
+
+def test_lm_head_that_is_not_a_top_level_module_is_refused() -> None:
+    """Before: a bare ``StopIteration`` (BERT's head is ``cls.predictions.decoder``)."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    bert = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, is_decoder=True))
+    with pytest.raises(lphf.UnsupportedArchitectureError,
+                       match=r"BertLMHeadModel's language-model head \(get_output_embeddings\(\)\) is at "
+                             r"'cls\.predictions\.decoder'; layerpass converts decoder-only \*ForCausalLM models whose "
+                             r"head is a top-level torch\.nn\.Linear .*LlamaForCausalLM"):
+        lphf.from_transformers(bert)
+
+
+def test_attention_output_wider_than_the_output_projection_is_refused() -> None:
+    """Helium builds ``o_proj`` hidden_size -> hidden_size, so num_heads * head_dim != hidden_size
+    cannot run (HF's own forward fails too). Before: the dry run's bare matmul shape error."""
+    from transformers import HeliumConfig, HeliumForCausalLM
+
+    cfg = HeliumConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=128)
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn' \(HeliumAttention\) returns 2 heads x head_dim "
+                                         r"128 = 256 attention features, but its o_proj takes 64 \(config: head_dim=128, "
+                                         r"num_attention_heads=2, hidden_size=64\)"):
+        lphf.from_transformers(HeliumForCausalLM(cfg))
 
 
 def test_bidirectional_attention_is_refused() -> None:
