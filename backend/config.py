@@ -34,9 +34,8 @@ def _check_cache_dir(value: Any) -> str:
                          f"for the default; got {value!r} (an empty path would mean the working directory)")
     if "\0" in path:
         raise ValueError(f"CompilationConfig.cache_dir must be a directory path without NUL bytes, got {value!r}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"CompilationConfig.cache_dir must be a directory (created if missing), but {path!r} exists "
-                         f"and is not one")
+    # (a path that exists and is not a directory is left to the cache: it is best effort, so the
+    # compile goes on without it, with one warning)
     return path
 
 
