@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .compiler import LayerpassBackend
+from .guard_pickling import saveable_guards
 from .isa_probe import wait_for_cpu_isa_probe
 from .program import PiecewiseProgram
 from .report import CompileReport
@@ -90,18 +92,26 @@ class Region:
     dynamo_s: float = 0.0
     unsaved: str | None = None  # why this region cannot be saved, if it cannot
 
+    def __post_init__(self) -> None:
+        self._guards = None if self.aot is None else self.aot._artifacts.guard_manager
+        self._binder = None if self.aot is None else _Binder(self.aot._artifacts.signature, self.aot._artifacts.runtime_env)
+
     @property
     def report(self) -> CompileReport:
         return self.program.report
 
     def matches(self, layer: nn.Module, signature: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """The one check per layer call: class, structure signature, then the program's guards
+        (torch's guard manager on the bound arguments; ``AOTCompiledFunction.guard_check`` without
+        its generic ``inspect`` binding)."""
         if type(layer) is not self.cls or signature != self.signature:
             return False
-        if self.aot is None:
-            return True  # Dynamo checks its own guards on the call (and retraces on a miss)
-        if not self.aot.guard_check(layer, *args, **kwargs):
+        if self._guards is None:
+            return True  # an in-memory region: Dynamo checks its own guards on the call (and retraces on a miss)
+        f_locals = self._binder.bind(layer, args, kwargs)
+        if not self._guards.check(f_locals):
             return False
-        return not self.deps.has_local_checks or self.deps.check_locals(self.aot.prepare_f_locals(layer, *args, **kwargs))
+        return not self.deps.has_local_checks or self.deps.check_locals(f_locals)
 
 
 @dataclass
@@ -306,7 +316,7 @@ class Regions:
         fn = torch.compile(forward, backend=self.backend.for_layer(), fullgraph=True,
                            options={"guard_filter_fn": recorder})
         try:
-            with recording_traced_code() as codes:
+            with recording_traced_code() as codes, saveable_guards():
                 aot = fn.aot_compile(((layer, *args), kwargs))
         except _GRAPH_BREAKS:
             raise
@@ -335,6 +345,49 @@ class Regions:
         deps = record_deps(program.traced_code, [], forward)
         why = f"{type(layer).__qualname__}: torch cannot save its traced program ({self._not_saveable})"
         return Region(fn, None, program, type(layer), self.signatures[id(layer)], deps, "in memory", unsaved=why)
+
+
+class _Binder:
+    """Binds ``(layer, *args, **kwargs)`` to the traced forward's parameter names, as
+    ``inspect.Signature.bind`` + ``apply_defaults`` do, without their per-call cost when the
+    forward has plain parameters (the usual case); anything else goes through ``inspect``."""
+
+    def __init__(self, signature: inspect.Signature, runtime_env: Any = None) -> None:
+        self.signature = signature
+        # a decorated forward's closure: its free variables are locals of the traced frame too
+        closure = getattr(runtime_env, "closure", None) or ()
+        freevars = getattr(getattr(runtime_env, "bytecode", None), "co_freevars", ()) if closure else ()
+        self.cells = tuple(zip(freevars, closure))
+        params = list(signature.parameters.values())
+        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY) for p in params)
+        self.names = tuple(p.name for p in params) if plain else None
+        self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
+
+    def bind(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.cells:
+            bound = {name: cell.cell_contents for name, cell in self.cells}
+            bound.update(self._bind_args(layer, args, kwargs))
+            return bound
+        return self._bind_args(layer, args, kwargs)
+
+    def _bind_args(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        names = self.names
+        if names is not None and not kwargs and len(args) + 1 == len(names):
+            return dict(zip(names, (layer, *args)))
+        if names is not None and len(args) + 1 <= len(names) and not kwargs.keys() - set(names[len(args) + 1:]):
+            bound = dict(zip(names, (layer, *args)))
+            for name in names[len(args) + 1:]:
+                if name in kwargs:
+                    bound[name] = kwargs[name]
+                elif name in self.defaults:
+                    bound[name] = self.defaults[name]
+                else:
+                    break  # a missing argument: let inspect raise its error
+            else:
+                return bound
+        arguments = self.signature.bind(layer, *args, **kwargs)
+        arguments.apply_defaults()
+        return dict(arguments.arguments)
 
 
 # Dynamo's errors for a frame it cannot trace whole (a graph break under fullgraph=True)

@@ -30,6 +30,7 @@ serialise, the hook on the traced code list) are in this one module.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import importlib
@@ -74,24 +75,30 @@ def code_fingerprint(code: types.CodeType) -> str:
     return h.hexdigest()[:24]
 
 
-def value_fingerprint(value: Any) -> str:
-    """What an object a guard matched is, in a form stable across processes."""
+def value_fingerprint(value: Any, _seen: frozenset[int] = frozenset()) -> str:
+    """What an object a guard matched is, in a form stable across processes (a function whose
+    closure holds itself, as transformers' checkpointing wrapper does, is named once)."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         return f"{type(value).__name__}:{value!r}"
     if isinstance(value, (tuple, list, frozenset)):
-        return f"{type(value).__name__}({','.join(value_fingerprint(v) for v in value)})"
+        return f"{type(value).__name__}({','.join(value_fingerprint(v, _seen) for v in value)})"
+    if isinstance(value, dict):
+        items = sorted(((repr(k), value_fingerprint(v, _seen)) for k, v in value.items()))
+        return f"dict({','.join(f'{k}:{v}' for k, v in items)})"
     if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
         return f"{type(value).__name__}:{value}"
     if isinstance(value, types.ModuleType):
         return f"module:{value.__name__}"
     if isinstance(value, types.MethodType):
-        return f"method:{value_fingerprint(value.__func__)}"
+        return f"method:{value_fingerprint(value.__func__, _seen)}"
     if isinstance(value, types.FunctionType):
         fn = value
         parts = [f"function:{fn.__module__}.{fn.__qualname__}:{code_fingerprint(fn.__code__)}"]
+        if id(fn) in _seen:
+            return parts[0] + ":<cycle>"
         for cell in fn.__closure__ or ():
             with contextlib.suppress(ValueError):  # an empty cell
-                parts.append(value_fingerprint(cell.cell_contents))
+                parts.append(value_fingerprint(cell.cell_contents, _seen | {id(fn)}))
         return "|".join(parts)
     if isinstance(value, type):
         return f"class:{value.__module__}.{value.__qualname__}"
@@ -126,7 +133,7 @@ class TraceDeps:
     # in-process: the objects the trace saw, for the cheap identity check
     _live_codes: list[tuple[TracedCode, Any]] = field(default_factory=list, repr=False)  # (code, the object named so)
     _live_globals: list[tuple[DroppedGuard, Callable[[], Any], Any]] = field(default_factory=list, repr=False)
-    _local_checks: list[tuple[DroppedGuard, Any, Any]] = field(default_factory=list, repr=False)
+    _local_checks: list[tuple[DroppedGuard, Any, list[Any]]] = field(default_factory=list, repr=False)
 
     # -- saving -------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -154,7 +161,7 @@ class TraceDeps:
             live_codes.append((c, _resolve(c.module, c.qualname)))
         live_globals = []
         for g in self.guards:
-            if not g.expr.startswith("G["):
+            if not is_global(g.expr):
                 continue
             getter = _global_getter(g.expr, root)
             try:
@@ -165,7 +172,7 @@ class TraceDeps:
                 return f"global {_pretty(g.expr)} changed since the program was traced"
             live_globals.append((g, getter, value))
         self._live_codes, self._live_globals = live_codes, live_globals
-        self._local_checks = [(g, compile(g.expr, "<guard>", "eval"), None) for g in self.guards if not g.expr.startswith("G[")]
+        self._local_checks = [(g, compile(g.expr, "<guard>", "eval"), []) for g in self.guards if not is_global(g.expr)]
         return None
 
     def changed(self) -> str | None:
@@ -184,18 +191,29 @@ class TraceDeps:
         return None
 
     def check_locals(self, f_locals: dict[str, Any]) -> bool:
-        """The dropped guards rooted at the layer's frame, for one call (usually none)."""
-        for g, code, _ in self._local_checks:
+        """The dropped guards rooted at the layer's frame, for one call. An identity guard accepts
+        the objects seen at trace time, and any other whose fingerprint is equal (then remembered,
+        so the next layer's call is an identity compare)."""
+        for g, code, accepted in self._local_checks:
             try:
                 value = eval(code, {}, f_locals)  # noqa: S307 (Dynamo's own source expression)
             except Exception:
                 return False
-            if _fingerprint_for(g.kind, value) != g.fingerprint:
+            if g.kind == "identity" and not isinstance(value, (dict, list, tuple)):
+                if any(value is seen for seen in accepted):
+                    continue
+                if value_fingerprint(value) != g.fingerprint:
+                    return False
+                if len(accepted) < 64:
+                    accepted.append(value)
+            elif _fingerprint_for(g.kind, value) != g.fingerprint:
                 return False
         return True
 
 
 def _same(kind: str, now: Any, then: Any) -> bool:
+    if isinstance(then, (dict, list, tuple)):  # rebuilt by each evaluation (``dict(type(G[...]).__dict__)``)
+        return type(now) is type(then) and _fingerprint_for(kind, now) == _fingerprint_for(kind, then)
     if kind == "equals":
         return type(now) is type(then) and bool(now == then)
     if kind == "type":
@@ -207,6 +225,15 @@ def _fingerprint_for(kind: str, value: Any) -> str:
     if kind == "type":
         return f"type:{type(value).__module__}.{type(value).__qualname__}"
     return value_fingerprint(value)
+
+
+_GLOBAL_ROOT = re.compile(r"\bG\[")
+
+
+def is_global(expr: str) -> bool:
+    """Whether Dynamo's source expression reads the globals (``G['x']``, ``type(G['x']).y``, ...)
+    rather than the traced frame's locals."""
+    return _GLOBAL_ROOT.search(expr) is not None
 
 
 def _pretty(expr: str) -> str:
@@ -241,6 +268,8 @@ def _global_getter(expr: str, root: Callable[..., Any]) -> Callable[[], Any]:
     name, attrs = m.group(1), tuple(a for a in m.group(2).split(".") if a)
     if name.startswith("__import_"):
         table, key = sys.modules, name[len("__import_"):].replace("_dot_", ".")
+    elif name.startswith("__builtins_dict__"):
+        table, key = {name: builtins.__dict__}, name
     else:
         table, key = root_globals, name
 
@@ -267,6 +296,8 @@ class _Globals(dict):  # type: ignore[type-arg]
     def __missing__(self, name: str) -> Any:
         if name.startswith("__import_"):
             return importlib.import_module(name[len("__import_"):].replace("_dot_", "."))
+        if name.startswith("__builtins_dict__"):  # Dynamo's alias of the builtins' dict
+            return builtins.__dict__
         return self.root[name]
 
 
@@ -284,8 +315,18 @@ def _resolve(module: str, qualname: str) -> Any:
 
 
 def _codes_of(obj: Any) -> Iterator[types.CodeType]:
-    """The code objects of a function, method or property, through decorators' ``__wrapped__``."""
+    """The code objects of a function, method or property, through decorators' ``__wrapped__``;
+    for an object standing in for a function (``kernels``' ``Func`` module), the functions its
+    class's ``forward`` closes over."""
     if obj is None:
+        return
+    if not isinstance(obj, (types.FunctionType, types.MethodType, type, types.ModuleType, staticmethod,
+                            classmethod, property)) and callable(obj):
+        forward = getattr(type(obj), "forward", None)
+        for cell in getattr(forward, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):
+                if isinstance(cell.cell_contents, types.FunctionType):
+                    yield from _codes_of(cell.cell_contents)
         return
     if isinstance(obj, (staticmethod, classmethod)):
         obj = obj.__func__
@@ -331,6 +372,8 @@ def record_deps(codes: Sequence[types.CodeType], dropped: Sequence[Any], root: C
             continue
         seen.add(code)
         module = inspect.getmodule(code)
+        if module is None and code.co_filename.startswith("<frozen "):  # frozen stdlib (_collections_abc)
+            module = sys.modules.get(code.co_filename[len("<frozen "):-1])
         qualname = getattr(code, "co_qualname", code.co_name)
         if module is None:
             deps.unsaveable = f"it traced {qualname} ({code.co_filename}), code without a module a new process could check"
@@ -351,10 +394,10 @@ def record_deps(codes: Sequence[types.CodeType], dropped: Sequence[Any], root: C
         kind = "equals" if entry.guard_type in _EQUALS else "type" if entry.guard_type in _TYPE else "identity"
         guard = DroppedGuard(entry.name, kind, _fingerprint_for(kind, entry.value))
         deps.guards.append(guard)
-        if entry.name.startswith("G["):
+        if is_global(entry.name):
             deps._live_globals.append((guard, _global_getter(entry.name, root), entry.value))
         else:
-            deps._local_checks.append((guard, compile(entry.name, "<guard>", "eval"), None))
+            deps._local_checks.append((guard, compile(entry.name, "<guard>", "eval"), [entry.value]))
     return deps
 
 

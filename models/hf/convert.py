@@ -81,6 +81,7 @@ from .families import (
     check_convertible,
     supported_architectures,
 )
+from .hub_kernels import bypass_kernel_routing
 from .layers import TransformersLMHead, TransformersScaledEmbedding
 from .loading import copy_param, load_linear, load_vocab
 from .mlp import TransformersMLP, TransformersPackedMLP
@@ -647,6 +648,7 @@ def from_transformers(hf_model: nn.Module, *, cache_config: CacheConfig | None =
             load_vocab(lm_head, head.weight, head.bias)
         setattr(hf_model, head_name, TransformersLMHead(lm_head, LogitsProcessor(hf_config.vocab_size, prefix="logits_processor")))
         _run_base_model_undecorated(base)
+        bypass_kernel_routing(base)  # kernels' per-instance routing: its local-class wrappers cannot be saved
         model = TransformersForCausalLM(hf_model, head_name, architecture)
         # the dry run: one token, to see what every attention module passes the attention function
         hf_model.set_attn_implementation(PROBE_IMPLEMENTATION)

@@ -339,3 +339,33 @@ def test_training_mode_compiles_the_whole_model_with_a_warning(caplog) -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
     assert layerpass.last_compile_report().trace == "regions"
+
+
+def _fwd_plain(self, x, y=2):  # noqa: ANN001, ANN202
+    pass
+
+
+def _fwd_required(self, x, y):  # noqa: ANN001, ANN202
+    pass
+
+
+def _fwd_keyword_only(self, x, y=2, *, z=3):  # noqa: ANN001, ANN202
+    pass
+
+
+@pytest.mark.parametrize(("fn", "args", "kwargs"), [
+    (_fwd_plain, (1,), {}), (_fwd_plain, (1,), {"y": 7}), (_fwd_plain, (1, 9), {}),
+    (_fwd_required, (1, 2), {}), (_fwd_required, (1,), {"y": 3}),
+    (_fwd_keyword_only, (1,), {}), (_fwd_keyword_only, (1, 5), {"z": 4}),
+])
+def test_the_region_binder_binds_as_inspect_does(fn, args, kwargs) -> None:
+    """The per-call binding before the guard check (no ``inspect`` on the hot path) is inspect's."""
+    import inspect
+
+    from layerpass.backend.regions import _Binder
+
+    ref = inspect.signature(fn).bind("layer", *args, **kwargs)
+    ref.apply_defaults()
+    assert _Binder(inspect.signature(fn)).bind("layer", args, kwargs) == dict(ref.arguments)
+    with pytest.raises(TypeError, match="missing a required argument"):
+        _Binder(inspect.signature(_fwd_required)).bind("layer", (1,), {})

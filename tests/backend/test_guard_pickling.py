@@ -1,0 +1,190 @@
+"""``saveable_guards``: programs whose guards torch 2.13 saves but cannot load round-trip inside it.
+
+Each case is a torch-only module showing one gap in torch's guard-state pickler (see
+``backend/guard_pickling.py``): a module attribute holding ``torch.float32``, a decorated forward
+whose closure constants are guarded, a method bound in an instance's ``__dict__``. Each is
+traced with ``aot_compile`` inside the block (``aot_eager``: no Inductor), saved, loaded, run
+and guard-checked, as the warm start does. The closure case also checks that the loaded guards
+compare the live closure with the value seen at trace time (a flipped constant fails the guard).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from layerpass.backend import guard_pickling
+from layerpass.backend.guard_pickling import applies, saveable_guards
+from layerpass.backend.warm_start import has_aot_api
+
+pytestmark = pytest.mark.skipif(not has_aot_api() or not applies(),
+                                reason="needs torch's aot_compile and its guard-state pickler (torch 2.10+)")
+
+
+def _flagged(flag: bool):
+    """A ``functools.wraps`` decorator with a constant in its closure that the trace reads
+    (like transformers' ``deprecate_kwarg``)."""
+
+    def deco(func):
+        @functools.wraps(func)
+        def wrapper(self, x):
+            return func(self, x) * 2 if flag else func(self, x)
+
+        return wrapper
+
+    return deco
+
+
+def _outer(forward):
+    """A plain pass-through wrapper (like transformers' ``GradientCheckpointingLayer``): the
+    function it wraps becomes a closure variable, i.e. a local, of the traced frame."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+class DtypeLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.params_dtype = torch.float32  # never read by forward: torch records it as missing, by id
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class WrappedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    @_outer
+    @_flagged(False)
+    def forward(self, x):
+        return self.lin(x)
+
+
+class FlippedLayer(WrappedLayer):  # same code, the guarded closure constant flipped
+    @_outer
+    @_flagged(True)
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Child(nn.Module):
+    def forward(self, x):
+        return x + 1
+
+
+class BoundLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.child = Child()
+        # an instance override of a submodule's forward (as models/hf/hub_kernels.py binds)
+        self.child.forward = types.MethodType(_flagged(False)(Child.forward), self.child)
+
+    def forward(self, x):
+        return self.child(x)
+
+
+def _chain(cls: type) -> dict[str, object]:
+    """The class's forward and the functions it wraps, saved by reference (as warm_start does)."""
+    chain, fn = {}, cls.forward
+    for i in range(4):
+        chain[f"forward{i}"] = fn
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            break
+    return chain
+
+
+def _save(layer: nn.Module, x: torch.Tensor) -> bytes:
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    fn = torch.compile(type(layer).forward, fullgraph=True, backend="aot_eager")
+    with saveable_guards():
+        aot = fn.aot_compile(((layer, x), {}))
+    return AOTCompiledFunction.serialize(aot, _chain(type(layer))).serialized_data
+
+
+def _load(data: bytes, cls: type):
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    return AOTCompiledFunction.deserialize(data, external_closure_data=_chain(cls))
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # traced and run in one grad mode (the global-state guard checks it)
+        yield
+
+
+@pytest.mark.parametrize("cls", [DtypeLayer, WrappedLayer, BoundLayer])
+def test_round_trip(cls: type) -> None:
+    torch.manual_seed(0)
+    layer, x = cls().eval(), torch.randn(3, 4)
+    loaded = _load(_save(layer, x), cls)
+    torch.testing.assert_close(loaded(layer, x), layer(x))
+    assert loaded.guard_check(layer, torch.randn(3, 4))
+    assert not loaded.guard_check(layer, torch.randn(3, 4, dtype=torch.float64))  # the guards are live
+
+
+def test_closure_constants_are_compared_with_the_traced_values() -> None:
+    """The wrapped forward is saved by value: on load its guards hold the traced closure constant,
+    so a live forward whose constant differs (another library version) fails them."""
+    torch.manual_seed(0)
+    layer, x = WrappedLayer().eval(), torch.randn(3, 4)
+    data = _save(layer, x)
+    assert _load(data, WrappedLayer).guard_check(layer, x)
+    assert not _load(data, FlippedLayer).guard_check(layer, x)
+
+
+def test_pickler_restored_after_the_block() -> None:
+    cls = guard_pickling._pickler_class()
+    original = cls.__dict__["reducer_override"]
+    with saveable_guards():
+        assert cls.reducer_override is not original
+        with saveable_guards():  # nested
+            pass
+        assert cls.reducer_override is not original
+    assert cls.__dict__["reducer_override"] is original
+    with pytest.raises(RuntimeError), saveable_guards():
+        raise RuntimeError("inside")
+    assert cls.__dict__["reducer_override"] is original
+
+
+def test_overlapping_blocks_in_threads() -> None:
+    cls = guard_pickling._pickler_class()
+    original = cls.__dict__["reducer_override"]
+    entered, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with saveable_guards():
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert entered.wait(10)
+    with saveable_guards():
+        pass
+    assert cls.reducer_override is not original  # the other thread's block is still open
+    release.set()
+    t.join(10)
+    assert cls.__dict__["reducer_override"] is original
+
+
+def test_no_op_without_the_pickler(monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = guard_pickling._pickler_class()
+    original = cls.__dict__["reducer_override"]
+    monkeypatch.setattr(guard_pickling, "_pickler_class", lambda: None)
+    with saveable_guards():
+        assert cls.__dict__["reducer_override"] is original
