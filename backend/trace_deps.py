@@ -80,8 +80,10 @@ def value_fingerprint(value: Any, _seen: frozenset[int] = frozenset()) -> str:
     closure holds itself, as transformers' checkpointing wrapper does, is named once)."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         return f"{type(value).__name__}:{value!r}"
-    if isinstance(value, (tuple, list, frozenset)):
+    if isinstance(value, (tuple, list)):
         return f"{type(value).__name__}({','.join(value_fingerprint(v, _seen) for v in value)})"
+    if isinstance(value, (set, frozenset)):  # iteration order varies between processes (str hashing)
+        return f"{type(value).__name__}({','.join(sorted(value_fingerprint(v, _seen) for v in value))})"
     if isinstance(value, dict):
         items = sorted(((repr(k), value_fingerprint(v, _seen)) for k, v in value.items()))
         return f"dict({','.join(f'{k}:{v}' for k, v in items)})"

@@ -231,3 +231,17 @@ def test_monkeypatch_after_the_first_call_traces_again(tmp_path: Path, what: str
         out = compiled(x)
     bh.assert_matches(out, ref, f"after patching the {what}")
     assert any("traced again" in n for n in layerpass.last_compile_report().notes)
+
+
+def test_fingerprints_do_not_depend_on_the_process_hash_seed() -> None:
+    """A set's iteration order follows ``str`` hashing, which differs per process: a saved
+    fingerprint of a class ``__dict__`` (``__abstractmethods__``) must not."""
+    import subprocess
+
+    code = ("from layerpass.backend.trace_deps import value_fingerprint\n"
+            "import collections.abc\n"
+            "print(value_fingerprint(dict(collections.abc.MutableMapping.__dict__)))\n"
+            "print(value_fingerprint(frozenset({'a', 'b', 'c', 'd', 'e'})))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=bh.TESTS_DIR,
+                           env=bh.subprocess_env(PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2)}
+    assert len(outs) == 1, outs
