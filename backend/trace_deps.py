@@ -201,8 +201,8 @@ class TraceDeps:
                 value = eval(code, {}, f_locals)  # noqa: S307 (Dynamo's own source expression)
             except Exception:
                 return False
-            if g.kind == "identity" and not isinstance(value, (dict, list, tuple)):
-                if any(value is seen for seen in accepted):
+            if g.kind == "identity":
+                if any(_shallow_same(value, seen) for seen in accepted):
                     continue
                 if value_fingerprint(value) != g.fingerprint:
                     return False
@@ -213,9 +213,23 @@ class TraceDeps:
         return True
 
 
+def _shallow_same(now: Any, then: Any) -> bool:
+    """Identity, or for a container rebuilt by each evaluation (``dict(type(G[...]).__dict__)``)
+    the same keys holding the very same objects."""
+    if now is then:
+        return True
+    if type(now) is not type(then):
+        return False
+    if isinstance(now, dict):
+        return now.keys() == then.keys() and all(v is then[k] for k, v in now.items())
+    if isinstance(now, (list, tuple)):
+        return len(now) == len(then) and all(a is b for a, b in zip(now, then))
+    return False
+
+
 def _same(kind: str, now: Any, then: Any) -> bool:
-    if isinstance(then, (dict, list, tuple)):  # rebuilt by each evaluation (``dict(type(G[...]).__dict__)``)
-        return type(now) is type(then) and _fingerprint_for(kind, now) == _fingerprint_for(kind, then)
+    if isinstance(then, (dict, list, tuple)):
+        return _shallow_same(now, then) if kind != "equals" else type(now) is type(then) and bool(now == then)
     if kind == "equals":
         return type(now) is type(then) and bool(now == then)
     if kind == "type":
