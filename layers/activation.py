@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from layerpass.ops.norm import silu_and_mul
+
 from .pluggable import PluggableLayer
 
 
@@ -15,4 +17,4 @@ class SiluAndMul(PluggableLayer):
         super().__init__(prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.layerpass.silu_and_mul(x)
+        return silu_and_mul(x)

@@ -16,7 +16,12 @@ import torch
 from torch import nn
 
 from layerpass.ops import encode_layer_name
-from layerpass.ops.attention import check_logits_soft_cap, check_scale, check_sliding_window
+from layerpass.ops.attention import (
+    check_logits_soft_cap,
+    check_scale,
+    check_sliding_window,
+    unified_attention_with_output,
+)
 
 from .pluggable import PluggableLayer
 
@@ -73,7 +78,7 @@ class Attention(PluggableLayer):
         k3 = k.view(t, self.num_kv_heads, self.head_size)
         v3 = v.view(t, self.num_kv_heads, self.head_size)
         output = torch.empty_like(q3)
-        torch.ops.layerpass.unified_attention_with_output(q3, k3, v3, output, encode_layer_name(self.prefix))
+        unified_attention_with_output(q3, k3, v3, output, encode_layer_name(self.prefix))
         return output.view(t, self.num_heads * self.head_size)
 
     def extra_repr(self) -> str:

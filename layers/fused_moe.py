@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from layerpass.ops import FP8_DTYPE, FP8_MAX, encode_layer_name
-from layerpass.ops.quant import quantize_fp8
+from layerpass.ops.moe import moe_forward
+from layerpass.ops.moe_quant import moe_forward_fp8
+from layerpass.ops.quant import quantize_fp8, static_scaled_fp8_quant
 
 from .distributed import divide, get_tp_rank, get_tp_world_size, tensor_model_parallel_all_reduce
 from .pluggable import PluggableLayer
@@ -72,10 +74,10 @@ class FusedMoE(PluggableLayer):
         """The routed experts; under FP8 the input is quantised by a separate op (a fusion target)."""
         name = encode_layer_name(self.prefix)
         if self.quant_config is None:
-            return torch.ops.layerpass.moe_forward(hidden_states, router_logits, name)
+            return moe_forward(hidden_states, router_logits, name)
         q = torch.empty(hidden_states.shape, dtype=FP8_DTYPE, device=hidden_states.device)
-        torch.ops.layerpass.static_scaled_fp8_quant(q, hidden_states, self.input_scale)
-        return torch.ops.layerpass.moe_forward_fp8(q, self.input_scale, router_logits, name, hidden_states.dtype)
+        static_scaled_fp8_quant(q, hidden_states, self.input_scale)
+        return moe_forward_fp8(q, self.input_scale, router_logits, name, hidden_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         out = self.routed(hidden_states, router_logits)

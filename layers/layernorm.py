@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from layerpass.ops.norm import fused_add_rms_norm, rms_norm
+
 from .pluggable import PluggableLayer
 from .weights import init_normal
 
@@ -28,8 +30,8 @@ class RMSNorm(PluggableLayer):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return torch.ops.layerpass.rms_norm(x, self.weight, self.variance_epsilon)
-        return torch.ops.layerpass.fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+            return rms_norm(x, self.weight, self.variance_epsilon)
+        return fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
 
 
 @PluggableLayer.register("gemma_rms_norm")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from layerpass.ops import encode_layer_name
+from layerpass.ops.linear_attention import linear_attention as linear_attention_op
 
 from .distributed import divide, get_tp_rank, get_tp_world_size
 from .layernorm import RMSNorm
@@ -170,7 +171,7 @@ class BailingMoELinearAttention(PluggableLayer):
         k3 = k.reshape(t, h, d)
         v3 = v.reshape(t, h, d)
         output = v3.new_empty(v3.shape)  # contiguous (v3 is a strided view of qkv)
-        torch.ops.layerpass.linear_attention(q3, k3, v3, output, encode_layer_name(self.prefix))
+        linear_attention_op(q3, k3, v3, output, encode_layer_name(self.prefix))
         gated = self.g_norm(output.view(t, h * d), self.g_proj(hidden_states))
         return self.dense(gated)
 

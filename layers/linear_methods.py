@@ -21,7 +21,7 @@ from torch import nn
 import math
 
 from layerpass.ops import FP8_DTYPE, FP8_MAX
-from layerpass.ops.quant import quantize_fp8
+from layerpass.ops.quant import quantize_fp8, scaled_fp8_mm, static_scaled_fp8_quant
 
 from .weights import check_fp8_scales, guard_fp8_scales_on_load
 
@@ -84,8 +84,8 @@ class Fp8LinearMethod(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-        torch.ops.layerpass.static_scaled_fp8_quant(q, x, layer.input_scale)
-        return torch.ops.layerpass.scaled_fp8_mm(q, layer.weight, layer.input_scale, layer.weight_scale, x.dtype, bias)
+        static_scaled_fp8_quant(q, x, layer.input_scale)
+        return scaled_fp8_mm(q, layer.weight, layer.input_scale, layer.weight_scale, x.dtype, bias)
 
 
 def get_linear_method(quant_config: Fp8Config | None) -> LinearMethodBase:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerpass.ops import BatchMetadata, build_batch_metadata, set_forward_context
+from layerpass.ops import BatchMetadata, build_batch_metadata, host_values, set_forward_context
 
 STATE_ATTR = "state_cache"  # recurrent layers keep [num_state_slots, ...] here (ops/linear_attention.py)
 
@@ -118,7 +118,7 @@ class Step:
 
     def split(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """Per-request rows of a ``[T, ...]`` step output."""
-        qsl = self.metadata.query_start_loc.tolist()
+        qsl = host_values(self.metadata).query_start_loc  # the host values: no device read
         return [logits[a:b] for a, b in zip(qsl[:-1], qsl[1:])]
 
     def alone(self) -> list["Step"]:

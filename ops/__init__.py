@@ -1,12 +1,19 @@
-"""layerpass custom ops (``torch.ops.layerpass.*``), each with a CPU kernel in plain torch."""
+"""layerpass custom ops (``torch.ops.layerpass.*``), each with a CPU kernel in plain torch.
+
+Layers call each op through its checked entry point (``ops.norm.rms_norm``, ``ops.quant.scaled_fp8_mm``,
+``ops.attention.unified_attention_with_output``, ...): the checks run in eager and, through the
+ops' fake kernels, once per compiled piece at trace time; the kernels themselves never check
+(``ops/norm.py``'s docstring)."""
 
 from . import attention, fused, linear_attention, moe, moe_quant, norm, quant  # noqa: F401  (registers the ops)
 from .forward_context import (
     BatchMetadata,
     ForwardContext,
+    HostMetadata,
     build_batch_metadata,
     current_forward_context,
     get_batch_metadata,
+    host_values,
     set_forward_context,
 )
 from .layer_name import LayerName, LayerNameType, encode_layer_name, resolve_layer_name
@@ -23,8 +30,8 @@ from .state import (
 )
 
 __all__ = [
-    "BatchMetadata", "ForwardContext", "build_batch_metadata", "current_forward_context",
-    "get_batch_metadata", "set_forward_context", "LayerName", "LayerNameType", "encode_layer_name",
+    "BatchMetadata", "ForwardContext", "HostMetadata", "build_batch_metadata", "current_forward_context",
+    "get_batch_metadata", "host_values", "set_forward_context", "LayerName", "LayerNameType", "encode_layer_name",
     "resolve_layer_name", "OPS", "layerpass_op", "op_overload", "register_cuda_kernel", "FP8_DTYPE",
     "FP8_MAX", "DEFAULT_REGISTRY", "DuplicateLayerError", "LayerNotFoundError", "LayerRegistry",
     "current_registry", "layer_registry_scope", "lookup_layer",

@@ -11,11 +11,67 @@ import contextlib
 import contextvars
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .state import LayerRegistry
+
+
+@dataclass(frozen=True)
+class HostMetadata:
+    """The host-side (Python int) values of a ``BatchMetadata``'s index tensors: what the metadata
+    was built from. Validation and the per-step registry check read these, never the tensors, so a
+    step on a GPU does not wait on the device (``build_batch_metadata`` always fills them in).
+
+    They must equal the tensors' values (they are trusted: checking would read the tensors). A
+    ``HostMetadata`` describes the tensors of the first ``BatchMetadata`` it is given to; one whose
+    tensors are later replaced (``setattr``, ``dataclasses.replace``) or modified in place (their
+    version counter moves) is stale, and the values are then read from the tensors again (free on
+    CPU, a device read elsewhere): pass fresh host values with new or rewritten tensors."""
+
+    query_start_loc: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    slot_mapping: tuple[int, ...]
+    block_table: tuple[tuple[int, ...], ...]  # every row, padding included, as in the tensor
+    state_indices: tuple[int, ...] | None = None
+    # (weakref or None per tensor, versions): the tensors described; set once, when first bound
+    _bound: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_tensors(cls, md: "BatchMetadata") -> "HostMetadata":
+        """Read the values from ``md``'s tensors (a device read off-CPU)."""
+        idx = md.state_indices
+        return cls(tuple(md.query_start_loc.tolist()), tuple(md.seq_lens.tolist()), tuple(md.slot_mapping.tolist()),
+                   tuple(tuple(r) for r in md.block_table.tolist()), None if idx is None else tuple(idx.tolist()))
+
+    def _describes(self, tensors: tuple) -> bool:
+        bound = self._bound
+        return bound is not None and all(
+            (r is None and t is None) or (r is not None and r() is t) for r, t in zip(bound[0], tensors)
+        ) and bound[1] == _versions(tensors)
+
+    def __reduce__(self):  # a copy (pickle, deepcopy) is unbound: it describes its BatchMetadata's copied tensors
+        return (type(self), (self.query_start_loc, self.seq_lens, self.slot_mapping, self.block_table, self.state_indices))
+
+    def _bind(self, tensors: tuple) -> None:
+        object.__setattr__(self, "_bound", (tuple(None if t is None else weakref.ref(t) for t in tensors),
+                                            _versions(tensors)))
+
+
+def _host_tensors(md: "BatchMetadata") -> tuple:
+    """The tensors a ``HostMetadata`` describes, in its field order."""
+    return md.query_start_loc, md.seq_lens, md.slot_mapping, md.block_table, md.state_indices
+
+
+def _versions(tensors: tuple) -> tuple:
+    out = []
+    for t in tensors:
+        try:
+            out.append(None if t is None else t._version)
+        except RuntimeError:  # an inference tensor has no version counter: identity only
+            out.append(None)
+    return tuple(out)
 
 
 @dataclass
@@ -30,12 +86,16 @@ class BatchMetadata:
     - ``has_initial_state``: bool ``[num_reqs]``, whether that slot holds a previous state.
     - ``block_size``: the KV-cache block size the slots were computed for, when known
       (``build_batch_metadata`` sets it); then ``slot_mapping`` must agree with ``block_table``.
+    - ``host``: the same index values as Python ints (``HostMetadata``), what the metadata was
+      built from; ``build_batch_metadata`` fills it in. Without it they are read from the tensors
+      once, at construction (free on CPU; a device read elsewhere), and kept here.
 
     Validated when constructed (``validate_batch_metadata``, the one path ``build_batch_metadata``
     also goes through): counts, shapes and dtypes agree, every query length is >= 1 (1 for a
     decode), ``seq_lens >= query lengths``, slots are >= 0 and distinct, state slots distinct.
-    This reads the tensors on the host: build metadata outside the compiled step (it always is).
-    ``set_forward_context(metadata, registry)`` further checks it against the registry's KV caches.
+    The values come from ``host``: a step never reads a metadata tensor back to the host.
+    ``set_forward_context(metadata, registry)`` further checks it against the registry's KV caches
+    and state caches, from the same host values.
     """
 
     num_decodes: int
@@ -49,6 +109,7 @@ class BatchMetadata:
     state_indices: torch.Tensor | None = None
     has_initial_state: torch.Tensor | None = None
     block_size: int | None = None
+    host: HostMetadata | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_batch_metadata(self)
@@ -120,10 +181,63 @@ def check_block_coverage(seq_lens: Sequence[int], table_lens: Sequence[int], blo
                              f"for it ({nb} blocks of {block_size})")
 
 
+def _readable(md: "BatchMetadata") -> bool:
+    """Whether the index tensors' values can be read at all: tensors of the right rank (else the
+    shape checks raise), real, outside tracing."""
+    tensors = _host_tensors(md)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == (2 if i == 3 else 1)
+               for i, t in enumerate(tensors) if t is not None or i < 4):
+        return False
+    return all(_is_real(t) for t in tensors if t is not None)
+
+
+def _check_host_shapes(h: HostMetadata, md: "BatchMetadata") -> None:
+    """The host values have the tensors' shapes (no tensor is read; a field that is not a tensor
+    of the right rank is left to the tensor checks)."""
+    for name, values, t in (("query_start_loc", h.query_start_loc, md.query_start_loc), ("seq_lens", h.seq_lens, md.seq_lens),
+                            ("slot_mapping", h.slot_mapping, md.slot_mapping), ("state_indices", h.state_indices, md.state_indices)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dim() == 1):
+            continue
+        n = None if values is None else len(values)
+        want = None if t is None else t.shape[0]
+        if n != want:
+            raise ValueError(f"BatchMetadata.host.{name} has {n} values, the tensor {want}: host must hold the "
+                             f"tensors' values")
+    table = md.block_table
+    if isinstance(table, torch.Tensor) and table.dim() == 2 and (
+            len(h.block_table) != table.shape[0] or any(len(r) != table.shape[1] for r in h.block_table)):
+        raise ValueError(f"BatchMetadata.host.block_table must have the tensor's shape {list(table.shape)} "
+                         f"(every row, padding included)")
+
+
+def host_values(md: "BatchMetadata") -> HostMetadata | None:
+    """``md``'s index values on the host: its ``host`` while that describes its current tensors (not
+    replaced nor modified in place since), else read from the tensors again and kept (free on CPU;
+    elsewhere a device read, only after such a change); ``None`` while they cannot be read (fake or
+    meta tensors, tracing)."""
+    tensors = _host_tensors(md)
+    h = md.host
+    if h is not None:
+        if h._describes(tensors):
+            return h
+        if h._bound is None:  # given with these tensors: it describes them from now on
+            _check_host_shapes(h, md)
+            h._bind(tensors)
+            return h
+    if not _readable(md):
+        md.host = None  # stale (or absent), and nothing to read
+        return None
+    h = HostMetadata.from_tensors(md)
+    h._bind(tensors)
+    md.host = h
+    return h
+
+
 def validate_batch_metadata(md: "BatchMetadata") -> None:
     """Every invariant of one decode-first batch; ``ValueError`` naming the field and what is allowed.
 
-    Shapes and dtypes are always checked; values only on real tensors outside tracing."""
+    Shapes and dtypes are always checked; values from the host values (``host_values``), never
+    by reading a tensor that has them."""
     nd = _check_count("num_decodes", md.num_decodes)
     ndt = _check_count("num_decode_tokens", md.num_decode_tokens)
     npf = _check_count("num_prefills", md.num_prefills)
@@ -133,24 +247,26 @@ def validate_batch_metadata(md: "BatchMetadata") -> None:
     if md.block_size is not None and (isinstance(md.block_size, bool) or not isinstance(md.block_size, int)
                                       or md.block_size < 1):
         raise ValueError(f"BatchMetadata.block_size must be a positive int or None, got {md.block_size!r}")
+    if md.host is not None and not isinstance(md.host, HostMetadata):
+        raise ValueError(f"BatchMetadata.host must be a HostMetadata or None, got {type(md.host).__name__}")
     n, t = nd + npf, ndt + npt
-    qsl = _check_tensor("query_start_loc", md.query_start_loc, (n + 1,), _INT_DTYPES,
-                        f"int32 [num_reqs + 1] = [{n + 1}] query offsets; query_start_loc must be an integer tensor")
-    seq = _check_tensor("seq_lens", md.seq_lens, (n,), _INT_DTYPES, f"int32 [num_reqs] = [{n}]")
-    real = all(_is_real(x) for x in (qsl, seq))
-    if real:
-        starts = qsl.tolist()
+    _check_tensor("query_start_loc", md.query_start_loc, (n + 1,), _INT_DTYPES,
+                  f"int32 [num_reqs + 1] = [{n + 1}] query offsets; query_start_loc must be an integer tensor")
+    _check_tensor("seq_lens", md.seq_lens, (n,), _INT_DTYPES, f"int32 [num_reqs] = [{n}]")
+    h = host_values(md)
+    if h is not None:
+        starts = list(h.query_start_loc)
         if starts[0] != 0:
             raise ValueError(f"BatchMetadata.query_start_loc[0] must be 0, got {starts}")
         q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
-        s_lens = seq.tolist()
+        s_lens = list(h.seq_lens)
         check_request_lengths(q_lens, s_lens, nd)
         if starts[-1] != t or sum(q_lens[nd:]) != npt:
             raise ValueError(f"BatchMetadata.query_start_loc {starts} holds {starts[-1]} tokens, "
                              f"{sum(q_lens[nd:])} prefill tokens; num_decode_tokens={ndt} and num_prefill_tokens={npt} "
                              f"say {t} and {npt}")
-    slots = _check_tensor("slot_mapping", md.slot_mapping, (t,), (torch.int64,),
-                          f"int64 [num_tokens] = [{t}] KV-cache slot per token; slot_mapping must be int64")
+    _check_tensor("slot_mapping", md.slot_mapping, (t,), (torch.int64,),
+                  f"int64 [num_tokens] = [{t}] KV-cache slot per token; slot_mapping must be int64")
     table = md.block_table
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != n or table.dtype not in _INT_DTYPES:
         got = f"{table.dtype} {list(table.shape)}" if isinstance(table, torch.Tensor) else type(table).__name__
@@ -160,10 +276,9 @@ def validate_batch_metadata(md: "BatchMetadata") -> None:
     if md.has_initial_state is not None:
         _check_tensor("has_initial_state", md.has_initial_state, (n,), (torch.bool,),
                       f"has_initial_state must be bool [num_reqs] = [{n}]")
-    tensors = [x for x in (slots, table, md.state_indices, md.has_initial_state) if x is not None]
-    if not real or not all(_is_real(x) for x in tensors):
+    if h is None:
         return
-    slot_list = slots.tolist()
+    slot_list = h.slot_mapping
     for i, s in enumerate(slot_list):
         if s < 0:
             raise ValueError(f"BatchMetadata.slot_mapping[{i}]={s}; KV-cache slots are >= 0")
@@ -174,23 +289,24 @@ def validate_batch_metadata(md: "BatchMetadata") -> None:
                 raise ValueError(f"BatchMetadata.slot_mapping puts tokens {seen[s]} and {i} on KV slot {s}: more "
                                  f"than one token per slot; every token needs its own slot")
             seen[s] = i
-    if md.state_indices is not None:
-        idx = md.state_indices.tolist()
+    if h.state_indices is not None:
+        idx = h.state_indices
         for i, s in enumerate(idx):
             if s < 0:
                 raise ValueError(f"BatchMetadata.state_indices[{i}]={s}; state slots are >= 0")
         if len(set(idx)) != len(idx):
-            raise ValueError(f"BatchMetadata.state_indices {idx} repeat a slot; every request needs its own state slot")
+            raise ValueError(f"BatchMetadata.state_indices {list(idx)} repeat a slot; every request needs its own "
+                             f"state slot")
     if md.block_size is not None:
-        _check_slots_against_table(slot_list, q_lens, s_lens, table, md.block_size)
+        _check_slots_against_table(slot_list, q_lens, s_lens, h.block_table, md.block_size)
 
 
-def _check_slots_against_table(slot_list: list[int], q_lens: list[int], s_lens: list[int], table: torch.Tensor,
-                               block_size: int, where: str = "BatchMetadata.") -> None:
-    """The table covers every sequence, its used entries are >= 0, and each token's slot is the one
-    the table gives its position."""
-    check_block_coverage(s_lens, [table.shape[1]] * len(s_lens), block_size, where)
-    rows = table.tolist()
+def _check_slots_against_table(slot_list: Sequence[int], q_lens: Sequence[int], s_lens: Sequence[int],
+                               rows: Sequence[Sequence[int]], block_size: int, where: str = "BatchMetadata.") -> None:
+    """The table (``rows``: its host values) covers every sequence, its used entries are >= 0, and
+    each token's slot is the one the table gives its position."""
+    width = len(rows[0]) if rows else 0
+    check_block_coverage(s_lens, [width] * len(s_lens), block_size, where)
     tok = 0
     for i, (q, s) in enumerate(zip(q_lens, s_lens)):
         for j in range(-(-s // block_size)):
@@ -206,29 +322,35 @@ def _check_slots_against_table(slot_list: list[int], q_lens: list[int], s_lens: 
 
 
 def check_metadata_for_registry(md: "BatchMetadata", registry: LayerRegistry) -> None:
-    """The batch fits the KV caches of the registry's attention layers (one check per cache geometry,
-    naming the first layer with it): slots, block ids, block size, table coverage."""
-    if md.num_reqs == 0 or not all(_is_real(x) for x in (md.slot_mapping, md.block_table, md.seq_lens)):
+    """The batch fits the registry's caches, from the host values (``host_values``: no tensor is
+    read back): the KV caches of its attention layers (one check per cache geometry, naming the
+    first layer with it: slots, block ids, block size, table coverage) and the state caches of its
+    recurrent layers (state slots in range and distinct)."""
+    if md.num_reqs == 0:
         return
-    geometries = _kv_geometries(registry)
-    if not geometries:
+    kv, states = _cache_geometries(registry)
+    if not kv and (not states or md.state_indices is None):
         return
-    # once per (metadata contents, geometries): a step re-run with the same metadata is not re-checked
-    stamp = (tuple((id(x), x._version) for x in (md.slot_mapping, md.block_table, md.seq_lens, md.query_start_loc)),
-             md.block_size, frozenset(geometries))
-    if md.__dict__.get("_checked_for") == stamp:
+    h = host_values(md)
+    if h is None:
         return
-    s_lens = md.seq_lens.tolist()
-    starts = md.query_start_loc.tolist()
+    # once per (host values, geometries): a step re-run with the same metadata is not re-checked
+    stamp = (md.block_size, frozenset(kv.items()), frozenset(states.items()))
+    checked = md.__dict__.get("_checked_for")
+    if checked is not None and checked[0] is h and checked[1] == stamp:
+        return
+    s_lens = h.seq_lens
+    starts = h.query_start_loc
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
-    slot_list = md.slot_mapping.tolist()
-    for (num_blocks, bs), name in sorted(geometries.items()):
+    slot_list = h.slot_mapping
+    rows = h.block_table
+    width = len(rows[0]) if rows else 0
+    for (num_blocks, bs), name in sorted(kv.items()):
         where = f"attention layer {name!r}: "
         if md.block_size is not None and md.block_size != bs:
             raise ValueError(f"{where}its KV cache has block size {bs}, but the batch metadata was built for "
                              f"block_size={md.block_size}")
-        check_block_coverage(s_lens, [md.block_table.shape[1]] * len(s_lens), bs, where)
-        rows = md.block_table.tolist()
+        check_block_coverage(s_lens, [width] * len(s_lens), bs, where)
         for i, s in enumerate(s_lens):
             for j in range(-(-s // bs)):
                 if not 0 <= rows[i][j] < num_blocks:
@@ -240,15 +362,25 @@ def check_metadata_for_registry(md: "BatchMetadata", registry: LayerRegistry) ->
             raise ValueError(f"{where}slot_mapping[{i}]={slot_list[i]} is out of range; its KV cache has slots "
                              f"[0, {num_slots}) ({num_blocks} blocks of {bs})")
         if md.block_size is None:
-            _check_slots_against_table(slot_list, q_lens, s_lens, md.block_table, bs, where)
-    md.__dict__["_checked_for"] = stamp  # not a dataclass field: no effect on eq / repr / replace
+            _check_slots_against_table(slot_list, q_lens, s_lens, rows, bs, where)
+    if h.state_indices is not None:
+        idx = list(h.state_indices)
+        for num_slots, name in sorted(states.items()):
+            where = f"linear_attention: layer {name!r}: "
+            bad = [i for i in idx if not 0 <= i < num_slots]
+            if bad:
+                raise ValueError(f"{where}state_indices {bad} out of range; the state cache has slots [0, {num_slots})")
+        if states and len(set(idx)) != len(idx):
+            raise ValueError(f"linear_attention: state_indices {idx} repeat a slot; every request needs its own slot")
+    md.__dict__["_checked_for"] = (h, stamp)  # not a dataclass field: no effect on eq / repr / replace
 
 
-def _kv_geometries(registry: LayerRegistry) -> dict[tuple[int, int], str]:
-    """``(num_blocks, block_size) -> first layer name`` over the registry's paged KV caches. Which
-    layers hold one is cached until the registry changes; their caches' shapes are read each time."""
+def _cache_geometries(registry: LayerRegistry) -> tuple[dict[tuple[int, int], str], dict[int, str]]:
+    """``(num_blocks, block_size) -> first layer name`` over the registry's paged KV caches, and
+    ``num_state_slots -> first layer name`` over its recurrent state caches. Which layers hold one
+    is cached until the registry changes; their caches' shapes are read each time."""
     key = (registry.version, len(registry))
-    cached = registry.__dict__.get("_kv_layers")
+    cached = registry.__dict__.get("_cache_layers")
     if cached is None or cached[0] != key:
         layers = []
         for name in sorted(registry.names()):
@@ -256,16 +388,21 @@ def _kv_geometries(registry: LayerRegistry) -> dict[tuple[int, int], str]:
                 layer = registry.get(name)
             except KeyError:  # dropped meanwhile
                 continue
-            if isinstance(getattr(layer, "kv_cache", None), torch.Tensor):
+            if any(isinstance(getattr(layer, a, None), torch.Tensor) for a in ("kv_cache", "state_cache")):
                 layers.append((name, weakref.ref(layer)))
         cached = (key, layers)
-        registry.__dict__["_kv_layers"] = cached
-    geometries: dict[tuple[int, int], str] = {}
+        registry.__dict__["_cache_layers"] = cached
+    kv: dict[tuple[int, int], str] = {}
+    states: dict[int, str] = {}
     for name, ref in cached[1]:
-        cache = getattr(ref(), "kv_cache", None)
+        layer = ref()
+        cache = getattr(layer, "kv_cache", None)
         if isinstance(cache, torch.Tensor) and cache.dim() == 5:
-            geometries.setdefault((int(cache.shape[1]), int(cache.shape[2])), name)
-    return geometries
+            kv.setdefault((int(cache.shape[1]), int(cache.shape[2])), name)
+        state = getattr(layer, "state_cache", None)
+        if isinstance(state, torch.Tensor) and state.dim() >= 1:
+            states.setdefault(int(state.shape[0]), name)
+    return kv, states
 
 
 def build_batch_metadata(
@@ -299,27 +436,28 @@ def build_batch_metadata(
     seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
     check_block_coverage(seq_lens, [len(bt) for bt in block_tables], block_size)
     max_blocks = max([len(bt) for bt in block_tables] + [1])
-    table = torch.zeros(n, max_blocks, dtype=torch.int32)
-    for i, bt in enumerate(block_tables):
-        table[i, : len(bt)] = torch.tensor(list(bt), dtype=torch.int32)
-    slots = []
-    for i, (q, c) in enumerate(zip(query_lens, context_lens)):
-        pos = torch.arange(c, c + q)
-        slots.append(table[i, pos // block_size].long() * block_size + pos % block_size)
-    qsl = torch.zeros(n + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(torch.tensor(list(query_lens), dtype=torch.int32), 0)
+    # the host values first (what the tensors are made from, and what validation reads)
+    rows = tuple(tuple(int(b) for b in bt) + (0,) * (max_blocks - len(bt)) for bt in block_tables)
+    slots = tuple(rows[i][p // block_size] * block_size + p % block_size
+                  for i, (q, c) in enumerate(zip(query_lens, context_lens)) for p in range(c, c + q))
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + int(q))
+    states = None if state_indices is None else tuple(int(s) for s in state_indices)
+    host = HostMetadata(tuple(starts), tuple(int(s) for s in seq_lens), slots, rows, states)
     return BatchMetadata(
         num_decodes=num_decodes,
         num_decode_tokens=num_decodes,
         num_prefills=n - num_decodes,
         num_prefill_tokens=int(sum(query_lens[num_decodes:])),
-        query_start_loc=qsl.to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        slot_mapping=(torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)).to(device),
-        block_table=table.to(device),
-        state_indices=None if state_indices is None else torch.tensor(list(state_indices), dtype=torch.long, device=device),
+        query_start_loc=torch.tensor(host.query_start_loc, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(host.seq_lens, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        block_table=torch.tensor(rows, dtype=torch.int32, device=device).view(n, max_blocks),
+        state_indices=None if states is None else torch.tensor(states, dtype=torch.long, device=device),
         has_initial_state=torch.tensor([c > 0 for c in context_lens], dtype=torch.bool, device=device),
         block_size=block_size,
+        host=host,
     )  # validated by BatchMetadata itself: the one validation path
 
 
@@ -340,9 +478,11 @@ def set_forward_context(
 ) -> Iterator[ForwardContext]:
     """Make ``metadata`` (and the model's layer ``registry``) visible to the ops of one step.
 
-    With both given, the metadata is checked against the registry's KV caches here, once per step
-    and outside the compiled code (slots, block ids, block size in range), so a bad batch is a
-    ``ValueError`` naming the layer and the field instead of an ``IndexError`` inside an op."""
+    With both given, the metadata is checked against the registry's KV and state caches here, once
+    per step and outside the compiled code (slots, block ids, block size, state slots in range), so
+    a bad batch is a ``ValueError`` naming the layer and the field instead of an ``IndexError``
+    inside an op. The check reads the metadata's host values (``BatchMetadata.host``), never its
+    tensors: no device sync per step."""
     if metadata is not None and registry is not None:
         check_metadata_for_registry(metadata, registry)
     ctx = ForwardContext(metadata, registry)

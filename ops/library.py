@@ -44,6 +44,19 @@ def layerpass_op(
     return decorate
 
 
+def sizes_differ(a: Any, b: Any) -> bool:
+    """Whether two sizes (ints) or shapes (sequences of them) differ, for argument checks that also
+    run at trace time on symbolic sizes (the fake kernels): a size only known at run time (an
+    unbacked symbol, as in a region trace) compares as equal without a guard, so a check never makes
+    a trace fail or specialise; the eager entry points compare concrete sizes."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    if isinstance(a, (int, torch.SymInt)) and isinstance(b, (int, torch.SymInt)):
+        return guard_or_false(a != b)
+    a, b = tuple(a), tuple(b)
+    return len(a) != len(b) or any(guard_or_false(x != y) for x, y in zip(a, b))
+
+
 def register_cuda_kernel(name: str, kernel: Callable[..., Any]) -> None:
     """Serve ``layerpass::<name>`` on CUDA tensors with ``kernel`` (same signature as the op)."""
     if name not in OPS:

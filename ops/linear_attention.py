@@ -27,8 +27,8 @@ import torch
 
 from .forward_context import BatchMetadata, get_batch_metadata
 from .layer_name import LayerNameType
-from .library import layerpass_op, register_cuda_kernel
-from .state import lookup_layer
+from .library import layerpass_op, register_cuda_kernel, sizes_differ
+from .state import find_layer, lookup_layer
 
 OP_NAME = "linear_attention"
 DEFAULT_BLOCK_SIZE = 64
@@ -36,30 +36,35 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ---------------------------------------------------------------- validation
-def check_inputs(
+def check_linear_attention_args(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     output: torch.Tensor,
-    state_cache: torch.Tensor | None,
-    slopes: torch.Tensor | None,
-    md: BatchMetadata,
+    layer: object = None,
     where: str = OP_NAME,
 ) -> None:
-    """Shape/metadata checks shared by the CPU reference and the Triton path (no device sync)."""
-    if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
+    """Argument checks of one call; with the ``layer`` (when known), its ``state_cache`` and
+    ``slopes`` too. Run by the entry point in eager and the fake kernel at trace time, never by the
+    kernels (CPU or Triton)."""
+    if (query.dim() != 3 or sizes_differ(key.shape, query.shape) or value.dim() != 3
+            or sizes_differ(value.shape[:2], query.shape[:2])):
         raise ValueError(
             f"{where}: expected query/key [T, H, Dk] and value [T, H, Dv]; got query {tuple(query.shape)}, "
             f"key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
-    if output.shape != value.shape:
+    if sizes_differ(output.shape, value.shape):
         raise ValueError(f"{where}: output {tuple(output.shape)} must have the value's shape {tuple(value.shape)}")
     for name, t in (("query", query), ("key", key), ("value", value), ("output", output)):
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{where}: {name} must be a float tensor ({_FLOAT_DTYPES}), got {t.dtype}")
-    t, h, dk = query.shape
+    if layer is None:
+        return
+    state_cache = getattr(layer, "state_cache", None)
+    slopes = getattr(layer, "slopes", None)
+    _, h, dk = query.shape
     dv = value.shape[2]
-    if state_cache is None or state_cache.dim() != 4 or tuple(state_cache.shape[1:]) != (h, dk, dv):
+    if state_cache is None or state_cache.dim() != 4 or sizes_differ(state_cache.shape[1:], (h, dk, dv)):
         got = None if state_cache is None else tuple(state_cache.shape)
         raise ValueError(
             f"{where}: the layer needs a state_cache of shape [num_state_slots, {h}, {dk}, {dv}], got {got}"
@@ -71,18 +76,24 @@ def check_inputs(
         )
     if state_cache.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{where}: state_cache must be a float tensor ({_FLOAT_DTYPES}), got {state_cache.dtype}")
-    if slopes is None or tuple(slopes.shape) != (h,):
+    if slopes is None or sizes_differ(slopes.shape, (h,)):
         raise ValueError(
             f"{where}: the layer needs per-head decay slopes of shape [{h}], got "
             f"{None if slopes is None else tuple(slopes.shape)}"
         )
+
+
+def check_step_metadata(query: torch.Tensor, md: BatchMetadata, where: str = OP_NAME) -> None:
+    """This step's metadata fits the call (shared by the CPU op and the Triton kernel). Not an
+    argument check: the metadata changes every step, so the kernels run it, on counts and shapes
+    only (no tensor is read; the state slots' values are checked by ``set_forward_context``)."""
     if md.num_decode_tokens != md.num_decodes:
         raise ValueError(
             f"{where}: decodes take exactly one query token each, but num_decode_tokens="
             f"{md.num_decode_tokens} != num_decodes={md.num_decodes}"
         )
-    if t != md.num_tokens:
-        raise ValueError(f"{where}: query has {t} tokens but the batch metadata holds {md.num_tokens}")
+    if query.shape[0] != md.num_tokens:
+        raise ValueError(f"{where}: query has {query.shape[0]} tokens but the batch metadata holds {md.num_tokens}")
     if md.state_indices is None or md.state_indices.shape != (md.num_reqs,):
         got = None if md.state_indices is None else tuple(md.state_indices.shape)
         raise ValueError(
@@ -93,15 +104,10 @@ def check_inputs(
         raise ValueError(f"{where}: batch metadata needs has_initial_state of shape [{md.num_reqs}], got {got}")
 
 
-def check_state_indices(state_indices: torch.Tensor, num_slots: int, where: str = OP_NAME) -> None:
-    """Value checks (host sync): slots in range and distinct — two requests sharing a slot
-    would silently overwrite each other's state."""
-    idx = state_indices.tolist()
-    bad = [i for i in idx if not 0 <= i < num_slots]
-    if bad:
-        raise ValueError(f"{where}: state_indices {bad} out of range; the state cache has slots [0, {num_slots})")
-    if len(set(idx)) != len(idx):
-        raise ValueError(f"{where}: state_indices {idx} repeat a slot; every request needs its own slot")
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values is free (a CPU tensor); elsewhere the kernel uses only what
+    the host knows (shapes, counts), so it never waits on the device."""
+    return t.device.type == "cpu"
 
 
 # ---------------------------------------------------------------- reference math
@@ -140,7 +146,12 @@ def prefill_chunked_ref(
     """Chunked prefill of ``R`` requests whose tokens are ``query[query_start_loc[r]:query_start_loc[r+1]]``
     (offsets relative to ``query``'s row 0). Requests are padded to a common length and
     processed in lockstep, block by block; a request's state only advances over its real
-    tokens. Updates ``state_cache[slots]``; returns float32 ``[sum(lens), H, Dv]``."""
+    tokens. ``query`` holds exactly the requests' tokens (``sum(lens)`` rows). Updates
+    ``state_cache[slots]``; returns float32 ``[sum(lens), H, Dv]``.
+
+    The padded length is the longest request where ``query_start_loc`` is on the host (``_on_host``),
+    else the host-known bound ``query.shape[0] - R + 1`` (every request has >= 1 token): no device
+    read; the output rows are gathered by index, not by a boolean mask (which would read one)."""
     if block_size < 1:
         raise ValueError(f"{OP_NAME}: block_size must be >= 1, got {block_size}")
     num_reqs = slots.shape[0]
@@ -150,7 +161,8 @@ def prefill_chunked_ref(
         return query.new_zeros((0, h, dv), dtype=torch.float32)
     starts = query_start_loc[:-1].long()
     lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
-    num_blocks = (int(lens.max()) + block_size - 1) // block_size
+    longest = int(lens.max()) if _on_host(lens) else query.shape[0] - num_reqs + 1
+    num_blocks = (longest + block_size - 1) // block_size
     length = num_blocks * block_size
     pos = torch.arange(length, device=dev)
     valid = pos[None, :] < lens[:, None]  # [R, L]
@@ -185,7 +197,9 @@ def prefill_chunked_ref(
         block_decay = torch.exp(-s[None, :] * n[:, None])[..., None, None]  # [R, H, 1, 1]
         state = block_decay * state + (kb * k_decay[..., None]).transpose(-1, -2) @ vb
     state_cache[slots] = state.to(state_cache.dtype)
-    return out.permute(0, 2, 1, 3)[valid]
+    t = torch.arange(query.shape[0], device=dev)
+    req = torch.searchsorted(query_start_loc[1:].long().contiguous(), t, right=True)
+    return out.permute(0, 2, 1, 3)[req, t - starts[req]]
 
 
 def linear_attention_ref(
@@ -217,10 +231,25 @@ def layer_block_size(layer: object) -> int:
 
 # ---------------------------------------------------------------- the op
 def _linear_attention_fake(query, key, value, output, layer_name) -> None:
+    check_linear_attention_args(query, key, value, output, find_layer(layer_name))
     return None
 
 
 @layerpass_op(OP_NAME, mutates_args=("output",), fake=_linear_attention_fake)
+def _linear_attention_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    output: torch.Tensor,
+    layer_name: LayerNameType,
+) -> None:
+    layer = lookup_layer(layer_name, ("state_cache",), OP_NAME)
+    md = get_batch_metadata()
+    check_step_metadata(query, md)
+    out = linear_attention_ref(query, key, value, layer.state_cache, layer.slopes, md, layer_block_size(layer))
+    output.copy_(out)
+
+
 def linear_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -229,15 +258,12 @@ def linear_attention(
     layer_name: LayerNameType,
 ) -> None:
     """``query``/``key [T, H, Dk]``, ``value [T, H, Dv]``; writes ``output [T, H, Dv]`` and
-    advances the layer's recurrent state of every request in the step's batch."""
-    layer = lookup_layer(layer_name, ("state_cache",), OP_NAME)
-    md = get_batch_metadata()
-    state_cache = getattr(layer, "state_cache", None)
-    slopes = getattr(layer, "slopes", None)
-    check_inputs(query, key, value, output, state_cache, slopes, md)
-    check_state_indices(md.state_indices, state_cache.shape[0])
-    out = linear_attention_ref(query, key, value, state_cache, slopes, md, layer_block_size(layer))
-    output.copy_(out)
+    advances the layer's recurrent state of every request in the step's batch:
+    ``torch.ops.layerpass.linear_attention`` after its argument checks (in eager; under
+    ``torch.compile`` the fake kernel runs them at trace time)."""
+    if not torch.compiler.is_compiling():
+        check_linear_attention_args(query, key, value, output, find_layer(layer_name))
+    torch.ops.layerpass.linear_attention(query, key, value, output, layer_name)
 
 
 def _register_triton() -> None:

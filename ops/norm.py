@@ -1,22 +1,31 @@
 """RMSNorm (plain and fused residual-add) and SiLU-and-mul, as functional ops.
 
 Kept as ops (not decomposed torch code) so the fusion passes find them as single nodes.
+
+Where argument checks run (every op module of ``layerpass.ops`` does the same): the layer-facing
+entry points (``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul`` here) check, then call
+``torch.ops.layerpass.<op>``; in eager that is every call, and under ``torch.compile`` Dynamo
+traces through them to the same single op node, skipping the check (``is_compiling``). The op's
+fake (meta) kernel runs the same checks on fake tensors: at trace time, once per compiled piece,
+and for ops that only passes put into a graph. The real kernels (CPU here, Triton on CUDA) do not
+check: a compiled step pays for no check. Call the entry points, not the raw op: the raw op in
+eager runs unchecked.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .library import layerpass_op
+from .library import layerpass_op, sizes_differ
 
 
 def check_norm_args(op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
     """Clear errors for what would otherwise fail deep in broadcasting (or silently cast)."""
     if not x.is_floating_point() or x.dtype == torch.float8_e4m3fn:
         raise ValueError(f"{op}: input must be fp16/bf16/fp32, got {x.dtype}")
-    if x.dim() < 1 or weight.shape != (x.shape[-1],):
+    if x.dim() < 1 or sizes_differ(weight.shape, (x.shape[-1],)):
         raise ValueError(f"{op}: weight must have shape ({x.shape[-1] if x.dim() else '?'},) (the input's last dim), got {tuple(weight.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+    if residual is not None and (sizes_differ(residual.shape, x.shape) or residual.dtype != x.dtype):
         raise ValueError(
             f"{op}: residual must match the input's shape {tuple(x.shape)} and dtype {x.dtype}, "
             f"got {tuple(residual.shape)} {residual.dtype}"
@@ -24,7 +33,7 @@ def check_norm_args(op: str, x: torch.Tensor, weight: torch.Tensor, residual: to
 
 
 def check_silu_and_mul_arg(op: str, x: torch.Tensor) -> None:
-    if x.dim() < 1 or x.shape[-1] % 2:
+    if x.dim() < 1 or sizes_differ(x.shape[-1] % 2, 0):
         raise ValueError(f"{op} needs an even last dimension (gate and up halves), got shape {tuple(x.shape)}")
 
 
@@ -34,24 +43,44 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch
     return (out * weight.float()).to(x.dtype)
 
 
-@layerpass_op("rms_norm", fake=lambda x, weight, epsilon: torch.empty_like(x))
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
-    check_norm_args("rms_norm", x, weight)
+def _rms_norm_fake(x, weight, epsilon):
+    check_norm_args("rms_norm", x, weight)  # trace time: once per compiled piece
+    return torch.empty_like(x)
+
+
+@layerpass_op("rms_norm", fake=_rms_norm_fake)
+def _rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
     return rms_norm_ref(x, weight, epsilon)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``torch.ops.layerpass.rms_norm`` after its argument checks (see the module docstring)."""
+    if not torch.compiler.is_compiling():
+        check_norm_args("rms_norm", x, weight)
+    return torch.ops.layerpass.rms_norm(x, weight, epsilon)
+
+
 def _add_fake(x, residual, weight, epsilon):
+    check_norm_args("fused_add_rms_norm", x, weight, residual)
     return torch.empty_like(x), torch.empty_like(residual)
 
 
 @layerpass_op("fused_add_rms_norm", fake=_add_fake)
+def _fused_add_rms_norm_kernel(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm_ref(summed, weight, epsilon), summed
+
+
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(rms_norm(x + residual), x + residual)``."""
-    check_norm_args("fused_add_rms_norm", x, weight, residual)
-    summed = (x.float() + residual.float()).to(x.dtype)
-    return rms_norm_ref(summed, weight, epsilon), summed
+    """``(rms_norm(x + residual), x + residual)``: ``torch.ops.layerpass.fused_add_rms_norm`` after
+    its argument checks."""
+    if not torch.compiler.is_compiling():
+        check_norm_args("fused_add_rms_norm", x, weight, residual)
+    return torch.ops.layerpass.fused_add_rms_norm(x, residual, weight, epsilon)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -61,11 +90,18 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def _silu_fake(x):
+    check_silu_and_mul_arg("silu_and_mul", x)
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
 @layerpass_op("silu_and_mul", fake=_silu_fake)
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(x[..., :d]) * x[..., d:]`` with ``d = x.shape[-1] // 2``."""
-    check_silu_and_mul_arg("silu_and_mul", x)
+def _silu_and_mul_kernel(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(x)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` with ``d = x.shape[-1] // 2``: ``torch.ops.layerpass.silu_and_mul``
+    after its argument check."""
+    if not torch.compiler.is_compiling():
+        check_silu_and_mul_arg("silu_and_mul", x)
+    return torch.ops.layerpass.silu_and_mul(x)

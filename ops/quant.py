@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .library import layerpass_op
+from .library import layerpass_op, sizes_differ
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -19,8 +19,9 @@ def _values_readable(t: torch.Tensor) -> bool:
     """Whether reading ``t``'s value is free: a plain CPU tensor (not fake, not a functorch
     wrapper), outside tracing.
 
-    A CUDA scale is never read inside an op (that would sync the device on every call, compiled
-    steps included): its value is checked where it enters, at layer construction and weight loading."""
+    Scale values are checked by the eager entry points only (a fake kernel cannot see them, and
+    the real kernels check nothing); a CUDA scale is never read (that would sync the device): a
+    layer's scales are checked where they enter, at layer construction and weight loading."""
     return (type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and not torch.compiler.is_compiling()
             and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
@@ -59,42 +60,77 @@ def check_quant_out(result: torch.Tensor, input: torch.Tensor, scale: torch.Tens
     """Argument checks of the out-variant quant (shared by the CPU op and the Triton kernel)."""
     _check_scale(scale, "static_scaled_fp8_quant: scale")
     _check_float_input("static_scaled_fp8_quant", input)
-    if result.shape != input.shape or result.dtype != FP8_DTYPE:
+    if sizes_differ(result.shape, input.shape) or result.dtype != FP8_DTYPE:
         raise ValueError(
             f"static_scaled_fp8_quant: result must be {FP8_DTYPE} of shape {tuple(input.shape)}, "
             f"got {result.dtype} of shape {tuple(result.shape)}"
         )
 
 
+def check_quant_functional_args(input: torch.Tensor, scale: torch.Tensor) -> None:
+    """Argument checks of the functional quant."""
+    _check_scale(scale, "static_scaled_fp8_quant_functional: scale")
+    _check_float_input("static_scaled_fp8_quant_functional", input)
+
+
+def check_scaled_mm_args(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> None:
+    """Argument checks of ``scaled_fp8_mm`` (scale values only where readable, see ``_values_readable``)."""
+    if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
+        raise ValueError(f"scaled_fp8_mm takes {FP8_DTYPE} operands, got {a.dtype} and {b.dtype}")
+    if b.dim() != 2 or a.dim() < 1:
+        raise ValueError(f"scaled_fp8_mm: a must be [..., K] and the weight b 2-D [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if sizes_differ(a.shape[-1], b.shape[1]):
+        raise ValueError(f"scaled_fp8_mm: a [..., {a.shape[-1]}] does not match weight [N, {b.shape[1]}]")
+    for name, scale in (("scale_a", scale_a), ("scale_b", scale_b)):
+        if _values_readable(scale):
+            check_scale_value(scale, f"scaled_fp8_mm: {name}")
+
+
+# Each op: a fake kernel that checks (trace time), a CPU kernel that does not, and the entry point
+# layers call, which checks in eager (see ``ops/norm.py``'s docstring).
+
+
 def _quant_fake(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
+    check_quant_out(result, input, scale)
     return None
 
 
 @layerpass_op("static_scaled_fp8_quant", mutates_args=("result",), fake=_quant_fake)
-def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
-    """Out-variant: ``result`` (fp8, same shape as ``input``) <- quantize(input / scale)."""
-    check_quant_out(result, input, scale)
+def _static_scaled_fp8_quant_kernel(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
     result.copy_(quantize_fp8(input, scale))
 
 
+def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
+    """Out-variant: ``result`` (fp8, same shape as ``input``) <- quantize(input / scale)."""
+    if not torch.compiler.is_compiling():
+        check_quant_out(result, input, scale)
+    torch.ops.layerpass.static_scaled_fp8_quant(result, input, scale)
+
+
 def _quant_functional_fake(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    check_quant_functional_args(input, scale)
     return torch.empty_like(input, dtype=FP8_DTYPE)
 
 
 @layerpass_op("static_scaled_fp8_quant_functional", fake=_quant_functional_fake)
-def static_scaled_fp8_quant_functional(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Functional form of ``static_scaled_fp8_quant``: returns the fp8 tensor."""
-    _check_scale(scale, "static_scaled_fp8_quant_functional: scale")
-    _check_float_input("static_scaled_fp8_quant_functional", input)
+def _static_scaled_fp8_quant_functional_kernel(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return quantize_fp8(input, scale)
 
 
+def static_scaled_fp8_quant_functional(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Functional form of ``static_scaled_fp8_quant``: returns the fp8 tensor."""
+    if not torch.compiler.is_compiling():
+        check_quant_functional_args(input, scale)
+    return torch.ops.layerpass.static_scaled_fp8_quant_functional(input, scale)
+
+
 def _mm_fake(a, b, scale_a, scale_b, out_dtype, bias=None):
+    check_scaled_mm_args(a, b, scale_a, scale_b)
     return a.new_empty((*a.shape[:-1], b.shape[0]), dtype=out_dtype)
 
 
 @layerpass_op("scaled_fp8_mm", fake=_mm_fake)
-def scaled_fp8_mm(
+def _scaled_fp8_mm_kernel(
     a: torch.Tensor,
     b: torch.Tensor,
     scale_a: torch.Tensor,
@@ -102,17 +138,15 @@ def scaled_fp8_mm(
     out_dtype: torch.dtype,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(a @ b.T) * scale_a * scale_b (+ bias)``: fp8 ``a [..., K]``, fp8 weight ``b [N, K]``."""
-    if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
-        raise ValueError(f"scaled_fp8_mm takes {FP8_DTYPE} operands, got {a.dtype} and {b.dtype}")
-    if b.dim() != 2 or a.dim() < 1:
-        raise ValueError(f"scaled_fp8_mm: a must be [..., K] and the weight b 2-D [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[-1] != b.shape[1]:
-        raise ValueError(f"scaled_fp8_mm: a [..., {a.shape[-1]}] does not match weight [N, {b.shape[1]}]")
-    for name, scale in (("scale_a", scale_a), ("scale_b", scale_b)):
-        if _values_readable(scale):
-            check_scale_value(scale, f"scaled_fp8_mm: {name}")
     out = torch.matmul(a.float(), b.float().t()) * (scale_a.float() * scale_b.float())
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
+
+
+def scaled_fp8_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                  out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``(a @ b.T) * scale_a * scale_b (+ bias)``: fp8 ``a [..., K]``, fp8 weight ``b [N, K]``."""
+    if not torch.compiler.is_compiling():
+        check_scaled_mm_args(a, b, scale_a, scale_b)
+    return torch.ops.layerpass.scaled_fp8_mm(a, b, scale_a, scale_b, out_dtype, bias)

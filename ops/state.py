@@ -138,3 +138,20 @@ def lookup_layer(name: LayerName | str, needs: tuple[str, ...] = (), op: str = "
                          f"{missing[0]!r}; {op or 'this op'} needs a layer with {', '.join(needs)} (is it the name of "
                          f"another kind of layer?)")
     return layer
+
+
+def find_layer(name: object) -> nn.Module | None:
+    """The layer ``name`` resolves to now (as ``lookup_layer``), or ``None``: not a layer name (a
+    fake script object while tracing), or no such layer (a pattern's example name, no forward
+    context). For argument checks that can use the layer when it is known (eager entry points,
+    fake kernels at trace time); the kernels resolve with ``lookup_layer``, which raises."""
+    from .forward_context import current_forward_context
+
+    if not isinstance(name, (str, LayerName)):
+        return None
+    ctx = current_forward_context()
+    registry = ctx.registry if ctx is not None and ctx.registry is not None else current_registry()
+    try:
+        return registry.get(name)
+    except KeyError:
+        return None

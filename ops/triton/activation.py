@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..norm import check_silu_and_mul_arg
-from ..quant import _check_scale
 from ._common import FP8_DTYPE, as_fp8_bytes, cast_rne, quantize_fp8_value, row_block, scale_as_f32
 
 
@@ -65,12 +63,9 @@ def silu_and_mul_launch(
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """CUDA kernel of ``layerpass::silu_and_mul``."""
-    check_silu_and_mul_arg("silu_and_mul", x)
     return silu_and_mul_launch(x)
 
 
 def silu_and_mul_static_fp8_quant(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """CUDA kernel of ``layerpass::silu_and_mul_static_fp8_quant``."""
-    check_silu_and_mul_arg("silu_and_mul_static_fp8_quant", input)
-    _check_scale(scale)
     return silu_and_mul_launch(input, scale)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..forward_context import get_batch_metadata
 from ..layer_name import LayerNameType
-from ..linear_attention import check_inputs
+from ..linear_attention import OP_NAME, check_step_metadata
 from ..state import lookup_layer
 
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 when compiled
@@ -185,12 +185,13 @@ def linear_attention_triton(
     output: torch.Tensor,
     layer_name: LayerNameType,
 ) -> None:
-    """The op's CUDA kernel: same signature and semantics as ``layerpass::linear_attention``."""
-    layer = lookup_layer(layer_name)
+    """The op's CUDA kernel: same signature and semantics as ``layerpass::linear_attention``. No
+    argument checks (the entry point and the fake kernel run them); the step's metadata is checked
+    against the call (``check_step_metadata``: counts and shapes, no device read)."""
+    layer = lookup_layer(layer_name, ("state_cache",), OP_NAME)
     md = get_batch_metadata()
-    state_cache = getattr(layer, "state_cache", None)
-    slopes = getattr(layer, "slopes", None)
-    check_inputs(query, key, value, output, state_cache, slopes, md, where="linear_attention (triton)")
+    check_step_metadata(query, md, where="linear_attention (triton)")
+    state_cache, slopes = layer.state_cache, layer.slopes
     nd = md.num_decodes
     slots, init = md.state_indices, md.has_initial_state
     slopes = slopes.to(device=query.device, dtype=torch.float32).contiguous()  # a no-op when already there

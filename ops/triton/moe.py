@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..layer_name import LayerNameType
-from ..moe import _check, select_experts, shared_experts_of
+from ..moe import MOE_LAYER_ATTRS, select_experts, shared_experts_of
 from ..state import lookup_layer
 from ._common import DOT_UPCAST, cast_rne, cumsum, dot_block, dot_f32acc, dot_mode, reduce_sum
 from .activation import silu_and_mul_launch
@@ -197,20 +197,19 @@ def fused_experts_triton(
 
 
 def _routed(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer) -> torch.Tensor:
-    _check(hidden_states, router_logits, layer)
     weights, ids = select_experts(router_logits, layer.top_k, layer.renormalize)
     return fused_experts_triton(hidden_states, layer.w13_weight, layer.w2_weight, weights, ids)
 
 
 def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: LayerNameType) -> torch.Tensor:
-    """CUDA kernel of ``layerpass::moe_forward``."""
-    return _routed(hidden_states, router_logits, lookup_layer(layer_name))
+    """CUDA kernel of ``layerpass::moe_forward`` (no argument checks: see ``ops/norm.py``'s docstring)."""
+    return _routed(hidden_states, router_logits, lookup_layer(layer_name, MOE_LAYER_ATTRS, "moe_forward"))
 
 
 def moe_forward_shared(
     hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: LayerNameType
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA kernel of ``layerpass::moe_forward_shared``: routed experts here, shared experts as the layer's module."""
-    layer = lookup_layer(layer_name)
+    layer = lookup_layer(layer_name, MOE_LAYER_ATTRS, "moe_forward_shared")
     shared = shared_experts_of(layer)
     return _routed(hidden_states, router_logits, layer), shared(hidden_states)

@@ -12,8 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..norm import check_norm_args
-from ..quant import _check_scale
 from ._common import FP8_DTYPE, as_fp8_bytes, cast_rne, quantize_fp8_value, reduce_sum, row_block, scale_as_f32
 
 
@@ -91,7 +89,6 @@ def rms_norm_launch(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
     """CUDA kernel of ``layerpass::rms_norm``."""
-    check_norm_args("rms_norm", x, weight)
     return rms_norm_launch(x, weight, epsilon)[0]
 
 
@@ -99,15 +96,12 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA kernel of ``layerpass::fused_add_rms_norm``: ``(rms_norm(x + residual), x + residual)``."""
-    check_norm_args("fused_add_rms_norm", x, weight, residual)
     out, summed = rms_norm_launch(x, weight, epsilon, residual=residual)
     return out, summed
 
 
 def rms_norm_static_fp8_quant(input: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, epsilon: float) -> torch.Tensor:
     """CUDA kernel of ``layerpass::rms_norm_static_fp8_quant``."""
-    check_norm_args("rms_norm_static_fp8_quant", input, weight)
-    _check_scale(scale)
     return rms_norm_launch(input, weight, epsilon, scale=scale)[0]
 
 
@@ -115,7 +109,5 @@ def fused_add_rms_norm_static_fp8_quant(
     input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, epsilon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA kernel of ``layerpass::fused_add_rms_norm_static_fp8_quant``."""
-    check_norm_args("fused_add_rms_norm_static_fp8_quant", input, weight, residual)
-    _check_scale(scale)
     out, summed = rms_norm_launch(input, weight, epsilon, residual=residual, scale=scale)
     return out, summed

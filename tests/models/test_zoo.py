@@ -223,7 +223,7 @@ def test_mixed_batch_equals_requests_alone(name, num_decodes, prefill_lens, seed
     together = step.split(step.run())
     for sub, want in zip(step.alone(), together):
         alone = sub.run()
-        if name == "llama-fp8":  # batch-size dependent matmul rounding may flip an fp8 step
+        if name in ("llama-fp8", "moe-fp8"):  # batch-size dependent matmul rounding may flip an fp8 step
             assert (alone - want).abs().max() <= 0.02 * want.abs().max()
         else:
             torch.testing.assert_close(alone, want, atol=2e-5, rtol=2e-5)

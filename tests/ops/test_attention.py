@@ -26,8 +26,10 @@ from layerpass.ops import (
     layer_registry_scope,
     set_forward_context,
 )
+from layerpass.ops.attention import unified_attention_with_output
 
 attn = torch.ops.layerpass.unified_attention_with_output
+checked_attn = unified_attention_with_output  # the checked entry point (the raw op does not check)
 PREFIX = "model.layers.0.self_attn.attn"
 
 
@@ -197,7 +199,7 @@ def test_bad_input_raises_clear_error(label, mutate, exc, fragment) -> None:
     q, k, v = case.qkv()
     args = mutate(q, k, v, torch.empty_like(q), encode_layer_name(PREFIX), None)
     with set_forward_context(case.metadata(), case.registry), pytest.raises(exc, match=fragment):
-        attn(*args)
+        checked_attn(*args)  # the entry point checks the arguments; the kernel, the metadata's token count
 
 
 def test_unknown_layer_lists_close_names() -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import reference as ref
 from layerpass.ops import FP8_DTYPE
+from layerpass.ops import fused  # the checked entry points (the raw ops do not check)
 
 ops = torch.ops.layerpass
 dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
@@ -81,12 +82,12 @@ def test_fake_matches_real(shape, dtype) -> None:
 @pytest.mark.parametrize(
     "call,fragment",
     [
-        (lambda: ops.rms_norm_static_fp8_quant(torch.randn(2, 4), torch.ones(3), torch.tensor(1.0), 1e-6), "weight must have shape"),
-        (lambda: ops.rms_norm_static_fp8_quant(torch.randn(2, 4), torch.ones(4), torch.ones(4), 1e-6), "one-element scale"),
-        (lambda: ops.fused_add_rms_norm_static_fp8_quant(torch.randn(2, 4), torch.randn(2, 4).double(), torch.ones(4),
+        (lambda: fused.rms_norm_static_fp8_quant(torch.randn(2, 4), torch.ones(3), torch.tensor(1.0), 1e-6), "weight must have shape"),
+        (lambda: fused.rms_norm_static_fp8_quant(torch.randn(2, 4), torch.ones(4), torch.ones(4), 1e-6), "one-element scale"),
+        (lambda: fused.fused_add_rms_norm_static_fp8_quant(torch.randn(2, 4), torch.randn(2, 4).double(), torch.ones(4),
                                                          torch.tensor(1.0), 1e-6), "residual must match"),
-        (lambda: ops.silu_and_mul_static_fp8_quant(torch.randn(2, 5), torch.tensor(1.0)), "even last dimension"),
-        (lambda: ops.silu_and_mul_static_fp8_quant(torch.randn(2, 4), torch.ones(2)), "one-element scale"),
+        (lambda: fused.silu_and_mul_static_fp8_quant(torch.randn(2, 5), torch.tensor(1.0)), "even last dimension"),
+        (lambda: fused.silu_and_mul_static_fp8_quant(torch.randn(2, 4), torch.ones(2)), "one-element scale"),
     ],
 )
 def test_bad_input_raises_clear_error(call, fragment) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from layerpass.ops import BatchMetadata, LayerRegistry, encode_layer_name, op_overload, set_forward_context
-from layerpass.ops.linear_attention import DEFAULT_BLOCK_SIZE
+from layerpass.ops.linear_attention import DEFAULT_BLOCK_SIZE, linear_attention
 
 OP = op_overload("linear_attention")
 H, DK, DV = 2, 8, 4
@@ -247,5 +247,7 @@ def test_bad_input_raises_clear_error(change, message):
     change(md, layer, out)
     registry = LayerRegistry("bad")
     registry.register(NAME, layer)
-    with set_forward_context(md, registry), pytest.raises(ValueError, match=message):
-        OP(q, k, v, out, encode_layer_name(NAME))
+    # state slots are checked when the step's context is set (from the host values), the arguments
+    # by the entry point, the metadata against the call by the kernel
+    with pytest.raises(ValueError, match=message), set_forward_context(md, registry):
+        linear_attention(q, k, v, out, encode_layer_name(NAME))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import reference as ref
 from layerpass.ops import LayerNotFoundError, LayerRegistry, encode_layer_name, set_forward_context
+from layerpass.ops import moe as moe_mod
 
 ops = torch.ops.layerpass
 PREFIX = "model.layers.0.mlp.experts"
@@ -112,7 +113,7 @@ def test_bad_input_raises_clear_error(make, exc, fragment) -> None:
     layer, registry = make_layer(4, 8, 6, 2, True, torch.float32, 0)
     x, logits = make(layer)
     with set_forward_context(None, registry), pytest.raises(exc, match=fragment):
-        ops.moe_forward(x, logits, encode_layer_name(PREFIX))
+        moe_mod.moe_forward(x, logits, encode_layer_name(PREFIX))  # the checked entry point
 
 
 def test_shared_without_shared_experts_and_unknown_layer() -> None:

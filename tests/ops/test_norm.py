@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import layerpass.ops  # noqa: F401  (registers torch.ops.layerpass.*)
+from layerpass.ops import norm
 from tests.helpers import reference as ref
 
 rms_norm = torch.ops.layerpass.rms_norm
@@ -73,13 +74,15 @@ def test_fake_matches_real(lead, half, dtype) -> None:
 @pytest.mark.parametrize(
     "call,fragment",
     [
-        (lambda: rms_norm(torch.randn(2, 4), torch.ones(5), 1e-6), "weight must have shape"),
-        (lambda: rms_norm(torch.ones(2, 4, dtype=torch.int32), torch.ones(4), 1e-6), "input must be"),
-        (lambda: fused_add(torch.randn(2, 4), torch.randn(3, 4), torch.ones(4), 1e-6), "residual must match"),
-        (lambda: fused_add(torch.randn(2, 4).bfloat16(), torch.randn(2, 4), torch.ones(4), 1e-6), "residual must match"),
-        (lambda: silu_and_mul(torch.randn(2, 5)), "even last dimension"),
+        (lambda: norm.rms_norm(torch.randn(2, 4), torch.ones(5), 1e-6), "weight must have shape"),
+        (lambda: norm.rms_norm(torch.ones(2, 4, dtype=torch.int32), torch.ones(4), 1e-6), "input must be"),
+        (lambda: norm.fused_add_rms_norm(torch.randn(2, 4), torch.randn(3, 4), torch.ones(4), 1e-6), "residual must match"),
+        (lambda: norm.fused_add_rms_norm(torch.randn(2, 4).bfloat16(), torch.randn(2, 4), torch.ones(4), 1e-6), "residual must match"),
+        (lambda: norm.silu_and_mul(torch.randn(2, 5)), "even last dimension"),
     ],
 )
 def test_bad_input_raises_clear_error(call, fragment) -> None:
+    """The checked entry points (what layers call) raise; the raw ops do not check (a compiled step
+    calls them: see ``tests/ops/test_checks.py``)."""
     with pytest.raises(ValueError, match=fragment):
         call()

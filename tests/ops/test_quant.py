@@ -7,12 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from unittest import mock
+
 from tests.helpers import reference as ref
 from layerpass.ops import FP8_DTYPE, FP8_MAX
+from layerpass.ops import quant as quant_mod
 
 quant_out = torch.ops.layerpass.static_scaled_fp8_quant
 quant = torch.ops.layerpass.static_scaled_fp8_quant_functional
 mm = torch.ops.layerpass.scaled_fp8_mm
+# the checked entry points layers call (the raw ops above do not check: see tests/ops/test_checks.py)
+checked_quant_out = quant_mod.static_scaled_fp8_quant
+checked_quant = quant_mod.static_scaled_fp8_quant_functional
+checked_mm = quant_mod.scaled_fp8_mm
 
 dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 shapes = st.lists(st.integers(1, 9), min_size=1, max_size=3)
@@ -92,16 +99,16 @@ def test_fake_matches_real(shape, dtype) -> None:
 @pytest.mark.parametrize(
     "call,fragment",
     [
-        (lambda: quant(torch.randn(3), torch.ones(2)), "one-element scale"),
-        (lambda: quant(torch.randn(3).to(FP8_DTYPE), torch.tensor(1.0)), "input must be"),
-        (lambda: quant(torch.arange(3), torch.tensor(1.0)), "input must be"),
-        (lambda: quant_out(torch.empty(3), torch.randn(3), torch.tensor(1.0)), "result must be"),
-        (lambda: quant_out(torch.empty(4, dtype=FP8_DTYPE), torch.randn(3), torch.tensor(1.0)), "result must be"),
-        (lambda: mm(torch.randn(2, 3), torch.randn(4, 3).to(FP8_DTYPE), torch.tensor(1.0), torch.tensor(1.0),
+        (lambda: checked_quant(torch.randn(3), torch.ones(2)), "one-element scale"),
+        (lambda: checked_quant(torch.randn(3).to(FP8_DTYPE), torch.tensor(1.0)), "input must be"),
+        (lambda: checked_quant(torch.arange(3), torch.tensor(1.0)), "input must be"),
+        (lambda: checked_quant_out(torch.empty(3), torch.randn(3), torch.tensor(1.0)), "result must be"),
+        (lambda: checked_quant_out(torch.empty(4, dtype=FP8_DTYPE), torch.randn(3), torch.tensor(1.0)), "result must be"),
+        (lambda: checked_mm(torch.randn(2, 3), torch.randn(4, 3).to(FP8_DTYPE), torch.tensor(1.0), torch.tensor(1.0),
                     torch.float32), "float8_e4m3fn operands"),
-        (lambda: mm(torch.randn(2, 3).to(FP8_DTYPE), torch.randn(4, 5).to(FP8_DTYPE), torch.tensor(1.0),
+        (lambda: checked_mm(torch.randn(2, 3).to(FP8_DTYPE), torch.randn(4, 5).to(FP8_DTYPE), torch.tensor(1.0),
                     torch.tensor(1.0), torch.float32), "does not match"),
-        (lambda: mm(torch.randn(2, 3).to(FP8_DTYPE), torch.randn(3).to(FP8_DTYPE), torch.tensor(1.0),
+        (lambda: checked_mm(torch.randn(2, 3).to(FP8_DTYPE), torch.randn(3).to(FP8_DTYPE), torch.tensor(1.0),
                     torch.tensor(1.0), torch.float32), "2-D"),
     ],
 )
@@ -121,15 +128,15 @@ def test_bad_scale_values_raise(bad: float) -> None:
     fp8 = x.to(FP8_DTYPE)
     good = torch.tensor(0.5)
     calls = {
-        "static_scaled_fp8_quant_functional": lambda: quant(x, s),
-        "static_scaled_fp8_quant": lambda: quant_out(torch.empty(3, 4, dtype=FP8_DTYPE), x, s),
-        "scaled_fp8_mm": lambda: mm(fp8, fp8, s, good, torch.float32),
+        "static_scaled_fp8_quant_functional": lambda: checked_quant(x, s),
+        "static_scaled_fp8_quant": lambda: checked_quant_out(torch.empty(3, 4, dtype=FP8_DTYPE), x, s),
+        "scaled_fp8_mm": lambda: checked_mm(fp8, fp8, s, good, torch.float32),
     }
     for op, call in calls.items():
         with pytest.raises(ValueError, match=rf"{op}: (scale|scale_a) must be finite and > 0.*got {bad}"):
             call()
     with pytest.raises(ValueError, match=r"scaled_fp8_mm: scale_b must be finite and > 0"):
-        mm(fp8, fp8, good, s, torch.float32)
+        checked_mm(fp8, fp8, good, s, torch.float32)
 
 
 @settings(max_examples=30, deadline=None)
@@ -137,10 +144,10 @@ def test_bad_scale_values_raise(bad: float) -> None:
 def test_scale_accepted_iff_finite_and_positive(value: float) -> None:
     x, s = torch.randn(4), torch.tensor(value)
     if value > 0 and value != float("inf"):
-        quant(x, s)
+        checked_quant(x, s)
     else:
         with pytest.raises(ValueError, match=r"finite and > 0"):
-            quant(x, s)
+            checked_quant(x, s)
 
 
 def test_scale_values_not_read_on_fake_tensors_or_while_tracing() -> None:
@@ -153,8 +160,12 @@ def test_scale_values_not_read_on_fake_tensors_or_while_tracing() -> None:
     assert out.shape == (2, 4)
 
     def f(x, s):
-        return quant(x, s).float()
+        return checked_quant(x, s).float()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert compiled(torch.randn(2, 4), torch.tensor(0.25)).shape == (2, 4)
-    with pytest.raises(ValueError, match=r"finite and > 0"):  # the real kernel still checks (CPU: no sync)
+    # A compiled call checks nothing: the trace saw no value, and the kernels never check. A layer's
+    # scales are checked where they enter (construction, weight loading); eager calls check them.
+    with mock.patch.object(quant_mod, "check_scale_value", side_effect=AssertionError("a scale value was read")):
         compiled(torch.randn(2, 4), torch.tensor(-1.0))
+    with pytest.raises(ValueError, match=r"finite and > 0"):
+        f(torch.randn(2, 4), torch.tensor(-1.0))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from layerpass.layers import Fp8Config, FusedMoE
 from layerpass.ops import encode_layer_name, layer_registry_scope, set_forward_context
+from layerpass.ops import moe_quant  # the checked entry points (the raw ops do not check)
 from layerpass.ops.quant import quantize_fp8
 from tests.helpers import fusion as fh
 
@@ -60,13 +61,13 @@ def test_fp8_moe_ops_opcheck_and_errors() -> None:
         torch.library.opcheck(torch.ops.layerpass.moe_forward_quant_input.default, (x, layer.input_scale, logits, name),
                               test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
         with pytest.raises(ValueError, match="takes an .*float8"):
-            torch.ops.layerpass.moe_forward_fp8(x, layer.input_scale, logits, name, x.dtype)
+            moe_quant.moe_forward_fp8(x, layer.input_scale, logits, name, x.dtype)
         with pytest.raises(ValueError, match="one-element scale"):
-            torch.ops.layerpass.moe_forward_quant_input(x, torch.ones(2), logits, name)
+            moe_quant.moe_forward_quant_input(x, torch.ones(2), logits, name)
     with layer_registry_scope() as plain_reg:
         plain = FusedMoE(4, 2, 16, 8, prefix="plain.experts")  # noqa: F841  (the registry holds it weakly)
     with set_forward_context(None, plain_reg), pytest.raises(ValueError, match="moe_forward_fp8 needs"):
-        torch.ops.layerpass.moe_forward_fp8(quantize_fp8(x, layer.input_scale), layer.input_scale, logits,
+        moe_quant.moe_forward_fp8(quantize_fp8(x, layer.input_scale), layer.input_scale, logits,
                                             encode_layer_name("plain.experts"), x.dtype)
 
 

@@ -20,6 +20,7 @@ from layerpass.ops import (  # noqa: E402
     set_forward_context,
 )
 from layerpass.ops.attention import paged_attention_ref  # noqa: E402
+from layerpass.ops.attention import unified_attention_with_output as checked_attention  # noqa: E402
 
 attention = load_interpreted("attention")
 ops = torch.ops.layerpass
@@ -130,10 +131,13 @@ def test_attention_strided_output_and_bad_input() -> None:
     with set_forward_context(md, registry):
         attention.unified_attention_with_output(q, k, v, out, encode_layer_name("a"))
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        # argument checks: the checked entry point, whichever kernel serves the device (the
+        # Triton kernel itself does not check: a compiled step calls it)
         with pytest.raises(ValueError, match="requires an output_scale"):
-            attention.unified_attention_with_output(q, k, v, torch.empty(q.shape, dtype=FP8_DTYPE), "a")
+            checked_attention(q, k, v, torch.empty(q.shape, dtype=FP8_DTYPE), "a")
         with pytest.raises(ValueError, match="not a multiple"):
-            attention.unified_attention_with_output(q[:, :1].expand(-1, 3, -1), torch.cat([k, k], 1), torch.cat([v, v], 1), torch.empty(3, 3, 8), "a")
+            checked_attention(q[:, :1].expand(-1, 3, -1), torch.cat([k, k], 1), torch.cat([v, v], 1), torch.empty(3, 3, 8), "a")
+        # the step's metadata against the call: the kernel (it changes every step)
         with pytest.raises(ValueError, match="must match its metadata"):
             attention.unified_attention_with_output(q[:2], k[:2], v[:2], torch.empty_like(q[:2]), "a")
         with pytest.raises(KeyError, match="no layer registered"):

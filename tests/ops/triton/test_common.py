@@ -69,13 +69,17 @@ def test_static_quant_strided_input_and_output() -> None:
 
 
 def test_static_quant_rejects_bad_input() -> None:
+    """The checked entry points reject bad input whichever kernel serves the device; the Triton
+    kernels themselves do not check (a compiled step calls them: tests/ops/test_checks.py)."""
+    from layerpass.ops import quant as checked
+
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="one-element scale"):
-        quant.static_scaled_fp8_quant_functional(x, torch.ones(2))
+        checked.static_scaled_fp8_quant_functional(x, torch.ones(2))
     with pytest.raises(ValueError, match="result must be"):
-        quant.static_scaled_fp8_quant(torch.empty(4, 8), x, torch.ones(1))
+        checked.static_scaled_fp8_quant(torch.empty(4, 8), x, torch.ones(1))
     with pytest.raises(ValueError, match="input must be"):
-        quant.static_scaled_fp8_quant_functional(x.to(torch.int32), torch.ones(1))
+        checked.static_scaled_fp8_quant_functional(x.to(torch.int32), torch.ones(1))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch import nn  # noqa: E402
 
 from layerpass.ops import LayerRegistry, encode_layer_name, set_forward_context  # noqa: E402
 from layerpass.ops.moe import fused_experts_ref, select_experts  # noqa: E402
+from layerpass.ops.moe import moe_forward as checked_moe_forward  # noqa: E402
 
 moe = load_interpreted("moe")
 ops = torch.ops.layerpass
@@ -133,5 +134,5 @@ def test_moe_forward_and_shared_match_cpu_ops() -> None:
         )
         with pytest.raises(ValueError, match="has no shared_experts"):
             moe.moe_forward_shared(x, logits, encode_layer_name("plain"))
-        with pytest.raises(ValueError, match="experts"):
-            moe.moe_forward(x, logits[:, :3], encode_layer_name("plain"))
+        with pytest.raises(ValueError, match="experts"):  # the checked entry point (the kernel does not check)
+            checked_moe_forward(x, logits[:, :3], encode_layer_name("plain"))
