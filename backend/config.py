@@ -15,6 +15,7 @@ DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.l
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
 from layerpass.envs import cache_dir as default_cache_dir
 from layerpass.ops.library import op_name
+from layerpass.passes.lowering import resolve_custom_ops
 
 
 BOOL_FIELDS = ("fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "eliminate_noops",
@@ -83,6 +84,12 @@ class CompilationConfig:
     - ``cache_dir`` (default ``$LAYERPASS_CACHE_DIR`` or ``~/.cache/layerpass``), ``disable_cache``.
     - ``dynamic_tokens``: the token dimension is symbolic: no recompile when the batch changes.
     - ``compile_sizes``: token counts that additionally get a piece compiled for that static size.
+    - ``custom_ops`` (vLLM's spelling): which layerpass ops left unfused keep their custom kernel;
+      the others are lowered to native torch code Inductor generates and fuses (the ``lowering``
+      pass). ``("none",)`` (default): lower every lowerable op; ``("all",)``: lower none; then
+      ``"+name"`` keeps ``name`` custom, ``"-name"`` lowers it (``("all", "-rms_norm")``,
+      ``("+silu_and_mul",)``). Names: ``layerpass.passes.lowering.LOWERABLE_OPS``; attention,
+      linear attention and MoE always keep their kernels.
     """
 
     split: str = "layers"
@@ -97,6 +104,7 @@ class CompilationConfig:
     dynamic_tokens: bool = True
     compile_sizes: tuple[int, ...] = ()
     inductor_options: dict[str, Any] = field(default_factory=dict)
+    custom_ops: tuple[str, ...] = ("none",)
 
     def __post_init__(self) -> None:
         if self.split not in SPLIT_MODES:
@@ -126,6 +134,15 @@ class CompilationConfig:
             self.cache_dir = default_cache_dir()
         self.cache_dir = _check_cache_dir(self.cache_dir)
         self.inductor_options = _check_inductor_options(self.inductor_options)
+        if isinstance(self.custom_ops, (str, bytes)) or not isinstance(self.custom_ops, (tuple, list)):
+            raise TypeError(f"CompilationConfig.custom_ops must be a tuple of str ('none', 'all', '+name', '-name'), "
+                            f"got {type(self.custom_ops).__name__} {self.custom_ops!r}")
+        self.custom_ops = tuple(self.custom_ops)
+        resolve_custom_ops(self.custom_ops)  # raises naming a bad entry and the allowed names
+
+    def lowered_ops(self) -> tuple[str, ...]:
+        """The layerpass ops the ``lowering`` pass replaces by native code (from ``custom_ops``)."""
+        return resolve_custom_ops(self.custom_ops)
 
     def fingerprint(self) -> str:
         """What changes compiled code (cache location and switch excluded)."""

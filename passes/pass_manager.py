@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import fx
@@ -32,6 +32,7 @@ from layerpass.patterns.norm_quant import NormQuantFusionPass
 from .base import LayerpassPass, PieceContext
 from .cleanup import DeadCodeEliminationPass
 from .fix_functionalization import FixFunctionalizationPass
+from .lowering import LoweringPass
 from .noop_elimination import NoOpEliminationPass
 
 if TYPE_CHECKING:
@@ -48,22 +49,28 @@ def configure(config: CompilationConfig) -> list[LayerpassPass]:
     2. fusions, one module each in ``layerpass.patterns``: attention+quant (``fuse_attn_quant``),
        norm+quant (``fuse_norm_quant``), act+quant (``fuse_act_quant``), MoE shared experts and
        MoE quantised input (both ``fuse_moe``);
-    3. dead-code clean-up: the unfused producers the fusions left without users;
-    4. fix functionalization, always last: ``auto_functionalized`` back to in-place calls so
+    3. lowering (``custom_ops``): each lowerable layerpass op left unfused (norms, SiLU-and-mul,
+       FP8 quant and matmul, the fused norm/act+quant ops) is replaced by its native torch code,
+       which Inductor generates and fuses with its neighbours; omitted when ``custom_ops`` keeps
+       every op custom;
+    4. dead-code clean-up: the unfused producers the fusions left without users;
+    5. fix functionalization, always last: ``auto_functionalized`` back to in-place calls so
        Inductor makes no copies.
 
     Out-of-tree passes join with ``PassManager.add_pass``."""
-    switched: list[tuple[bool, type[LayerpassPass]]] = [
+    lowered = config.lowered_ops()
+    switched: list[tuple[bool, Callable[[], LayerpassPass]]] = [
         (config.eliminate_noops, NoOpEliminationPass),
         (config.fuse_attn_quant, AttnQuantFusionPass),
         (config.fuse_norm_quant, NormQuantFusionPass),
         (config.fuse_act_quant, ActQuantFusionPass),
         (config.fuse_moe, MoESharedFusionPass),
         (config.fuse_moe, MoEQuantInputFusionPass),
+        (bool(lowered), lambda: LoweringPass(lowered)),
         (True, DeadCodeEliminationPass),
         (True, FixFunctionalizationPass),
     ]
-    return [cls() for on, cls in switched if on]
+    return [make() for on, make in switched if on]
 
 
 def _snapshot(graph: fx.Graph) -> fx.Graph:

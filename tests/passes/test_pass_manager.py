@@ -122,7 +122,7 @@ def test_pass_manager_uuid_covers_passes_and_config() -> None:
 
 
 ORDER = ["noop_elimination", "fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "fuse_moe_quant_input",
-         "dead_code_elimination", "fix_functionalization"]
+         "lowering", "dead_code_elimination", "fix_functionalization"]
 SWITCHES = {"eliminate_noops": ["noop_elimination"], "fuse_attn_quant": ["fuse_attn_quant"],
             "fuse_norm_quant": ["fuse_norm_quant"], "fuse_act_quant": ["fuse_act_quant"],
             "fuse_moe": ["fuse_moe", "fuse_moe_quant_input"]}
@@ -132,7 +132,8 @@ def test_configure_order_and_switches() -> None:
     assert [p.name for p in configure(CompilationConfig())] == ORDER
     for switch, names in SWITCHES.items():
         assert [p.name for p in configure(CompilationConfig(**{switch: False}))] == [n for n in ORDER if n not in names]
-    all_off = CompilationConfig(**{switch: False for switch in SWITCHES})
+    assert [p.name for p in configure(CompilationConfig(custom_ops=("all",)))] == [n for n in ORDER if n != "lowering"]
+    all_off = CompilationConfig(**{switch: False for switch in SWITCHES}, custom_ops=("all",))
     assert [p.name for p in configure(all_off)] == ["dead_code_elimination", "fix_functionalization"]
     pm = PassManager.from_config(CompilationConfig())
     assert [p.name for p in pm.passes] == ORDER and pm.config_fingerprint == CompilationConfig().fingerprint()
@@ -145,7 +146,7 @@ def test_add_pass_before_after_and_last() -> None:
     pm.add_pass(RecordingPass("oot_fusion", log), after="fuse_act_quant")
     pm.add_pass(RecordingPass("last", log))
     assert [p.name for p in pm.passes] == ["first", "noop_elimination", "fuse_attn_quant", "fuse_norm_quant",
-                                           "fuse_act_quant", "oot_fusion", "dead_code_elimination",
+                                           "fuse_act_quant", "oot_fusion", "lowering", "dead_code_elimination",
                                            "fix_functionalization", "last"]
     before = pm.uuid()
     pm.add_pass(ExplodingPass(), after="first")

@@ -17,7 +17,9 @@ from tests.helpers import fusion as fh
 
 pytestmark = pytest.mark.slow
 
-UNFUSED = {"fuse_attn_quant": False, "fuse_norm_quant": False, "fuse_act_quant": False, "fuse_moe": False}
+# unfused and not lowered (custom_ops=("all",)): every producer -> quant chain stays as op nodes to find
+UNFUSED = {"fuse_attn_quant": False, "fuse_norm_quant": False, "fuse_act_quant": False, "fuse_moe": False,
+           "custom_ops": ("all",)}
 lp = torch.ops.layerpass
 ATTN = lp.unified_attention_with_output.default
 

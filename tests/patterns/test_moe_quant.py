@@ -73,7 +73,9 @@ def test_fp8_moe_ops_opcheck_and_errors() -> None:
 
 @pytest.mark.slow
 def test_moe_fp8_model_quant_input_fusion_covers_every_layer() -> None:
-    run = fh.compile_recorded("moe-fp8", 2)
+    # custom_ops=("all",): the norms stay the ops eager runs (lowered, Inductor's reduction order
+    # differs in the last bits), so the output can be compared bit for bit
+    run = fh.compile_recorded("moe-fp8", 2, custom_ops=("all",))
     r = run.report
     assert r.pass_failures == []
     assert r.matches["fuse_moe_quant_input"] == 2  # every MoE layer
@@ -83,7 +85,7 @@ def test_moe_fp8_model_quant_input_fusion_covers_every_layer() -> None:
     assert sum(fh.op_counts(g)[lp.moe_forward_quant_input.default] for g in run.graphs) == \
         r.matches_compiled["fuse_moe_quant_input"]
     assert torch.equal(run.out, run.ref)  # the fused op computes exactly the unfused chain
-    unfused = fh.compile_recorded("moe-fp8", 2, fuse_moe=False)
+    unfused = fh.compile_recorded("moe-fp8", 2, fuse_moe=False, custom_ops=("all",))
     assert "fuse_moe_quant_input" not in unfused.report.matches
     assert any(fh.op_counts(g)[lp.moe_forward_fp8.default] for g in unfused.graphs)
     assert torch.equal(unfused.out, run.out)
