@@ -140,6 +140,22 @@ def lookup_layer(name: LayerName | str, needs: tuple[str, ...] = (), op: str = "
     return layer
 
 
+# Set while a pass traces a fusion pattern on example inputs (``tracing_pattern_examples``): their
+# shapes are placeholders, not any layer's, so layer-dependent checks must not compare them.
+_PATTERN_EXAMPLES: contextvars.ContextVar[bool] = contextvars.ContextVar("layerpass_pattern_examples", default=False)
+
+
+@contextlib.contextmanager
+def tracing_pattern_examples() -> Iterator[None]:
+    """``find_layer`` finds no layer in this block (a pattern is traced on example inputs: with
+    ``VLLM_USE_LAYERNAME=0`` its body is bound to a real layer's name, not to its shapes)."""
+    token = _PATTERN_EXAMPLES.set(True)
+    try:
+        yield
+    finally:
+        _PATTERN_EXAMPLES.reset(token)
+
+
 def find_layer(name: object) -> nn.Module | None:
     """The layer ``name`` resolves to now (as ``lookup_layer``), or ``None``: not a layer name (a
     fake script object while tracing), or no such layer (a pattern's example name, no forward
@@ -147,7 +163,7 @@ def find_layer(name: object) -> nn.Module | None:
     fake kernels at trace time); the kernels resolve with ``lookup_layer``, which raises."""
     from .forward_context import current_forward_context
 
-    if not isinstance(name, (str, LayerName)):
+    if not isinstance(name, (str, LayerName)) or _PATTERN_EXAMPLES.get():
         return None
     ctx = current_forward_context()
     registry = ctx.registry if ctx is not None and ctx.registry is not None else current_registry()

@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from layerpass import envs
 from layerpass.ops.layer_name import LayerName, resolve_layer_name
 from layerpass.ops.library import op_name
+from layerpass.ops.state import tracing_pattern_examples
 
 from .base import LayerpassPass, PieceContext
 
@@ -124,7 +125,7 @@ class PatternPass(LayerpassPass):
             kwargs["extra_check"] = extra_check
         from torch._inductor.pattern_matcher import fwd_only, register_replacement
 
-        with FakeTensorMode():
+        with FakeTensorMode(), tracing_pattern_examples():  # example shapes: no layer's checks apply
             register_replacement(pattern, replacement, example_inputs(), fwd_only, self.patterns, **kwargs)
         self.registrations += 1
 
