@@ -45,6 +45,8 @@ from .warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
 
+TOKEN_SHAPE_ID = "layerpass_tokens"
+
 # The token count of the step being run (set by the compiled model): dims of this size are dynamic.
 _STEP_TOKENS: contextvars.ContextVar[int | None] = contextvars.ContextVar("layerpass_step_tokens", default=None)
 
@@ -429,5 +431,9 @@ def mark_token_dims_of(args: tuple[Any, ...], kwargs: dict[str, Any], tokens: in
         if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
             continue
         dims = [0] if tokens is None else [d for d, n in enumerate(leaf.shape) if n == tokens]
-        for d in dims:
-            torch._dynamo.decorators.mark_unbacked(leaf, d)
+        for i, d in enumerate(dims):
+            # each tensor's first token dim is the ONE token symbol (shape_id): the layer's input and
+            # residual are then provably the same size, so residual ops can be lowered; a later dim
+            # of the same size may be a coincidence (hidden == tokens) and stays a symbol of its own
+            shared = {"shape_id": TOKEN_SHAPE_ID} if i == 0 and tokens is not None else {}
+            torch._dynamo.decorators.mark_unbacked(leaf, d, **shared)
