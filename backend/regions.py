@@ -144,7 +144,6 @@ class Regions:
         self.run: RegionsRun | None = None
         self.failed: str | None = None  # why a layer could not become a region
         self._warned_own_forward: set[int] = set()
-        self._not_saveable = ""  # why torch could not build a saveable program (for the in-memory region)
         self._sync_layers()
 
     def _sync_layers(self) -> bool:
@@ -294,9 +293,9 @@ class Regions:
         # the trace must not see the routing attribute (it would reach this object's state)
         routed = vars(layer).pop("forward", None)
         try:
-            region = self._trace_ahead_of_time(layer, forward, example_args, example_kwargs)
+            region, not_saveable = self._trace_ahead_of_time(layer, forward, example_args, example_kwargs)
             if region is None:
-                region = self._trace_in_memory(layer, forward, example_args, example_kwargs)
+                region = self._trace_in_memory(layer, forward, example_args, example_kwargs, not_saveable)
         finally:
             if routed is not None:
                 layer.forward = routed
@@ -311,9 +310,9 @@ class Regions:
         return region
 
     def _trace_ahead_of_time(self, layer: nn.Module, forward: Any, args: tuple[Any, ...],
-                             kwargs: dict[str, Any]) -> Region | None:
+                             kwargs: dict[str, Any]) -> tuple[Region | None, str]:
         """``aot_compile`` of the layer class's forward, with the guards torch drops recorded;
-        None if torch cannot build a saveable program of this frame."""
+        ``(None, why)`` if torch cannot build a saveable program of this frame."""
         recorder = GuardRecorder()
         fn = torch.compile(forward, backend=self.backend.for_layer(), fullgraph=True,
                            options={"guard_filter_fn": recorder})
@@ -323,19 +322,18 @@ class Regions:
         except _GRAPH_BREAKS:
             raise
         except Exception as e:  # torch cannot save this frame's guards (e.g. a local-scope class)
-            self._not_saveable = f"{type(e).__name__}: {_first_line(e)}"
-            logger.info("layerpass: %s: no saveable program (%s); tracing it in memory",
-                        type(layer).__qualname__, self._not_saveable)
-            return None
+            why = f"{type(e).__name__}: {_first_line(e)}"
+            logger.info("layerpass: %s: no saveable program (%s); tracing it in memory", type(layer).__qualname__, why)
+            return None, why
         program = aot._artifacts.compiled_fn
         if not isinstance(program, PiecewiseProgram):
             raise TypeError(f"the layerpass backend returned {type(program).__name__}")
         deps = record_deps(codes, recorder.dropped, forward)
         return Region(aot.fn, aot, program, type(layer), self.signatures[id(layer)], deps, "compiled",
-                      unsaved=None if deps.unsaveable is None else f"{type(layer).__qualname__}: {deps.unsaveable}")
+                      unsaved=None if deps.unsaveable is None else f"{type(layer).__qualname__}: {deps.unsaveable}"), ""
 
     def _trace_in_memory(self, layer: nn.Module, forward: Any, args: tuple[Any, ...],
-                         kwargs: dict[str, Any]) -> Region:
+                         kwargs: dict[str, Any], not_saveable: str) -> Region:
         """Dynamo's ordinary compile of the forward (its guards kept in memory, none dropped)."""
         backend = self.backend.for_layer()
         fn = torch.compile(forward, backend=backend, fullgraph=True, isolate_recompiles=True)
@@ -345,7 +343,7 @@ class Regions:
             raise RuntimeError(f"layerpass: Dynamo ran {type(layer).__qualname__}.forward without calling the backend")
         program = self.backend.last_program
         deps = record_deps(program.traced_code, [], forward)
-        why = f"{type(layer).__qualname__}: torch cannot save its traced program ({self._not_saveable})"
+        why = f"{type(layer).__qualname__}: torch cannot save its traced program ({not_saveable})"
         return Region(fn, None, program, type(layer), self.signatures[id(layer)], deps, "in memory", unsaved=why)
 
 

@@ -25,7 +25,6 @@ from torch import fx, nn
 
 from layerpass.backend.config import CompilationConfig
 from layerpass.ops import FP8_DTYPE
-from layerpass.passes.base import LayerpassPass
 from layerpass.passes.cleanup import DeadCodeEliminationPass
 from layerpass.passes.fix_functionalization import FixFunctionalizationPass
 from layerpass.passes.lowering import ALWAYS_CUSTOM, LOWERABLE_OPS, LoweringPass, resolve_custom_ops
@@ -297,19 +296,12 @@ def test_all_custom_compiles_without_the_pass() -> None:
 # ----------------------------------------------------------------------------- zoo models
 
 
-class Probe(LayerpassPass):
+class Probe(fh.RecordingPass):
     """Copies each piece's graph where it is added (around the lowering pass); changes nothing."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name  # type: ignore[misc]
-        self.graphs: list[fx.Graph] = []
-
-    def apply(self, graph: fx.Graph) -> int:
-        copy_ = fx.Graph()
-        copy_.output(copy_.graph_copy(graph, {}))
-        self.graphs.append(copy_)
-        return 0
 
     def uuid(self) -> str:
         return f"lowering-test-probe-{self.name}"  # it never changes a graph

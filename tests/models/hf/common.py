@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from layerpass.models import ModelConfig
+from layerpass.models import ModelConfig, make_step
 from layerpass.models.hf import HF_ZOO, TESTED_ARCHITECTURES, build_hf_model, from_transformers
 from layerpass.ops import build_batch_metadata, set_forward_context
 
@@ -43,6 +43,17 @@ def hf_logits(hf, tokens: Sequence[int]) -> torch.Tensor:
 def close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert ref.abs().mean() > 0.1, "reference logits near zero: the comparison would be meaningless"
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+
+
+def matches_hf(ref, model, what: str) -> None:
+    """A converted ``model``'s logits for a mixed step (one decode with history, one prefill) equal
+    the Hugging Face model ``ref``'s on each request's whole token sequence."""
+    step = make_step(model, num_decodes=1, prefill_lens=[6], seed=2, max_history=12)
+    try:
+        for req, rows in zip(step.requests, step.split(step.run())):
+            close(rows, hf_logits(ref, list(req.history) + list(req.tokens))[len(req.history):], what)
+    finally:
+        step.release()
 
 
 def prompts(vocab: int, lens: Sequence[int], seed: int = 0) -> list[list[int]]:

@@ -21,7 +21,7 @@ from layerpass.layers.layernorm import GemmaRMSNorm  # noqa: E402
 from layerpass.models import ModelConfig, build_model, make_step, registered_models  # noqa: E402
 from layerpass.models import hf as lphf  # noqa: E402
 from layerpass.ops import FP8_DTYPE  # noqa: E402
-from tests.models.hf.common import FAMILIES, close, hf_config, hf_logits  # noqa: E402
+from tests.models.hf.common import FAMILIES, hf_config, hf_logits, matches_hf  # noqa: E402
 
 MOE = {"hf-qwen2-moe", "hf-mixtral", "hf-qwen3-moe"}
 GEMMA = {"hf-gemma2", "hf-gemma3"}
@@ -29,15 +29,6 @@ GEMMA = {"hf-gemma2", "hf-gemma3"}
 
 def hf(name: str, num_layers: int = 2, **overrides):
     return lphf.build_hf_model(lphf.HF_ZOO[name](ModelConfig(num_layers=num_layers, **overrides)), seed=0)
-
-
-def matches_hf(ref, model, what: str) -> None:
-    step = make_step(model, num_decodes=1, prefill_lens=[6], seed=2, max_history=12)
-    try:
-        for req, rows in zip(step.requests, step.split(step.run())):
-            close(rows, hf_logits(ref, list(req.history) + list(req.tokens))[len(req.history):], what)
-    finally:
-        step.release()
 
 
 def test_zoo_names_are_registered() -> None:

@@ -18,19 +18,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("kernels")
 
-from layerpass.models import make_step  # noqa: E402
 from layerpass.models.hf.hub_kernels import bypass_kernel_routing, routed_forward  # noqa: E402
 from layerpass.models.hf.zoo import build_hf_model  # noqa: E402
-from tests.models.hf.common import close, hf_config, hf_logits, pair  # noqa: E402
-
-
-def matches_hf(ref, model, what: str) -> None:
-    step = make_step(model, num_decodes=1, prefill_lens=[6], seed=2, max_history=12)
-    try:
-        for req, rows in zip(step.requests, step.split(step.run())):
-            close(rows, hf_logits(ref, list(req.history) + list(req.tokens))[len(req.history):], what)
-    finally:
-        step.release()
+from tests.models.hf.common import hf_config, hf_logits, matches_hf, pair  # noqa: E402
 
 
 def _routed(model: torch.nn.Module) -> list[str]:
