@@ -1,4 +1,7 @@
-"""Model registry: ``@register_model("llama")`` and ``build_model(name, *, num_layers, seed, **overrides)``."""
+"""Model registry: ``@register_model("llama")`` and ``build_model(name, *, num_layers, seed, **overrides)``.
+
+Besides registered names, a *parametrised* family answers every name that starts with its prefix
+(``register_model_prefix``): ``hf-config:PATH`` builds the Hugging Face config at ``PATH``."""
 
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ class ModelEntry:
     builder: Builder
     config_cls: type[ModelConfig]
     defaults: dict[str, Any] = field(default_factory=dict)
+    own_config: bool = False  # the built model describes itself (``model.config``), e.g. one made from a config file
 
 
 _MODELS: dict[str, ModelEntry] = {}
+_PREFIXES: dict[str, Callable[[str], ModelEntry]] = {}  # "hf-config:" -> entry for the rest of the name
 
 
 def register_model(name: str, *, config_cls: type[ModelConfig] = ModelConfig, **defaults: Any) -> Callable[[Builder], Builder]:
@@ -43,8 +48,33 @@ def register_model(name: str, *, config_cls: type[ModelConfig] = ModelConfig, **
     return decorate
 
 
+def register_model_prefix(prefix: str, entry_for: Callable[[str], ModelEntry]) -> None:
+    """Names ``prefix + arg`` build ``entry_for(arg)`` (which raises ``ValueError`` for a bad ``arg``)."""
+    if prefix in _PREFIXES:
+        raise ValueError(f"model prefix {prefix!r} is already registered")
+    _PREFIXES[prefix] = entry_for
+
+
 def registered_models() -> list[str]:
+    """The registered names (prefix families not included: ``model_prefixes``)."""
     return sorted(_MODELS)
+
+
+def model_prefixes() -> list[str]:
+    return sorted(_PREFIXES)
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The entry that builds ``name``; ``KeyError`` naming the known models, ``ValueError`` for a
+    prefix family's bad argument (a config path that does not exist)."""
+    entry = _MODELS.get(name)
+    if entry is not None:
+        return entry
+    for prefix, entry_for in _PREFIXES.items():
+        if name.startswith(prefix):
+            return entry_for(name[len(prefix):])
+    raise KeyError(f"unknown model {name!r}; known models: {registered_models()}, or a name starting with one of "
+                   f"{model_prefixes()}")
 
 
 def build_model(name: str, *, num_layers: int, seed: int = 0, **overrides: Any) -> nn.Module:
@@ -52,9 +82,7 @@ def build_model(name: str, *, num_layers: int, seed: int = 0, **overrides: Any) 
 
     The layers register in a fresh layer registry, stored as ``model.layer_registry``; the model
     also gets ``config``, ``cache_config``, ``block_allocator`` and ``state_allocator``."""
-    entry = _MODELS.get(name)
-    if entry is None:
-        raise KeyError(f"unknown model {name!r}; known models: {registered_models()}")
+    entry = model_entry(name)
     allowed = entry.config_cls.field_names()
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
@@ -63,7 +91,8 @@ def build_model(name: str, *, num_layers: int, seed: int = 0, **overrides: Any) 
     with layer_registry_scope(LayerRegistry(label=name)) as registry, init_seed_scope(seed):
         model = entry.builder(config)
     model.layer_registry = registry
-    model.config = config
+    if not entry.own_config:
+        model.config = config
     model.cache_config = config.cache_config
     model.block_allocator = IdAllocator(config.num_blocks, "KV cache block")
     model.state_allocator = IdAllocator(config.num_state_slots, "recurrent state slot")

@@ -6,16 +6,10 @@ ops' fake kernels, once per compiled piece at trace time; the kernels themselves
 (``ops/norm.py``'s docstring)."""
 
 from . import attention, fused, linear_attention, moe, moe_quant, norm, quant  # noqa: F401  (registers the ops)
-from .forward_context import (
-    BatchMetadata,
-    ForwardContext,
-    HostMetadata,
-    build_batch_metadata,
-    current_forward_context,
-    get_batch_metadata,
-    host_values,
-    set_forward_context,
-)
+from .batch_builder import build_batch_metadata
+from .batch_metadata import BatchMetadata, HostMetadata, host_values
+from .forward_context import ForwardContext, current_forward_context, get_batch_metadata, set_forward_context
+from .layer_lookup import lookup_layer
 from .layer_name import LayerName, LayerNameType, encode_layer_name, resolve_layer_name
 from .library import OPS, layerpass_op, op_overload, register_cuda_kernel
 from .quant import FP8_DTYPE, FP8_MAX
@@ -26,7 +20,6 @@ from .state import (
     LayerRegistry,
     current_registry,
     layer_registry_scope,
-    lookup_layer,
 )
 
 __all__ = [

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .forward_context import BatchMetadata, get_batch_metadata
+from .batch_metadata import BatchMetadata
+from .forward_context import get_batch_metadata
+from .layer_lookup import find_layer, lookup_layer
 from .layer_name import LayerNameType
 from .library import layerpass_op, sizes_differ
 from . import quant as _quant
 from .quant import FP8_DTYPE, quantize_fp8
-from .state import find_layer, lookup_layer
 
 
 def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -5,6 +5,9 @@ the schema inferred from its annotations (so a ``LayerNameType`` argument become
 hoisted opaque type or ``str``), the function as the CPU (and fallback) kernel, the fake
 (meta) implementation, optional tags, and a CUDA slot that ``register_cuda_kernel``
 fills (the Triton kernels do, when triton is importable).
+
+Also the one spelling of an op's name (``op_name``, on torch's public names) and the one reader
+of an op's schema (``schema_of``) for every pass, backend module and test.
 """
 
 from __future__ import annotations
@@ -81,9 +84,12 @@ def op_name(target: object, overload: bool = False) -> str | None:
     anything else (a Python callable, a malformed string) gives ``None``."""
     ov: str | None = None
     if isinstance(target, torch._ops.OpOverload):
-        ns, op, ov = target.namespace, target._schema.name.split("::")[-1], target._overloadname
+        # public spellings: str(overload) is "ns.op.overload", str(its packet) is "ns.op"
+        packet = str(target.overloadpacket)
+        ns, op = packet.split(".")
+        ov = str(target)[len(packet) + 1:]
     elif isinstance(target, torch._ops.OpOverloadPacket):
-        ns, op = str(target._qualified_op_name).split("::")
+        ns, op = str(target).split(".")
     elif isinstance(target, str):
         m = _TORCH_OPS_REPR.match(target)
         parts = [m.group(1), m.group(2)] if m else target.replace("::", ".").split(".")
@@ -93,3 +99,11 @@ def op_name(target: object, overload: bool = False) -> str | None:
     else:
         return None
     return f"{ns}.{op}.{ov}" if overload and ov else f"{ns}.{op}"
+
+
+def schema_of(op: torch._ops.OpOverload) -> torch.FunctionSchema:
+    """``op``'s schema: its arguments (names, alias and mutation info) and returns.
+
+    The one place layerpass reads torch's private schema attribute of an ``OpOverload``: torch 2.13
+    has no public accessor for an op's arguments, so passes and tests that need them ask here."""
+    return op._schema

@@ -16,19 +16,19 @@ query rows ``[0, num_decode_tokens)`` and state slots ``state_indices[:num_decod
 prefills follow in both. Every request starts from its slot's state when
 ``has_initial_state`` says the slot holds one, else from zeros. Decodes use the single-step
 recurrence; prefills use the chunked (block) form: inside a block the quadratic masked form,
-across blocks the state carries the past — O(L * B) instead of O(L^2).
+across blocks the state carries the past — O(L * B) instead of O(L^2). On CUDA the op runs the
+Triton kernels of ``ops/triton/linear_attention.py`` (registered with the others, ``ops/triton``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from .forward_context import BatchMetadata, get_batch_metadata
+from .batch_metadata import BatchMetadata
+from .forward_context import get_batch_metadata
+from .layer_lookup import find_layer, lookup_layer
 from .layer_name import LayerNameType
-from .library import layerpass_op, register_cuda_kernel, sizes_differ
-from .state import find_layer, lookup_layer
+from .library import layerpass_op, sizes_differ
 
 OP_NAME = "linear_attention"
 DEFAULT_BLOCK_SIZE = 64
@@ -265,19 +265,3 @@ def linear_attention(
         check_linear_attention_args(query, key, value, output, find_layer(layer_name))
     torch.ops.layerpass.linear_attention(query, key, value, output, layer_name)
 
-
-def _register_triton() -> None:
-    """Serve CUDA tensors with the Triton kernels. Imported lazily on first CUDA call so that
-    importing layerpass neither pays for triton nor freezes ``TRITON_INTERPRET`` too early."""
-    if importlib.util.find_spec("triton") is None:
-        return
-
-    def linear_attention_cuda(query, key, value, output, layer_name) -> None:
-        from .triton.linear_attention import linear_attention_triton
-
-        linear_attention_triton(query, key, value, output, layer_name)
-
-    register_cuda_kernel(OP_NAME, linear_attention_cuda)
-
-
-_register_triton()

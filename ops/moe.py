@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layer_lookup import find_layer, lookup_layer
 from .layer_name import LayerNameType
 from .library import layerpass_op, sizes_differ
-from .state import find_layer, lookup_layer
 
 
 MOE_LAYER_ATTRS = ("w13_weight", "w2_weight", "top_k", "renormalize")  # what the MoE ops read from the layer

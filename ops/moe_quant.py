@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from .layer_lookup import find_layer, lookup_layer
 from .layer_name import LayerNameType
 from .library import layerpass_op, sizes_differ
 from .moe import fused_experts_ref, select_experts
 from . import quant as _quant
 from .quant import FP8_DTYPE, quantize_fp8
-from .state import find_layer, lookup_layer
 
 
 def check_moe_fp8_args(x_fp8: torch.Tensor, input_scale: torch.Tensor, router_logits: torch.Tensor, layer=None) -> None:

@@ -4,7 +4,8 @@ A ``LayerRegistry`` is scoped to one model: ``build_model`` (or any caller) open
 ``layer_registry_scope()`` while constructing, every layer built inside registers
 there, and the forward context of a step names the registry its ops resolve against.
 Two models in one process therefore never collide. Outside any scope, layers go to a
-process-wide default registry.
+process-wide default registry. (An op resolves its layer-name argument through the step's
+registry with ``layer_lookup.lookup_layer``.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import difflib
 import weakref
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .layer_name import LayerName, resolve_layer_name
@@ -47,6 +49,8 @@ class LayerRegistry:
         self.label = label
         self._layers: "weakref.WeakValueDictionary[str, nn.Module]" = weakref.WeakValueDictionary()
         self.version = 0  # bumped by register / unregister (a dropped layer leaves silently: see len())
+        # layers_with_tensor's answer, keyed by (version, len, attrs): the batch check asks every step
+        self._tensor_holders: tuple[tuple, list[tuple[str, weakref.ref]]] | None = None
 
     def register(self, prefix: str, layer: nn.Module) -> None:
         if not isinstance(prefix, str) or not prefix:
@@ -70,6 +74,19 @@ class LayerRegistry:
         if layer is None:
             raise LayerNotFoundError(key, self)
         return layer
+
+    def layers_with_tensor(self, attrs: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+        """``(name, layer)``, by name, of the live layers holding a tensor in one of ``attrs``. Which
+        layers is remembered until the registry changes; the tensors are the layers' own, read now."""
+        key = (self.version, len(self), attrs)
+        if self._tensor_holders is None or self._tensor_holders[0] != key:
+            holders = []
+            for name in sorted(self.names()):
+                layer = self._layers.get(name)  # None: dropped meanwhile
+                if layer is not None and any(isinstance(getattr(layer, a, None), torch.Tensor) for a in attrs):
+                    holders.append((name, weakref.ref(layer)))
+            self._tensor_holders = (key, holders)
+        return [(name, layer) for name, ref in self._tensor_holders[1] if (layer := ref()) is not None]
 
     def names(self) -> Iterator[str]:
         return iter(list(self._layers.keys()))
@@ -105,69 +122,3 @@ def current_registry() -> LayerRegistry:
     """The registry layers constructed now register into."""
     registry = _construction_registry.get()
     return DEFAULT_REGISTRY if registry is None else registry
-
-
-NO_CONTEXT_HINT = (
-    "no forward context is set (the layer registry and batch metadata of a step come from it): run the model "
-    "inside `with set_forward_context(metadata, model.layer_registry):` (layerpass.ops), or use "
-    "`layerpass.models.make_step(model, ...).run(model)`; "
-)
-
-
-def lookup_layer(name: LayerName | str, needs: tuple[str, ...] = (), op: str = "") -> nn.Module:
-    """Resolve an op's layer-name argument to its layer: the step's registry first.
-
-    ``needs``: attributes the op reads from the layer (its kind); a layer without one is a
-    ``ValueError`` naming ``op``, the layer, its type and the missing attribute (e.g. ``moe_forward``
-    given an attention layer's name). Plain attribute checks: no tensor is read."""
-    from .forward_context import current_forward_context
-
-    ctx = current_forward_context()
-    if ctx is not None and ctx.registry is not None:
-        layer = ctx.registry.get(name)
-    else:
-        registry = current_registry()
-        key = resolve_layer_name(name)
-        if key not in registry:  # most likely the step's context was never set
-            raise LayerNotFoundError(key, registry, note=NO_CONTEXT_HINT if ctx is None else (
-                "the forward context names no layer registry (set_forward_context(metadata, registry)); "))
-        layer = registry.get(key)
-    missing = [a for a in needs if getattr(layer, a, None) is None]
-    if missing:
-        raise ValueError(f"{op or 'op'}: layer {resolve_layer_name(name)!r} is a {type(layer).__name__}, which has no "
-                         f"{missing[0]!r}; {op or 'this op'} needs a layer with {', '.join(needs)} (is it the name of "
-                         f"another kind of layer?)")
-    return layer
-
-
-# Set while a pass traces a fusion pattern on example inputs (``tracing_pattern_examples``): their
-# shapes are placeholders, not any layer's, so layer-dependent checks must not compare them.
-_PATTERN_EXAMPLES: contextvars.ContextVar[bool] = contextvars.ContextVar("layerpass_pattern_examples", default=False)
-
-
-@contextlib.contextmanager
-def tracing_pattern_examples() -> Iterator[None]:
-    """``find_layer`` finds no layer in this block (a pattern is traced on example inputs: with
-    ``VLLM_USE_LAYERNAME=0`` its body is bound to a real layer's name, not to its shapes)."""
-    token = _PATTERN_EXAMPLES.set(True)
-    try:
-        yield
-    finally:
-        _PATTERN_EXAMPLES.reset(token)
-
-
-def find_layer(name: object) -> nn.Module | None:
-    """The layer ``name`` resolves to now (as ``lookup_layer``), or ``None``: not a layer name (a
-    fake script object while tracing), or no such layer (a pattern's example name, no forward
-    context). For argument checks that can use the layer when it is known (eager entry points,
-    fake kernels at trace time); the kernels resolve with ``lookup_layer``, which raises."""
-    from .forward_context import current_forward_context
-
-    if not isinstance(name, (str, LayerName)) or _PATTERN_EXAMPLES.get():
-        return None
-    ctx = current_forward_context()
-    registry = ctx.registry if ctx is not None and ctx.registry is not None else current_registry()
-    try:
-        return registry.get(name)
-    except KeyError:
-        return None

@@ -15,7 +15,8 @@ from .attention import (
     layerpass_attention_forward,
     register_attention_function,
 )
-from .convert import TransformersForCausalLM, from_transformers, model_config_from_hf
+from .causal_lm import TransformersForCausalLM
+from .convert import from_transformers
 from .families import (
     TESTED_ARCHITECTURES,
     UnsupportedArchitectureError,
@@ -25,6 +26,7 @@ from .families import (
 )
 from .layers import TransformersLMHead, TransformersScaledEmbedding
 from .mlp import TransformersMLP, TransformersPackedMLP
+from .model_config import model_config_from_hf
 from .moe import TransformersFusedMoE, TransformersSharedExpert, TransformersSparseMoeBlock
 from .zoo import HF_ZOO, build_hf_model, from_config, randomize_weights
 

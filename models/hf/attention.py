@@ -12,7 +12,7 @@ built: transformers builds none for an attention function without a mask functio
 
 The per-layer features the module passes (``scaling``, ``sliding_window``, ``softcap``, sinks as
 ``s_aux``) are read ONCE, at conversion, by a one-token dry run through
-``"layerpass_probe"`` (``probe_attention``), and given to the layer's ``Attention``: they are
+``"layerpass_probe"`` (``attention_dry_run.py``), and given to the layer's ``Attention``: they are
 layer attributes its op reads by name, so layers that differ only in them share a compiled
 piece. In eager mode every call checks that the module still passes what the layer was built
 with.
@@ -26,9 +26,6 @@ transformers.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,8 +33,9 @@ from torch import nn
 
 from layerpass.layers import Attention, ColumnParallelLinear, tensor_model_parallel_all_gather
 
+from .attention_dry_run import PROBE_IMPLEMENTATION, probe_attention
+
 ATTN_IMPLEMENTATION = "layerpass"
-PROBE_IMPLEMENTATION = "layerpass_probe"
 
 
 def _feature(attn: Attention, name: str, default: Any = None) -> Any:
@@ -90,43 +88,6 @@ def layerpass_attention_forward(module: nn.Module, query: torch.Tensor, key: tor
     v = value.transpose(1, 2).reshape(t, hkv * d)
     out = attn(q, k, v)
     return out.view(1, t, hq, d), None
-
-
-# -- the conversion-time dry run --------------------------------------------------------------
-@dataclass
-class AttentionCall:
-    """What one HF attention module passed to the attention function in the dry run."""
-
-    module: nn.Module
-    num_heads: int
-    num_kv_heads: int
-    head_size: int
-    value_head_size: int
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-_probe_log: list[AttentionCall] | None = None
-
-
-def probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Record the call (shapes and feature kwargs) and return zeros: only the calls matter."""
-    if _probe_log is None:
-        raise RuntimeError(f"attention implementation {PROBE_IMPLEMENTATION!r} only runs inside from_transformers' dry run")
-    _probe_log.append(AttentionCall(module, query.shape[1], key.shape[1], query.shape[-1], value.shape[-1], dict(kwargs)))
-    return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
-
-
-@contextlib.contextmanager
-def recording_attention_calls() -> Iterator[list[AttentionCall]]:
-    global _probe_log
-    if _probe_log is not None:
-        raise RuntimeError("from_transformers' attention dry run is not re-entrant")
-    _probe_log = []
-    try:
-        yield _probe_log
-    finally:
-        _probe_log = None
 
 
 def register_attention_function() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -21,8 +22,9 @@ from layerpass.layers.weights import current_init_seed
 from layerpass.ops import current_registry
 
 from ..config import ModelConfig
-from ..registry import register_model
-from .convert import TransformersForCausalLM, from_transformers
+from ..registry import ModelEntry, register_model, register_model_prefix
+from .causal_lm import TransformersForCausalLM
+from .convert import from_transformers
 
 
 def _require_transformers() -> Any:
@@ -203,8 +205,33 @@ def _builder(make_config: Callable[[ModelConfig], Any]) -> Callable[[ModelConfig
     return build
 
 
+HF_CONFIG_PREFIX = "hf-config:"
+
+
+def config_file_model(path: str) -> ModelEntry:
+    """The model ``hf-config:PATH``: the Hugging Face config at ``PATH`` (a ``config.json`` or a
+    checkpoint directory holding one) with random weights, its real widths, ``num_layers`` decoder
+    layers (per-layer lists such as ``layer_types`` follow the count)."""
+    if not os.path.exists(path):
+        raise ValueError(f"{HF_CONFIG_PREFIX}{path}: no such file or directory (a config.json or a checkpoint directory)")
+
+    def make_config(c: ModelConfig) -> Any:
+        cfg = _require_transformers().AutoConfig.from_pretrained(path)
+        cfg.num_hidden_layers = c.num_layers
+        for attr in ("layer_types", "mlp_only_layers"):
+            value = getattr(cfg, attr, None)
+            if isinstance(value, list) and value:
+                setattr(cfg, attr, (value * c.num_layers)[:c.num_layers])
+        return cfg
+
+    make_config.__name__ = "config_file_config"
+    # its widths are the file's, not the zoo config's: the converted model's own ModelConfig describes it
+    return ModelEntry(_builder(make_config), ModelConfig, own_config=True)
+
+
 # Registered only where transformers is installed (found without importing it: that takes
 # seconds), so zoo-wide tests and the bench never list a model they cannot build.
 if importlib.util.find_spec("transformers") is not None:
     for _name, _make in HF_ZOO.items():
         register_model(_name)(_builder(_make))
+    register_model_prefix(HF_CONFIG_PREFIX, config_file_model)

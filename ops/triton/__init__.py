@@ -8,9 +8,6 @@ first CUDA call. So importing ``layerpass`` does not pay for triton, works witho
 tests can set ``TRITON_INTERPRET=1`` before any kernel is decorated (``@triton.jit`` reads it
 then). The torch kernels stay the CPU implementation.
 
-``linear_attention`` (this package's ``linear_attention.py``) registers itself from
-``ops/linear_attention.py``.
-
 The Triton interpreter (triton 3.9) mis-handles three things the kernels therefore avoid; see
 ``_common.py``: float32 -> fp8 casts (ties, carries, NaN), float32 -> bf16 casts (truncates),
 and bf16 ``tl.dot`` (multiplies the storage integers).
@@ -36,6 +33,7 @@ TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "unified_attention_with_output": ("attention", "unified_attention_with_output"),
     "moe_forward": ("moe", "moe_forward"),
     "moe_forward_shared": ("moe", "moe_forward_shared"),
+    "linear_attention": ("linear_attention", "linear_attention_triton"),
 }
 
 _registered = False

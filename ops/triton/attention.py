@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..attention import AttentionFeatures, attention_features, resolve_attention, write_kv_cache
-from ..forward_context import BatchMetadata
+from ..batch_metadata import BatchMetadata
 from ..layer_name import LayerNameType
 from ._common import (
     as_fp8_bytes, cast_rne, dot_block, dot_f32acc, dot_mode, quantize_fp8_value, reduce_max, reduce_sum, scale_as_f32,

@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 from ..forward_context import get_batch_metadata
+from ..layer_lookup import lookup_layer
 from ..layer_name import LayerNameType
 from ..linear_attention import OP_NAME, check_step_metadata
-from ..state import lookup_layer
 
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 when compiled
 DEFAULT_TRITON_BLOCK = 64

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layer_lookup import lookup_layer
 from ..layer_name import LayerNameType
 from ..moe import MOE_LAYER_ATTRS, select_experts, shared_experts_of
-from ..state import lookup_layer
 from ._common import DOT_UPCAST, cast_rne, cumsum, dot_block, dot_f32acc, dot_mode, reduce_sum
 from .activation import silu_and_mul_launch
 

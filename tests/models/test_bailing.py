@@ -281,7 +281,7 @@ def test_traces_as_one_graph_and_matches_eager():
     model = model_for()
     step = make_step(model, num_decodes=2, prefill_lens=[6], seed=5)
     eager = step.run()
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(step.run(compiled), eager, atol=1e-5, rtol=1e-5)
     step.release()

@@ -238,7 +238,7 @@ def _graph_of(model, step):
         graphs.append(gm)
         return gm.forward
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     out = step.run(torch.compile(model, backend=capture, fullgraph=True))
     return graphs[0], out
 
@@ -270,4 +270,4 @@ def test_fp8_graph_holds_producer_quant_fp8mm_chains():
     assert len(act) == 1 and quant_feeds_mm(act[0])  # down_proj
     if USE_LAYERNAME:  # the layer name is a hoisted graph input, not a constant
         assert isinstance(attn[0].args[4], torch.fx.Node) and attn[0].args[4].op == "placeholder"
-    torch._dynamo.reset()
+    torch.compiler.reset()

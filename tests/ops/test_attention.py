@@ -147,7 +147,7 @@ def test_opcheck(dtype: torch.dtype) -> None:
 
 
 def test_opcheck_fp8_output() -> None:
-    # test_schema compares tensors with allclose, which CPU torch lacks for fp8, so the
+    # opcheck's schema test compares tensors with allclose, which CPU torch lacks for fp8, so the
     # "only `output` is mutated" half of it is checked by hand below.
     case = small_case()
     q, k, v = case.qkv()

@@ -361,7 +361,7 @@ def test_layers_differing_only_in_features_share_one_piece(trace: str) -> None:
     if trace == "regions":
         compiled = layerpass.compile(model, config)
     else:
-        torch._dynamo.reset()
+        torch.compiler.reset()
         compiled = torch.compile(model, backend=LayerpassBackend(config))
     out = step(compiled)
     report = layerpass.last_compile_report()

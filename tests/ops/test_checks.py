@@ -82,7 +82,7 @@ def _compiled_steps(name: str, compile_fn, calls: Counter) -> list[Counter]:
     step = make_step(model, num_decodes=2, prefill_lens=[3, 5])
     with torch.no_grad():
         ref = step.run(model)
-    torch._dynamo.reset()  # a fresh trace (Dynamo would reuse another test's code for this model class)
+    torch.compiler.reset()  # a fresh trace (Dynamo would reuse another test's code for this model class)
     compiled = compile_fn(model)
     per_step = _steps(compiled, step, 4, calls)
     with torch.no_grad():

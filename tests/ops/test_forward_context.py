@@ -290,6 +290,17 @@ def test_registry_check_follows_a_replaced_kv_cache() -> None:
         run_attention(md, reg)
 
 
+def test_the_registry_check_memo_is_no_field() -> None:
+    """What the check remembers is the metadata's own attribute, outside eq / repr / replace."""
+    md = build_batch_metadata([2], [0], [[1]], 4)
+    reg, _ = registry_with_attention(2, 4)
+    run_attention(md, reg)
+    assert md.checked_for_registry is not None and md.checked_for_registry[0] is md.host
+    again = rebuild(md)  # every field, as given: the memo is not one of them
+    assert again == md and again.checked_for_registry is None
+    assert dataclasses.replace(md).checked_for_registry is None and "checked_for_registry" not in repr(md)
+
+
 def test_registry_check_sees_an_in_place_change_of_the_metadata() -> None:
     md = build_batch_metadata([2], [0], [[1]], 4)
     reg, _ = registry_with_attention(2, 4)

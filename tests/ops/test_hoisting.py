@@ -33,10 +33,11 @@ from layerpass.ops import (
     layer_registry_scope,
     set_forward_context,
 )
+from layerpass.ops.library import op_name
 
 ops = torch.ops.layerpass
 HIDDEN, HQ, HKV, HEAD, EXPERTS, INTER, BLOCK = 16, 4, 2, 4, 4, 8, 4
-LAYER_NAME_ARG = {"layerpass::unified_attention_with_output": 4, "layerpass::moe_forward_shared": 2}
+LAYER_NAME_ARG = {"layerpass.unified_attention_with_output": 4, "layerpass.moe_forward_shared": 2}
 
 
 class Block(nn.Module):
@@ -97,18 +98,9 @@ BATCHES = [
 ]
 
 
-def op_name(target: Any) -> str | None:
-    """``layerpass::<op>`` for an op node target (Dynamo records the overload packet)."""
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return target._qualified_op_name
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name
-    return None
-
-
 def summarize(num_layers: int) -> dict[str, Any]:
     """Compile ``Stack(num_layers)`` with a recording backend, run both batches; describe the graphs."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model, registry = build(num_layers)
     graphs: list[tuple[fx.GraphModule, list[Any]]] = []
 
@@ -130,11 +122,11 @@ def summarize(num_layers: int) -> dict[str, Any]:
     for gm, example_inputs in graphs:
         placeholder_value = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
         for node in gm.graph.nodes:
-            name = op_name(node.target) if node.op == "call_function" else None
-            if name is None or not name.startswith("layerpass::"):
+            name = op_name(node.target) if node.op == "call_function" else None  # Dynamo records the packet
+            if name is None or not name.startswith("layerpass."):
                 continue
-            leaves = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
-            str_constants += [leaf for leaf in leaves if isinstance(leaf, str)]
+            fx.node.map_aggregate((node.args, node.kwargs),
+                                  lambda a: str_constants.append(a) if isinstance(a, str) else None)
             if name in LAYER_NAME_ARG:
                 arg = node.args[LAYER_NAME_ARG[name]]
                 if isinstance(arg, fx.Node):
@@ -188,7 +180,7 @@ def test_switch_off_names_are_str_constants(tmp_path: Path) -> None:
 
 
 def test_inductor_matches_eager() -> None:
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model, registry = build(2, seed=1)
     compiled = torch.compile(model, backend="inductor")
     for q_lens, c_lens, tables in BATCHES:

@@ -15,6 +15,7 @@ from torch._library import opaque_object
 import layerpass.ops  # noqa: F401  (registers the ops)
 from layerpass.envs import HAS_OPAQUE_TYPE, USE_LAYERNAME
 from layerpass.ops import LayerName, LayerNameType, encode_layer_name, op_overload, resolve_layer_name
+from layerpass.ops.library import schema_of
 
 names = st.text(min_size=0, max_size=40)
 LAYER_NAME_OPS = ("unified_attention_with_output", "moe_forward", "moe_forward_shared")
@@ -75,6 +76,6 @@ def test_encode_and_resolve() -> None:
 @pytest.mark.parametrize("op_name", LAYER_NAME_OPS)
 def test_schema_layer_name_type_follows_switch(op_name: str) -> None:
     """The schema is built from ``LayerNameType``: an opaque (non-str) arg when on, ``str`` when off."""
-    (arg,) = [a for a in op_overload(op_name)._schema.arguments if a.name == "layer_name"]
+    (arg,) = [a for a in schema_of(op_overload(op_name)).arguments if a.name == "layer_name"]
     is_str = isinstance(arg.type, torch._C.StringType)
     assert is_str == (not USE_LAYERNAME), str(arg.type)

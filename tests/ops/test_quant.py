@@ -73,15 +73,15 @@ def test_scaled_mm_batched_activations() -> None:
 def test_opcheck() -> None:
     x, s = randn((4, 6), torch.bfloat16, 0), torch.tensor(0.05)
     torch.library.opcheck(quant.default, (x, s))
-    # test_schema compares inputs with allclose, missing for fp8 on CPU: checked by hand instead
-    no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    # opcheck's schema test compares inputs with allclose, missing for fp8 on CPU: checked by hand instead
+    skip_schema_check = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     x_before = x.clone()
-    torch.library.opcheck(quant_out.default, (torch.empty(4, 6, dtype=FP8_DTYPE), x, s), test_utils=no_schema)
+    torch.library.opcheck(quant_out.default, (torch.empty(4, 6, dtype=FP8_DTYPE), x, s), test_utils=skip_schema_check)
     assert torch.equal(x, x_before)
     a = randn((3, 6), torch.float32, 1).to(FP8_DTYPE)
     b = randn((5, 6), torch.float32, 2).to(FP8_DTYPE)
     torch.library.opcheck(mm.default, (a, b, s, torch.tensor(2.0), torch.bfloat16, randn((5,), torch.bfloat16, 3)),
-                          test_utils=no_schema)
+                          test_utils=skip_schema_check)
 
 
 @settings(max_examples=15, deadline=None)

@@ -55,6 +55,22 @@ def test_duplicate_prefix_raises() -> None:
         reg.register("model.layers.0.mlp", nn.Linear(1, 1))
 
 
+def test_layers_with_tensor_follows_the_registry() -> None:
+    """Which layers hold a cache is remembered per registry version, and a dropped layer is gone."""
+    reg, cached, plain = LayerRegistry("m"), nn.Module(), nn.Identity()
+    cached.kv_cache = torch.zeros(1)
+    reg.register("b.attn", cached)
+    reg.register("a.mlp", plain)
+    assert reg.layers_with_tensor(("kv_cache",)) == [("b.attn", cached)]
+    plain.kv_cache = torch.zeros(1)  # no registry change: the remembered answer stands
+    assert reg.layers_with_tensor(("kv_cache",)) == [("b.attn", cached)]
+    reg.register("c.attn", nn.Identity())  # a change: asked again, in name order
+    assert reg.layers_with_tensor(("kv_cache",)) == [("a.mlp", plain), ("b.attn", cached)]
+    del cached
+    gc.collect()
+    assert reg.layers_with_tensor(("kv_cache",)) == [("a.mlp", plain)]
+
+
 @pytest.mark.parametrize("bad", ["", None, 3, LayerName("x")])
 def test_bad_prefix_raises(bad) -> None:
     with pytest.raises(ValueError, match="non-empty str"):

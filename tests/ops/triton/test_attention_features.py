@@ -4,7 +4,6 @@ explicit loops over each request's contiguous history: independent of both kerne
 
 from __future__ import annotations
 
-# First: sets TRITON_INTERPRET before triton is imported, and skips when triton is missing.
 from tests.helpers.triton import load_interpreted
 from tests.helpers.fp8 import assert_fp8_close
 

@@ -17,6 +17,7 @@ import textwrap
 import pytest
 
 from layerpass.ops import OPS, op_overload
+from layerpass.ops.library import schema_of
 from layerpass.ops.triton import TRITON_KERNELS, register_triton_kernels, triton_available, triton_kernel
 
 
@@ -34,7 +35,7 @@ def test_every_kernel_serves_a_registered_op_with_its_signature() -> None:
     assert register_triton_kernels() == list(TRITON_KERNELS)  # idempotent: already done on import
     for op_name in TRITON_KERNELS:
         assert op_name in OPS
-        op_params = [a.name for a in op_overload(op_name)._schema.arguments]
+        op_params = [a.name for a in schema_of(op_overload(op_name)).arguments]
         assert list(inspect.signature(triton_kernel(op_name)).parameters) == op_params, op_name
     with pytest.raises(KeyError, match="no Triton kernel"):
         triton_kernel("scaled_fp8_mm")

@@ -1,11 +1,10 @@
 """The Triton linear-attention kernels (decode recurrence, chunked prefill) against the CPU reference.
 
-They run through the Triton interpreter (``test_triton_common`` sets ``TRITON_INTERPRET=1`` for
-the test process), on CPU tensors here; with a GPU, also through the op's CUDA slot."""
+They run through the Triton interpreter (``tests/helpers/triton.py``, ``conftest.py``), on CPU
+tensors here; with a GPU, also through the op's CUDA slot."""
 
 from __future__ import annotations
 
-# First: sets TRITON_INTERPRET before triton is imported, and skips when triton is missing.
 from tests.helpers.triton import load_interpreted
 
 import pytest  # noqa: E402

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-# First: sets TRITON_INTERPRET before triton is imported, and skips when triton is missing.
 from tests.helpers.triton import load_interpreted
 
 import pytest  # noqa: E402
