@@ -32,6 +32,7 @@ test: install-test
 
 bench: install-bench
 	$(PY) -m layerpass bench
+	$(PY) -m layerpass step-time --models llama --layers 16
 
 $(NEWEST)/bin/python:
 	$(PYTHON) -m venv $(NEWEST)

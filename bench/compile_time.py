@@ -3,13 +3,14 @@
     python -m layerpass.bench.compile_time [--model llama] [--layers 2 8 32] [--json out.json]
 
 Every (layers, switch) cell runs in a FRESH subprocess with an empty layerpass cache dir and an
-empty ``TORCHINDUCTOR_CACHE_DIR``, so nothing is shared between cells: each number is a true
-cold start. ``VLLM_USE_LAYERNAME`` is read at import, which is the other reason for a process per
-cell. The worker builds the model, runs one decode-first step eagerly, compiles with
+empty ``TORCHINDUCTOR_CACHE_DIR`` (``bench/runner.py``), so nothing is shared between cells: each
+number is a true cold start. ``VLLM_USE_LAYERNAME`` is read at import, which is the other reason
+for a process per cell. The worker builds the model, runs one decode-first step eagerly, compiles with
 ``layerpass.compile`` and runs the step once; it reports the compile report's seconds (Dynamo,
 layerpass split + Inductor, total), the piece counts, the first compiled call's wall time and
 the largest difference from eager. With the switch on the unique pieces (and the compile time)
-should stay flat as layers grow; with it off every layer is its own compile.
+should stay flat as layers grow; with it off every layer is its own compile. A cell that fails
+or passes ``--timeout`` is shown as ``-`` with the reason under the table; the other cells still run.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import argparse
 import json
 import re
 import sys
-import time
 from typing import Any
 
-from layerpass.bench.fresh_process import run_cold
+from layerpass.bench.case import first_compiled_call
+from layerpass.bench.runner import FreshRunError, emit_result, run_cold
 
-RESULT_PREFIX = "COMPILE-TIME-RESULT:"
 COLUMNS = [("layers", "{:>6}"), ("switch", "{:>6}"), ("pieces", "{:>6}"), ("unique", "{:>6}"),
            ("compiled", "{:>8}"), ("dynamo_s", "{:>8.2f}"), ("compile_s", "{:>9.2f}"), ("total_s", "{:>8.2f}"),
            ("first_call_s", "{:>12.2f}"), ("process_s", "{:>9.2f}"), ("max_err", "{:>9.1e}")]
@@ -35,39 +35,38 @@ def worker(model_name: str, layers: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)  # the eager reference; compile time is what is measured
     import layerpass
-    from layerpass.models import build_model, make_step
     from layerpass.backend.config import CompilationConfig
 
-    model = build_model(model_name, num_layers=layers)
-    step = make_step(model, num_decodes=2, prefill_lens=[3, 5])
-    with torch.no_grad():
-        ref = step.run(model)
-        compiled = layerpass.compile(model, CompilationConfig())  # cache_dir from LAYERPASS_CACHE_DIR
-        t0 = time.perf_counter()
-        out = step.run(compiled)
-        first = time.perf_counter() - t0
+    run = first_compiled_call(model_name, layers, CompilationConfig())  # cache_dir from LAYERPASS_CACHE_DIR
     r = layerpass.last_compile_report()
     return {"layers": layers, "switch": "on" if layerpass.USE_LAYERNAME else "off", "pieces": r.num_pieces,
             "unique": r.num_unique_pieces, "compiled": r.num_compiled, "cache_hits": r.num_cache_hits,
-            "dynamo_s": r.dynamo_s, "compile_s": r.compile_s, "total_s": r.total_s, "first_call_s": first,
-            "max_err": (out - ref).abs().max().item()}
+            "dynamo_s": r.dynamo_s, "compile_s": r.compile_s, "total_s": r.total_s, "first_call_s": run.first_call_s,
+            "max_err": run.max_abs_err}
 
 
 def run_cell(model_name: str, layers: int, switch_on: bool, timeout: float) -> dict[str, Any]:
-    """``worker`` in a fresh interpreter with empty caches (``bench.fresh_process.run_cold``)."""
-    result, wall = run_cold(["-m", "layerpass.bench.compile_time", "--worker", "--model", model_name, "--layers", str(layers)],
-                            use_layername=switch_on, prefix=RESULT_PREFIX, timeout=timeout,
-                            what=f"{model_name} at {layers} layers")
+    """``worker`` in a fresh interpreter with empty caches; a failure or timeout is a row with an ``error``."""
+    switch = "on" if switch_on else "off"
+    try:
+        result, wall = run_cold(["-m", "layerpass.bench.compile_time", "--worker", "--model", model_name,
+                                 "--layers", str(layers)], use_layername=switch_on, timeout_s=timeout,
+                                what=f"{model_name} at {layers} layers (switch {switch})")
+    except FreshRunError as e:  # the table keeps the cell, with the reason under it
+        return {"layers": layers, "switch": switch, "error": e.reason}
     result["process_s"] = wall
     return result
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a fixed-width table; a failed cell's figures are ``-`` and its reason follows the table."""
     widths = [int(re.match(r"\{:>(\d+)", fmt).group(1)) for _, fmt in COLUMNS]
     header = "  ".join(name.rjust(w) for (name, _), w in zip(COLUMNS, widths))
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append("  ".join(fmt.format(row[name]) for name, fmt in COLUMNS))
+        lines.append("  ".join(fmt.format(row[name]) if name in row else "-".rjust(w)
+                               for (name, fmt), w in zip(COLUMNS, widths)))
+    lines += [row["error"] for row in rows if "error" in row]
     return "\n".join(lines)
 
 
@@ -90,21 +89,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        print(RESULT_PREFIX + json.dumps(worker(args.model, args.layers[0])), flush=True)
+        emit_result(worker(args.model, args.layers[0]))
         return 0
     switches = {"both": [True, False], "on": [True], "off": [False]}[args.switch]
     rows = []
     for layers in args.layers:
         for on in switches:
             rows.append(run_cell(args.model, layers, on, args.timeout))
-            print(f"  {args.model} {layers} layers, switch {rows[-1]['switch']}: {rows[-1]['total_s']:.2f} s",
-                  file=sys.stderr, flush=True)
+            done = rows[-1].get("error") or f"{rows[-1]['total_s']:.2f} s"
+            print(f"  {args.model} {layers} layers, switch {rows[-1]['switch']}: {done}", file=sys.stderr, flush=True)
     print(f"cold compile of {args.model!r}, one fresh process per row (empty layerpass and Inductor caches)")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
-    return 0
+    return 1 if any("error" in row for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """One measurement, run inside its own process: ``python -m layerpass.bench.measure ...``.
 
-The sweep (``bench/sweep.py``) starts this with ``TORCHINDUCTOR_CACHE_DIR`` and
-``LAYERPASS_CACHE_DIR`` pointing at fresh temporary directories (``--phase cold``), then again
-in a new process on the same directories (``--phase warm``). It builds the zoo model, runs the
-step eagerly as the reference, compiles it in the requested mode, times the first call (from the
-compile call to the end of the first compiled step: Dynamo + compile or warm-start load + one
-step) and (cold only) the steady-state step latency of compiled and eager, and writes one JSON
-object. Layerpass modes also record the compile report's ``trace``, ``num_regions`` and
-``warm_start`` (read with ``getattr``: ``None`` on a backend without them).
+The sweep (``bench/sweep.py``) starts this through ``bench/runner.py`` with
+``TORCHINDUCTOR_CACHE_DIR`` and ``LAYERPASS_CACHE_DIR`` pointing at fresh temporary directories
+(``--phase cold``), then again in a new process on the same directories (``--phase warm``). It
+builds the zoo model and its step (``bench/case.py``), runs the step eagerly as the reference,
+compiles it in the requested mode, times the first call (from the compile call to the end of the
+first compiled step: Dynamo + compile or warm-start load + one step) and (cold only) the
+steady-state step latency of compiled and eager, and prints one JSON object as the runner's result
+line (``--out`` also writes it to a file). Layerpass modes also record the compile report's
+``trace``, ``num_regions`` and ``warm_start`` (read with ``getattr``: ``None`` on a backend
+without them). The ``inductor`` and ``regional`` modes compile with Inductor as
+``torch.compile(backend="inductor")`` does (``inductor_backend``).
 
 Why a process per measurement: Dynamo, Inductor and layerpass keep in-process caches; only a
 fresh process measures what a user's first (or restarted) run pays.
@@ -25,12 +28,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .case import build_case
+from .runner import emit_result
+
 MODES = ("layerpass", "layerpass-str", "inductor", "regional")
 PHASES = ("cold", "warm")
-ROW_PREFIX = "LAYERPASS_BENCH_ROW "
-# A fixed decode-first batch: 2 decodes (random history) then prefills of 3 and 5 tokens.
-NUM_DECODES = 2
-PREFILL_LENS = (3, 5)
 
 
 class _CompileClock:
@@ -98,7 +100,7 @@ def _layerpass_stats(before: int) -> dict[str, Any]:
     gives ``None``."""
     from layerpass.backend.report import compile_reports
 
-    reports = compile_reports()[before:]
+    reports = compile_reports(since=before)
     if not reports:
         raise RuntimeError("layerpass mode: the backend produced no compile report (was the model compiled?)")
     matches: dict[str, int] = {}
@@ -123,6 +125,18 @@ def _layerpass_stats(before: int) -> dict[str, Any]:
     }
 
 
+def inductor_backend() -> Callable[..., Any]:
+    """The backend registered as ``"inductor"`` (what ``backend="inductor"`` names), as a function.
+
+    Why not the string: the clock must see the moment Dynamo hands a graph to the backend, to split
+    Dynamo's time from Inductor's the way the layerpass backend reports it, so it wraps a function.
+    ``torch._dynamo.lookup_backend`` (in ``torch._dynamo.__all__``) is how Dynamo itself turns a
+    backend name into that function; torch has no public spelling of it, so it is called here only."""
+    import torch._dynamo
+
+    return torch._dynamo.lookup_backend("inductor")
+
+
 def _build_compiled(model: Any, mode: str, clock: _CompileClock) -> Callable[..., Any]:
     import torch
 
@@ -137,28 +151,25 @@ def _build_compiled(model: Any, mode: str, clock: _CompileClock) -> Callable[...
                 f"VLLM_USE_LAYERNAME={'1' if want else '0'} (the sweep sets it)"
             )
         return layerpass.compile(model, layerpass.CompilationConfig())  # cache dir: $LAYERPASS_CACHE_DIR
-    from torch._inductor.compile_fx import compile_fx
-
     if mode == "regional":
         from layerpass.bench.regional import apply_nested_compile_region
 
         apply_nested_compile_region(model)
     elif mode != "inductor":
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-    return _dynamic_tokens(torch.compile(model, backend=clock.wrap(compile_fx)))
+    return _dynamic_tokens(torch.compile(model, backend=clock.wrap(inductor_backend())))
 
 
 def _import_inductor() -> float:
     """Import Inductor's modules before the clock, the same in every mode, and say how long it took.
 
     Every mode pays this once per process, whether the first call compiles or loads; which mode
-    triggers the import lazily inside its first call must not decide the figure (the old bench
-    imported ``compile_fx`` before the clock for inductor mode only)."""
-    t = time.perf_counter()
-    import torch._inductor.codecache  # noqa: F401
-    import torch._inductor.compile_fx  # noqa: F401
-    import torch._inductor.standalone_compile  # noqa: F401
+    triggers the import lazily inside its first call must not decide the figure. The modules are
+    the ones layerpass's own first call imports (``import_inductor_modules``)."""
+    from layerpass.backend.isa_probe import import_inductor_modules
 
+    t = time.perf_counter()
+    import_inductor_modules()
     return time.perf_counter() - t
 
 
@@ -186,21 +197,19 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
     import torch
 
     import layerpass
-    from layerpass.models import build_model, make_step
-    from layerpass.backend.report import compile_reports
+    from layerpass.backend.report import num_compile_reports
 
     row: dict[str, Any] = {"model": model_name, "layers": layers, "mode": mode, "phase": phase,
                            "use_layername": layerpass.USE_LAYERNAME}
     stage = "build"
     try:
         with torch.no_grad():
-            model = build_model(model_name, num_layers=layers)
-            step = make_step(model, num_decodes=NUM_DECODES, prefill_lens=list(PREFILL_LENS))
+            model, step = build_case(model_name, layers)
             ref = step.run(model)
             stage = "compile"
             row["inductor_import_s"] = _import_inductor()
             clock = _CompileClock()
-            before = len(compile_reports())
+            before = num_compile_reports()
             # "first call": from the compile call (a backend may load a saved program there) to the
             # end of the first compiled step; imports (Inductor's included, above, in every mode), model
             # build and the eager reference are outside
@@ -252,11 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         importlib.import_module(name)
     row = measure(args.model, args.layers, args.mode, args.phase, repeats=args.repeats)
     row["pid"] = os.getpid()
-    text = json.dumps(row)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(text)
-    print(ROW_PREFIX + text, flush=True)
+            json.dump(row, f)
+    emit_result(row)
     return 0 if row["status"] == "ok" else 1
 
 

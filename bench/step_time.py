@@ -1,8 +1,8 @@
 """Steady-state step time: eager vs ``layerpass.compile`` vs plain Inductor, interleaved in one process.
 
-    python -m layerpass.bench.step_time                                  # llama 16 layers, decode + mixed
-    python -m layerpass.bench.step_time --models llama,llama-fp8,moe --layers 16,80
-    python -m layerpass.bench.step_time --models hf-llama --hf-config bench/configs/llama-3.2-1b.json --layers 4
+    layerpass step-time                                  # llama 16 layers, decode + mixed
+    layerpass step-time --models llama,llama-fp8,moe --layers 16,80
+    layerpass step-time --models hf-llama --hf-config bench/configs/llama-3.2-1b.json --layers 4
 
 Each (model, layers) is built once and compiled by each mode (first calls excluded); then the
 modes take turns, one step each, ``--repeats`` times, on the same step inputs, and the median of
@@ -11,7 +11,7 @@ each is reported with the ratios layerpass / eager and layerpass / inductor. Bat
 
 ``--hf-config PATH`` takes a Hugging Face ``config.json`` (or a checkpoint directory holding one):
 the model is built from it with random weights (``num_hidden_layers`` set from ``--layers``) and
-converted with ``from_transformers``; its rows are named ``hf-config:<model_type>``. To run a real
+converted with ``from_transformers``; its rows are the zoo name ``hf-config:PATH``. To run a real
 checkpoint instead, load it with transformers and convert it (README, Hugging Face section).
 
 Timings are single-threaded (``--threads``, default 1) and ratios of one run; there is no time
@@ -56,30 +56,11 @@ class Row:
         return self.layerpass_ms / self.inductor_ms
 
 
-def build(name: str, layers: int, hf_config: str | None) -> torch.nn.Module:
-    if name.startswith("hf-config"):
-        import transformers
-
-        from layerpass.models.hf.zoo import from_config
-
-        cfg = transformers.AutoConfig.from_pretrained(hf_config)
-        cfg.num_hidden_layers = layers
-        for attr in ("layer_types", "mlp_only_layers"):  # per-layer lists follow the layer count
-            value = getattr(cfg, attr, None)
-            if isinstance(value, list) and value:
-                setattr(cfg, attr, (value * layers)[:layers])
-        return from_config(cfg)
-    from layerpass.models import build_model
-
-    return build_model(name, num_layers=layers)
-
-
-def measure(name: str, layers: int, batches: Sequence[str], repeats: int, hf_config: str | None,
-            log: Callable[[str], None]) -> list[Row]:
+def measure(name: str, layers: int, batches: Sequence[str], repeats: int, log: Callable[[str], None]) -> list[Row]:
     import layerpass
-    from layerpass.models import make_step
+    from layerpass.models import build_model, make_step
 
-    model = build(name, layers, hf_config).eval()
+    model = build_model(name, num_layers=layers).eval()
     cache = tempfile.mkdtemp(prefix="layerpass-step-")
     compiled = {
         "eager": model,
@@ -120,9 +101,9 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m layerpass.bench.step_time", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="llama", help="comma-separated zoo names (default llama); with "
-                   "--hf-config, 'hf-config' rows are added")
+    p = argparse.ArgumentParser(prog="layerpass step-time", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="llama", help="comma-separated zoo names (default llama); "
+                   "--hf-config adds an hf-config:PATH row")
     p.add_argument("--layers", default="16", help="comma-separated layer counts (default 16)")
     p.add_argument("--batches", default="decode,mixed", help=f"comma-separated, of {', '.join(BATCHES)}")
     p.add_argument("--repeats", type=int, default=15, help="steps timed per mode (median; default 15)")
@@ -132,9 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     if args.hf_config:
-        if not os.path.exists(args.hf_config):
-            p.error(f"--hf-config {args.hf_config!r}: no such file or directory")
-        models.append("hf-config")
+        models.append(f"hf-config:{os.path.abspath(args.hf_config)}")
+    try:
+        from layerpass.bench.config import check_models
+
+        check_models(models)
+    except ValueError as e:
+        p.error(str(e))
     try:
         layers = [int(n) for n in args.layers.split(",") if n]
     except ValueError:
@@ -149,10 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     for name in models:
         for n in layers:
-            rows += measure(name, n, batches, args.repeats, args.hf_config, lambda s: print(s, file=sys.stderr, flush=True))
+            rows += measure(name, n, batches, args.repeats, lambda s: print(s, file=sys.stderr, flush=True))
     print(table(rows))
     print(f"\n{len(rows)} rows; median of {args.repeats} interleaved steps per mode, {args.threads} thread(s), "
-          f"torch {torch.__version__}.\nCommand: `python -m layerpass.bench.step_time {' '.join(argv or sys.argv[1:])}`")
+          f"torch {torch.__version__}.\nCommand: `layerpass step-time {' '.join(argv if argv is not None else sys.argv[1:])}`")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

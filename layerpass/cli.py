@@ -1,7 +1,9 @@
-"""The ``layerpass`` command line: ``layerpass bench`` and ``layerpass doctor``.
+"""The ``layerpass`` command line: ``layerpass bench``, ``layerpass step-time`` and ``layerpass doctor``.
 
 - ``bench``: compile-time sweep (models x layer counts x modes, a fresh process per cold/warm
   measurement); prints a Markdown table, writes ``results.json`` and PNG plots.
+- ``step-time``: steady-state step time of eager, ``layerpass.compile`` and plain Inductor,
+  interleaved in one process (``bench/step_time.py``, with its own options).
 - ``doctor``: compiles a zoo model and explains pieces that are equal except for constants;
   exits 1 when it finds such avoidable uniqueness (a CI guard).
 
@@ -15,7 +17,8 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -34,13 +37,6 @@ def _csv(kind: type) -> Any:
 
 def _flatten(groups: list[list[Any]] | None) -> list[Any] | None:
     return None if groups is None else [x for g in groups for x in g]
-
-
-def markdown_table(doc: dict[str, Any]) -> str:
-    """The results as Markdown: table, legend, notes, acceptance ratios (``layerpass.bench.summary``)."""
-    from layerpass.bench.summary import markdown_table as table
-
-    return table(doc)
 
 
 def _progress(total: int) -> tuple[Any, Any, Any, Any]:
@@ -80,17 +76,32 @@ def _row_line(row: dict[str, Any]) -> str:
     return text + (f" ({row['reason']})" if row["reason"] else "")
 
 
-def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+@dataclass
+class Subcommand:
+    """A subcommand's parser, what runs it, and the options it declared (in order)."""
+
+    parser: argparse.ArgumentParser
+    run: Callable[[argparse.Namespace, Subcommand], int]
+    options: list[argparse.Action] = field(default_factory=list)
+
+    def option(self, *flags: str, group: Any = None, **kwargs: Any) -> argparse.Action:
+        """``add_argument`` on the parser (or one of its groups), remembering the option."""
+        action = (group or self.parser).add_argument(*flags, **kwargs)
+        self.options.append(action)
+        return action
+
+
+def _command(args: argparse.Namespace, bench: Subcommand) -> str:
     """The bench command line that gives this sweep (options that differ from their defaults)."""
     import shlex
 
     parts = ["layerpass", "bench"]
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if not action.option_strings or action.dest in ("help", "budget") or value == action.default or value is None:
+    for action in bench.options:
+        value = getattr(args, action.dest)
+        if value == action.default or value is None:
             continue
         flag = action.option_strings[-1]
-        if isinstance(action, argparse._StoreTrueAction):
+        if action.nargs == 0:  # a switch (store_true)
             parts.append(flag)
         elif action.dest in ("models", "layers", "modes"):
             parts += [flag, ",".join(str(v) for v in _flatten(value) or [])]
@@ -102,24 +113,25 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     return shlex.join(parts)
 
 
-def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_bench(args: argparse.Namespace, bench: Subcommand) -> int:
     import shutil
 
     from layerpass.bench import sweep
+    from layerpass.bench.config import SweepConfig, check_models
+    from layerpass.bench.summary import markdown_table
 
     preset = "quick" if args.quick else "full" if args.full else "default"
     try:
-        cfg = sweep.SweepConfig(models=_flatten(args.models), layers=_flatten(args.layers), modes=_flatten(args.modes),
-                                preset=preset, out_dir=args.out, timeout_s=args.timeout,
-                                timeout_scale=args.timeout_scale, repeats=args.repeats, threads=args.threads,
-                                jobs=args.jobs, rel_tolerance=args.tolerance, imports=tuple(args.imports),
-                                keep_cache=args.keep_cache, command=_command(args, parser))
-        sweep.check_models(cfg.models, cfg.imports)
+        models = _flatten(args.models)
+        if args.hf_config is not None:  # a Hugging Face config at its real widths, as the zoo name hf-config:PATH
+            models = [*(models or []), f"hf-config:{os.path.abspath(args.hf_config)}"]
+        cfg = SweepConfig(models=models, layers=_flatten(args.layers), modes=_flatten(args.modes),
+                          preset=preset, out_dir=args.out, timeout_s=args.timeout, timeout_scale=args.timeout_scale,
+                          repeats=args.repeats, threads=args.threads, jobs=args.jobs, rel_tolerance=args.tolerance,
+                          imports=tuple(args.imports), keep_cache=args.keep_cache, command=_command(args, bench))
+        check_models(cfg.models, cfg.imports)
     except (ValueError, ImportError) as e:
-        parser.error(str(e))
-    if args.budget:  # 0 meant "unlimited", which every sweep now is
-        parser.error(f"--budget {args.budget:g}: there is no sweep budget any more (a slow machine must not lose rows); "
-                     "drop the option. Each measurement has its own limit: --timeout / --timeout-scale")
+        bench.parser.error(str(e))
     order = sweep.plan(cfg)
     limits = ", ".join(f"{n} layers {cfg.timeout(n):.0f} s" for n in cfg.layers)
     rows = f"{len(order)} row{'' if len(order) == 1 else 's'}"
@@ -154,7 +166,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 1 if args.strict and bad else 0
 
 
-def cmd_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_doctor(args: argparse.Namespace, doctor: Subcommand) -> int:
     import importlib
 
     import torch
@@ -166,9 +178,9 @@ def cmd_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     for name in args.imports:
         importlib.import_module(name)
     if args.model not in registered_models():
-        parser.error(f"unknown model {args.model!r}; registered models: {', '.join(registered_models())}")
+        doctor.parser.error(f"unknown model {args.model!r}; registered models: {', '.join(registered_models())}")
     if args.layers < 1:
-        parser.error(f"--layers must be >= 1, got {args.layers}")
+        doctor.parser.error(f"--layers must be >= 1, got {args.layers}")
     torch.set_num_threads(args.threads)
     config = CompilationConfig(split=args.split, cache_dir=tempfile.mkdtemp(prefix="layerpass-doctor-"), disable_cache=True)
     model = build_model(args.model, num_layers=args.layers)
@@ -178,15 +190,11 @@ def cmd_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0 if report.ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _bench(subparsers: Any) -> Subcommand:
+    from layerpass.bench.config import DEFAULT_JOBS, TIMEOUT_BASE_S, TIMEOUT_PER_LAYER_S
     from layerpass.bench.measure import MODES
 
-    p = argparse.ArgumentParser(prog="layerpass", description="layerpass: compile-time benchmarks and diagnostics")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{bench,doctor}")
-
-    from layerpass.bench.sweep import DEFAULT_JOBS, TIMEOUT_BASE_S, TIMEOUT_PER_LAYER_S
-
-    b = sub.add_parser(
+    b = Subcommand(subparsers.add_parser(
         "bench", help="compile-time sweep: models x layers x modes (cold and warm)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compile-time sweep; each cold/warm measurement runs in a fresh process, one at a time.\n\n"
@@ -203,66 +211,99 @@ def build_parser() -> argparse.ArgumentParser:
                     f"time limit only a hung one should reach: {TIMEOUT_BASE_S:.0f} s + {TIMEOUT_PER_LAYER_S:.0f} s per layer "
                     "(--timeout-scale multiplies it; --timeout fixes it).\n"
                     "Prints a Markdown table (with the acceptance ratios); writes results.json and results.md\n"
-                    "after every row, and PNG plots at the end.")
-    size = b.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true",
-                      help="llama, 2 and 80 layers, layerpass vs inductor: the depth-free claim and every llama "
-                           "acceptance ratio in 4 rows (about 5 minutes on 2 idle cores)")
-    size.add_argument("--full", action="store_true",
-                      help="every model (llama,llama-fp8,moe) x 2,8,32,80 layers x all four modes (48 rows; an hour "
-                           "or more on 2 cores)")
-    b.add_argument("--models", type=_csv(str), action="append",
-                   help="comma-separated zoo models (custom sweep; default: llama,llama-fp8,moe)")
-    b.add_argument("--layers", type=_csv(int), action="append",
-                   help="comma-separated layer counts (custom sweep; default: 2,8,32,80)")
-    b.add_argument("--modes", type=_csv(str), action="append",
-                   help=f"comma-separated modes (custom sweep; default: layerpass,inductor; any of {','.join(MODES)})")
-    b.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
-    b.add_argument("--docs", metavar="DIR", default=None,
-                   help="also copy results.md and the plots into DIR (e.g. docs)")
-    b.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
-                   help=f"measurements at once, each single-threaded (default {DEFAULT_JOBS}: they never compete for "
-                        "the cores; more is faster but noisier)")
-    b.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help=f"fixed time limit per measurement process (default: scaled to size, {TIMEOUT_BASE_S:.0f} s + "
-                        f"{TIMEOUT_PER_LAYER_S:.0f} s per layer: {TIMEOUT_BASE_S + 2 * TIMEOUT_PER_LAYER_S:.0f} s at 2 layers, "
-                        f"{TIMEOUT_BASE_S + 80 * TIMEOUT_PER_LAYER_S:.0f} s at 80); a (model, mode) that times out "
-                        "skips its larger layer counts")
-    b.add_argument("--timeout-scale", type=float, default=1.0, metavar="FACTOR",
-                   help="multiply the scaled default time limit (a much slower machine; default 1)")
-    b.add_argument("--budget", type=float, default=None,
-                   help="removed: there is no sweep budget; only 0 (unlimited) is still accepted, for old scripts")
-    b.add_argument("--repeats", type=int, default=20, help="steady-state steps timed per row (median; default 20)")
-    b.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads in each measurement (default 1)")
-    b.add_argument("--tolerance", type=float, default=0.05,
-                   help="max abs error vs eager allowed, relative to max(1, max |logits|) (default 0.05)")
-    b.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (it registers extra models); repeatable")
-    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    b.add_argument("--keep-cache", action="store_true", help="keep the per-measurement cache directories")
-    b.add_argument("--strict", action="store_true", help="exit 1 if any row is not ok")
-    b.set_defaults(func=cmd_bench, parser=b)
+                    "after every row, and PNG plots at the end."), cmd_bench)
+    size = b.parser.add_mutually_exclusive_group()
+    b.option("--quick", group=size, action="store_true",
+             help="llama, 2 and 80 layers, layerpass vs inductor: the depth-free claim and every llama "
+                  "acceptance ratio in 4 rows (about 5 minutes on 2 idle cores)")
+    b.option("--full", group=size, action="store_true",
+             help="every model (llama,llama-fp8,moe) x 2,8,32,80 layers x all four modes (48 rows; an hour "
+                  "or more on 2 cores)")
+    b.option("--models", type=_csv(str), action="append",
+             help="comma-separated zoo models (custom sweep; default: llama,llama-fp8,moe)")
+    b.option("--hf-config", metavar="PATH", default=None,
+             help="also (or, without --models, only) the Hugging Face model of this config.json or checkpoint "
+                  "directory, random weights at its real widths, --layers decoder layers (row name hf-config:PATH)")
+    b.option("--layers", type=_csv(int), action="append",
+             help="comma-separated layer counts (custom sweep; default: 2,8,32,80)")
+    b.option("--modes", type=_csv(str), action="append",
+             help=f"comma-separated modes (custom sweep; default: layerpass,inductor; any of {','.join(MODES)})")
+    b.option("--out", default="bench-results", help="output directory (default: bench-results)")
+    b.option("--docs", metavar="DIR", default=None, help="also copy results.md and the plots into DIR (e.g. docs)")
+    b.option("--jobs", type=int, default=DEFAULT_JOBS,
+             help=f"measurements at once, each single-threaded (default {DEFAULT_JOBS}: they never compete for "
+                  "the cores; more is faster but noisier)")
+    b.option("--timeout", type=float, default=None, metavar="SECONDS",
+             help=f"fixed time limit per measurement process (default: scaled to size, {TIMEOUT_BASE_S:.0f} s + "
+                  f"{TIMEOUT_PER_LAYER_S:.0f} s per layer: {TIMEOUT_BASE_S + 2 * TIMEOUT_PER_LAYER_S:.0f} s at 2 layers, "
+                  f"{TIMEOUT_BASE_S + 80 * TIMEOUT_PER_LAYER_S:.0f} s at 80); a (model, mode) that times out "
+                  "skips its larger layer counts")
+    b.option("--timeout-scale", type=float, default=1.0, metavar="FACTOR",
+             help="multiply the scaled default time limit (a much slower machine; default 1)")
+    b.option("--repeats", type=int, default=20, help="steady-state steps timed per row (median; default 20)")
+    b.option("--threads", type=int, default=1, help="torch/OpenMP threads in each measurement (default 1)")
+    b.option("--tolerance", type=float, default=0.05,
+             help="max abs error vs eager allowed, relative to max(1, max |logits|) (default 0.05)")
+    b.option("--import", dest="imports", action="append", default=[], metavar="MODULE",
+             help="import MODULE first (it registers extra models); repeatable")
+    b.option("--no-plots", action="store_true", help="skip the PNG plots")
+    b.option("--keep-cache", action="store_true", help="keep the per-measurement cache directories")
+    b.option("--strict", action="store_true", help="exit 1 if any row is not ok")
+    return b
 
-    d = sub.add_parser("doctor", help="explain compiled pieces that differ only in constants",
-                       description="Compile a zoo model through the layerpass backend and explain pieces that are "
-                                   "equal except for constants; exit 1 if there are any.")
-    d.add_argument("--model", required=True, help="zoo model name (e.g. moe)")
-    d.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    d.add_argument("--split", choices=("layers", "ops"), default="layers", help="backend split mode (default layers)")
-    d.add_argument("--no-compile", action="store_true",
-                   help="split and hash like the backend but skip Inductor (seconds instead of minutes)")
-    d.add_argument("--max-findings", type=int, default=5, help="findings printed in full (default 5)")
-    d.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    d.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (it registers extra models); repeatable")
-    d.set_defaults(func=cmd_doctor, parser=d)
-    return p
+
+def _doctor(subparsers: Any) -> Subcommand:
+    d = Subcommand(subparsers.add_parser(
+        "doctor", help="explain compiled pieces that differ only in constants",
+        description="Compile a zoo model through the layerpass backend and explain pieces that are "
+                    "equal except for constants; exit 1 if there are any."), cmd_doctor)
+    d.option("--model", required=True, help="zoo model name (e.g. moe)")
+    d.option("--layers", type=int, default=4, help="decoder layers (default 4)")
+    d.option("--split", choices=("layers", "ops"), default="layers", help="backend split mode (default layers)")
+    d.option("--no-compile", action="store_true",
+             help="split and hash like the backend but skip Inductor (seconds instead of minutes)")
+    d.option("--max-findings", type=int, default=5, help="findings printed in full (default 5)")
+    d.option("--threads", type=int, default=1, help="torch threads (default 1)")
+    d.option("--import", dest="imports", action="append", default=[], metavar="MODULE",
+             help="import MODULE first (it registers extra models); repeatable")
+    return d
+
+
+def cmd_step_time(args: argparse.Namespace, _: Subcommand) -> int:
+    from layerpass.bench import step_time
+
+    return step_time.main(args.step_time_args)
+
+
+def _step_time(subparsers: Any) -> Subcommand:
+    # the options are step_time's own (``layerpass step-time --help`` prints them): passed on whole
+    return Subcommand(subparsers.add_parser(
+        "step-time", add_help=False,
+        help="steady-state step time: eager vs layerpass.compile vs plain Inductor, interleaved in one process"),
+        cmd_step_time)
+
+
+def build_cli() -> tuple[argparse.ArgumentParser, dict[str, Subcommand]]:
+    """The ``layerpass`` parser and its subcommands by name (kept here, not read back from argparse)."""
+    parser = argparse.ArgumentParser(prog="layerpass", description="layerpass: compile-time benchmarks and diagnostics")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{bench,step-time,doctor}")
+    return parser, {"bench": _bench(subparsers), "step-time": _step_time(subparsers), "doctor": _doctor(subparsers)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``layerpass`` argument parser."""
+    return build_cli()[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.func(args, args.parser))  # the subcommand's parser reports its usage errors
+    parser, subcommands = build_cli()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "step-time":
+        args.step_time_args = rest  # step_time's own parser reads (and reports) them
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    command = subcommands[args.command]
+    return int(command.run(args, command))  # the subcommand's parser reports its usage errors
 
 
 if __name__ == "__main__":
