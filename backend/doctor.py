@@ -1,12 +1,14 @@
-"""The uniqueness doctor: why are pieces of a compiled model not shared?
+"""The doctor: why does a compiled model compile more than it should?
 
-The backend compiles one artifact per distinct piece hash. Two pieces whose structure is
-identical (equal ``shape_key``) but whose full hash differs are different *only* because of
-constants baked into the graph, typically a layer's name passed to an op as a ``str``: every
-layer then costs its own Inductor compile, though one would serve all of them. The doctor
-groups pieces by ``shape_key``, prints the constants that differ and the op each one feeds,
-and says how to fix it. Structural differences (prologue, epilogue, layer 0 without a
-residual) are expected and not reported as problems.
+Two analyses of one model on one example:
+
+- The whole model (``torch.compile`` with the layerpass backend, split per layer): pieces equal
+  except for constants, which compile apart though one artifact would serve them all
+  (``doctor_findings.py``: which constants, the op each one feeds, how to fix it).
+- ``layerpass.compile`` (the default path; ``compile=True`` only, it runs Inductor): whether the
+  decoder layers ran as regions, and if not why (a graph break, no repeated layers, ...); per group
+  of layers the layer class, the region program's pieces and how they were obtained; the fusions;
+  region programs compiled apart only for their constants (``doctor_regions.py``).
 
 ``diagnose(model, example)`` works on any model: ``example`` is either the positional inputs
 or a callable that runs a given function on them inside whatever context the model needs
@@ -17,55 +19,18 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 import layerpass
-from layerpass.ops.library import op_name
+
+from .doctor_findings import Finding, PieceRecord, find_avoidable
+from .doctor_regions import RegionsDiagnosis, read_regions_report
 
 Example = Sequence[Any] | Callable[[Callable[..., Any]], Any]
-
-
-@dataclass
-class PieceRecord:
-    """One compiled piece as the doctor sees it."""
-
-    name: str
-    layer: int | None
-    key: str
-    shape_key: str
-    constants: list[tuple[str, str, Any]] = field(default_factory=list)  # (node, op target, str value)
-
-
-@dataclass
-class ConstantDiff:
-    op: str  # the op the constant is an argument of, e.g. "layerpass.moe_forward"
-    value_a: Any
-    value_b: Any
-    is_layer_name: bool
-
-
-@dataclass
-class Finding:
-    """Two pieces with one structure that still compile separately."""
-
-    piece_a: str
-    piece_b: str
-    diffs: list[ConstantDiff]
-    advice: str
-
-    def message(self) -> str:
-        if not self.diffs:
-            return (f"pieces {self.piece_a} and {self.piece_b} have one structure but differ in non-str "
-                    f"constants (opaque objects or other values baked into the graph): {self.advice}")
-        parts = []
-        for d in self.diffs:
-            parts.append(f"the {type(d.value_b).__name__} constant {d.value_b!r} (vs {d.value_a!r}) passed to {d.op}")
-        what = parts[0] if len(parts) == 1 else "; ".join(parts)
-        return f"pieces {self.piece_a} and {self.piece_b} differ only in {what}: {self.advice}"
 
 
 @dataclass
@@ -74,6 +39,7 @@ class DoctorReport:
     findings: list[Finding]
     compiled: bool  # True: through the real backend (Inductor ran); False: analysis only
     use_layername: bool
+    regions: RegionsDiagnosis | None = None  # what layerpass.compile did (compile=True only)
 
     @property
     def num_unique(self) -> int:
@@ -90,7 +56,7 @@ class DoctorReport:
 
     @property
     def ok(self) -> bool:
-        return self.avoidable == 0
+        return self.avoidable == 0 and (self.regions is None or self.regions.ok)
 
     def format(self, max_findings: int = 5) -> str:
         lines = [
@@ -99,74 +65,17 @@ class DoctorReport:
             f"({'compiled through the backend' if self.compiled else 'analysis only, no Inductor'}; "
             f"VLLM_USE_LAYERNAME switch {'on' if self.use_layername else 'off'})"
         ]
-        if self.ok:
+        if self.avoidable == 0:
             lines.append("OK: every piece that shares a structure shares one compiled artifact.")
-            return "\n".join(lines)
-        lines.append(f"PROBLEM: {self.avoidable} avoidable compile(s): pieces equal except for constants.")
-        for f in self.findings[:max_findings]:
-            lines.append(f"  - {f.message()}")
-        if len(self.findings) > max_findings:
-            lines.append(f"  ... and {len(self.findings) - max_findings} more such piece(s)")
+        else:
+            lines.append(f"PROBLEM: {self.avoidable} avoidable compile(s): pieces equal except for constants.")
+            for f in self.findings[:max_findings]:
+                lines.append(f"  - {f.message()}")
+            if len(self.findings) > max_findings:
+                lines.append(f"  ... and {len(self.findings) - max_findings} more such piece(s)")
+        if self.regions is not None:
+            lines.append(self.regions.format(max_findings))
         return "\n".join(lines)
-
-
-def _op_label(target: str) -> str:
-    """A readable op name (``op_name``): ``layerpass.moe_forward`` for ``layerpass.moe_forward.default``
-    or ``torch._ops.layerpass.<module noise>.moe_forward``; a non-default overload is kept."""
-    name = op_name(target, overload=True) or target
-    return name[: -len(".default")] if name.endswith(".default") else name
-
-
-def _layer_names(model: nn.Module) -> set[str]:
-    names = {n for n, _ in model.named_modules() if n}
-    registry = getattr(model, "layer_registry", None)
-    if registry is not None:
-        names.update(registry.names())
-    return names
-
-
-def _advice(diffs: list[ConstantDiff]) -> str:
-    if not diffs:
-        return "make these values identical across layers or pass them as inputs"
-    if any(d.is_layer_name for d in diffs):
-        if not layerpass.HAS_OPAQUE_TYPE:
-            return (f"this torch ({torch.__version__}) has no hoisted opaque types, so layer names stay str "
-                    "constants; torch>=2.11 shares one compile across layers")
-        if not layerpass.USE_LAYERNAME:
-            return "VLLM_USE_LAYERNAME is off, so layer names are str constants: turn it on (unset it or set 1)"
-        return ("pass a LayerName instead (layerpass.ops.encode_layer_name(prefix) inside forward, "
-                "the op's argument typed LayerNameType)")
-    return "this str is baked into the graph: pass it as an input or make it the same in every layer"
-
-
-def _diff(a: PieceRecord, b: PieceRecord, layer_names: set[str]) -> list[ConstantDiff]:
-    if len(a.constants) == len(b.constants):
-        pairs = zip(a.constants, b.constants)
-        return [ConstantDiff(_op_label(cb[1]), ca[2], cb[2], cb[2] in layer_names or ca[2] in layer_names)
-                for ca, cb in pairs if ca[2] != cb[2] or ca[1] != cb[1]]
-    # Equal structure implies equal constant positions; be robust anyway.
-    va = {(c[1], c[2]) for c in a.constants}
-    return [ConstantDiff(_op_label(t), None, v, v in layer_names) for t, v in ((c[1], c[2]) for c in b.constants)
-            if (t, v) not in va]
-
-
-def find_avoidable(pieces: Sequence[PieceRecord], model: nn.Module | None = None) -> list[Finding]:
-    """One finding per piece whose key differs from the first piece of its structure group."""
-    names = _layer_names(model) if model is not None else set()
-    groups: dict[str, list[PieceRecord]] = {}
-    for p in pieces:
-        groups.setdefault(p.shape_key, []).append(p)
-    findings = []
-    for group in groups.values():
-        first = group[0]
-        seen = {first.key}
-        for p in group[1:]:
-            if p.key in seen:
-                continue
-            seen.add(p.key)
-            diffs = _diff(first, p, names)
-            findings.append(Finding(first.name, p.name, diffs, _advice(diffs)))
-    return findings
 
 
 class _AnalysisBackend:
@@ -230,18 +139,34 @@ def _prefixed(graphs: list[list[PieceRecord]]) -> list[PieceRecord]:
     return out
 
 
+def _regions(model: nn.Module, example: Example, config: Any) -> RegionsDiagnosis:
+    """Run ``example`` through ``layerpass.compile(model, config)`` and read what it did: the report
+    of a call that left regions if there is one (that is the problem to show), else the first's."""
+    from layerpass.backend.report import compile_reports, num_compile_reports
+
+    mark = num_compile_reports()
+    _run_example(example, layerpass.compile(model, config))
+    reports = compile_reports(since=mark)
+    if not reports:
+        raise RuntimeError("doctor: layerpass.compile published no report for the example")
+    report = next((r for r in reports if r.trace != "regions"), reports[0])
+    return read_regions_report(report, model)
+
+
 def diagnose(model: nn.Module, example: Example, *, compile: bool = True, config: Any = None) -> DoctorReport:
-    """Compile ``model`` on ``example`` and explain pieces that are equal except for constants.
+    """Compile ``model`` on ``example``; explain pieces that are equal except for constants and,
+    with ``compile=True``, what ``layerpass.compile`` did with the decoder layers.
 
     - ``example``: the positional inputs, or ``run(fn)`` that calls ``fn`` on them (``Step.run``).
     - ``compile=True`` goes through the real backend on the whole model (Inductor per unique piece,
-      cache disabled); ``compile=False`` splits and hashes identically but runs eagerly (seconds, not minutes).
+      cache disabled), then through ``layerpass.compile`` (regions); ``compile=False`` splits and
+      hashes the whole model identically but runs eagerly (seconds, not minutes), and skips regions.
     - ``config``: a ``CompilationConfig`` (its ``split`` decides the pieces).
 
-    Calls ``torch._dynamo.reset()`` first, so the model is traced afresh even if it was compiled
+    Calls ``torch.compiler.reset()`` first, so the model is traced afresh even if it was compiled
     before (other compiled functions of the process recompile on their next call)."""
     from layerpass.backend.config import CompilationConfig
-    from layerpass.backend.report import compile_reports
+    from layerpass.backend.report import compile_reports, num_compile_reports
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"doctor: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -249,16 +174,16 @@ def diagnose(model: nn.Module, example: Example, *, compile: bool = True, config
         config = CompilationConfig(cache_dir=tempfile.mkdtemp(prefix="layerpass-doctor-"), disable_cache=True)
     elif not isinstance(config, CompilationConfig):
         raise TypeError(f"doctor: config must be a layerpass CompilationConfig, got {type(config).__name__}")
-    torch._dynamo.reset()  # a model compiled before in this process must be traced again
+    torch.compiler.reset()  # a model compiled before in this process must be traced again
     if compile:
         from layerpass.backend.compiler import LayerpassBackend
 
         # the whole model through the real backend, as the analysis below sees it (not per region)
-        before = len(compile_reports())
+        mark = num_compile_reports()
         compiled = torch.compile(model, backend=LayerpassBackend(config))
         _run_example(example, _mark_dynamic(compiled) if config.dynamic_tokens else compiled)
         graphs = []
-        for report in compile_reports()[before:]:
+        for report in compile_reports(since=mark):
             graphs.append([PieceRecord(p.name, p.layer, p.key, p.shape_key or p.key, list(p.constants))
                            for p in report.pieces if p.kind == "compiled" and p.key is not None])
     else:
@@ -269,4 +194,5 @@ def diagnose(model: nn.Module, example: Example, *, compile: bool = True, config
     if not graphs:
         raise RuntimeError("doctor: the example never reached the compiler (no graph was captured)")
     pieces = _prefixed(graphs)
-    return DoctorReport(pieces, find_avoidable(pieces, model), compile, layerpass.USE_LAYERNAME)
+    regions = _regions(model, example, config) if compile else None
+    return DoctorReport(pieces, find_avoidable(pieces, model), compile, layerpass.USE_LAYERNAME, regions)

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import layerpass
-from layerpass.backend.doctor import DoctorReport, PieceRecord, _op_label, diagnose, find_avoidable
+from layerpass.backend.doctor import DoctorReport, diagnose
+from layerpass.backend.doctor_findings import PieceRecord
+from tests.helpers import backend as bh
 from layerpass.ops import (
     LayerNameType,
     LayerRegistry,
@@ -132,26 +134,11 @@ def test_healthy_model_is_ok_and_all_broken_names_the_constants() -> None:
                "layerpass.doctor_test_scale_by_str: pass a LayerName instead" in ln for ln in lines), lines
 
 
-def test_findings_on_hand_built_records() -> None:
-    """The grouping logic alone: equal shape_key + different key -> finding; a non-str difference says so."""
-    a = PieceRecord("p1", 1, "k1", "s", [("n1", "mylib.op.default", "x.1")])
-    b = PieceRecord("p2", 2, "k2", "s", [("n7", "mylib.op.default", "x.2")])
-    c = PieceRecord("p3", 3, "k1", "s", [("n9", "mylib.op.default", "x.1")])
-    d = PieceRecord("p4", 4, "k3", "s", [("n9", "mylib.op.default", "x.1")])
-    e = PieceRecord("p5", None, "k4", "t", [])
-    findings = find_avoidable([a, b, c, d, e])
-    assert [(f.piece_a, f.piece_b) for f in findings] == [("p1", "p2"), ("p1", "p4")]
-    assert findings[0].diffs[0].op == "mylib.op" and not findings[0].diffs[0].is_layer_name
-    assert "baked into the graph" in findings[0].advice
-    assert findings[1].diffs == [] and "non-str constants" in findings[1].message()
-    report = DoctorReport([a, b, c, d, e], findings, compiled=False, use_layername=True)
-    assert (report.num_unique, report.num_structures, report.avoidable) == (4, 2, 2)
-
-
-def test_op_label() -> None:
-    assert _op_label("layerpass.moe_forward.default") == "layerpass.moe_forward"
-    assert _op_label("torch._ops.layerpass.some_module_noise.moe_forward") == "layerpass.moe_forward"
-    assert _op_label("aten.add.Tensor") == "aten.add.Tensor"
+def test_report_counts_unique_pieces_structures_and_avoidable_compiles() -> None:
+    records = [PieceRecord(name, None, key, shape) for name, key, shape in
+               (("p1", "k1", "s"), ("p2", "k2", "s"), ("p3", "k1", "s"), ("p4", "k3", "t"))]
+    report = DoctorReport(records, [], compiled=False, use_layername=True)
+    assert (report.num_unique, report.num_structures, report.avoidable, report.ok) == (3, 2, 1, False)
 
 
 def test_bad_arguments_are_named() -> None:
@@ -209,3 +196,40 @@ def test_through_the_real_backend() -> None:
 
     assert pattern(real) == pattern(fast) == [0, 1, 2, 3, 4]
     assert [f.message() for f in real.findings] == [f.message() for f in fast.findings]
+
+
+# ---------------------------------------------------------------- the regions path (layerpass.compile)
+@needs_layername
+def test_regions_are_diagnosed_per_layer_group() -> None:
+    """Broken blocks bake their name in: each is a region and a compile of its own (a finding); the
+    healthy block's region differs in structure. A healthy stack is one region, and OK."""
+    x = torch.randn(4, HIDDEN)
+    broken = Stack([True, True, False]).eval()
+    regions = diagnose(broken, runner(broken, x)).regions
+    assert regions is not None and regions.trace == "regions" and regions.num_regions == 3, regions
+    assert [(g.layer_class, g.layers) for g in regions.groups] == [("Block", [0]), ("Block", [1]), ("Block", [2])]
+    assert [(f.piece_a, f.piece_b) for f in regions.findings] == [("layer 0", "layer 1")]
+    healthy = Stack([False] * 3).eval()
+    report = diagnose(healthy, runner(healthy, x))
+    assert report.ok and report.regions.num_regions == 1 and [g.layers for g in report.regions.groups] == [[0, 1, 2]]
+    assert "3 decoder layers in 1 region(s)" in report.format()
+
+
+class Branches(nn.Module):
+    """Python control flow on a tensor's value: a graph break, so this layer cannot be a region."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return h if h.sum() > 0 else -h
+
+
+def test_a_layer_with_a_graph_break_is_named_with_the_reason() -> None:
+    model = bh.Chain([Branches(), Branches()]).eval()
+    report = diagnose(model, (torch.randn(3, HIDDEN),))
+    assert not report.ok and report.regions is not None and report.regions.trace.startswith("eager")
+    assert any("Branches cannot be traced as a region" in n for n in report.regions.notes), report.regions.notes
+    assert "did not run as regions" in report.format()
