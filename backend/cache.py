@@ -33,7 +33,7 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -69,7 +69,7 @@ class ArtifactCache:
                 raise ValueError(f"format {meta.get('format')!r} != {FORMAT_VERSION}")
             if meta.get("key") != key:
                 raise ValueError(f"the entry belongs to key {meta.get('key')!r} (moved or swapped)")
-            if _sha256(art_path) != meta["sha256"]:
+            if file_sha256(art_path) != meta["sha256"]:
                 raise ValueError("artifact checksum mismatch (truncated or corrupted)")
             artifact = torch._inductor.CompiledArtifact.load(path=art_path, format="binary")
         except Exception as e:
@@ -104,7 +104,7 @@ class ArtifactCache:
             tmp = tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=os.path.dirname(final))
             art_path = os.path.join(tmp, "artifact.bin")
             artifact.save(path=art_path, format="binary")
-            meta = dict(meta, key=key, format=FORMAT_VERSION, sha256=_sha256(art_path))
+            meta = dict(meta, key=key, format=FORMAT_VERSION, sha256=file_sha256(art_path))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=2, default=str)
             try:

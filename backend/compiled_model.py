@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from .aot import has_aot_api
 from .compiler import LayerpassBackend, mark_token_dims
 from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
 from .regions import Regions, RegionsRun, find_layer_container
-from .report import CompileReport, PieceInfo, publish
-from .warm_start import ProgramStore, has_aot_api
+from .report import CompileReport, publish
+from .warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
 
@@ -86,8 +88,9 @@ class CompiledModel(nn.Module):
         if self.config.dynamic_tokens and not self.model.training:
             # (training-mode ops such as dropout guard on the token count: left to Dynamo's dynamism)
             mark_token_dims([*args, *kwargs.values()])
-        calls = self.backend.num_calls
+        calls, t0 = self.backend.num_calls, time.perf_counter()
         out = self.compiled(*args, **kwargs)
+        wall = time.perf_counter() - t0
         if self.backend.num_calls == 0:
             # Dynamo gave up before reaching the backend (e.g. its recompile limit for this
             # forward's code object): the model ran eagerly. Say so instead of pretending.
@@ -97,7 +100,11 @@ class CompiledModel(nn.Module):
                 "compilation disabled); raise torch._dynamo.config.recompile_limit or call torch.compiler.reset()"
             )
         if self.backend.num_calls > calls and self.backend.last_report is not None:
-            self.backend.last_report.notes.append(f"whole model traced: {self.trace_note}")
+            report = self.backend.last_report
+            report.notes.append(f"whole model traced: {self.trace_note}")
+            # Dynamo's share: the traced call's wall time less the backend's (and one run of the program)
+            report.dynamo_s = max(0.0, wall - report.compile_s)
+            report.total_s = report.dynamo_s + report.compile_s
         return out
 
     def _run_regions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -126,45 +133,18 @@ class CompiledModel(nn.Module):
         return out
 
     def _regions_report(self, run: RegionsRun) -> CompileReport:
+        """This call's report: each layer's use of its region merged in, what obtaining a region
+        cost counted at its first use in the call that traced or loaded it."""
         assert self.regions is not None
-        cfg = self.config
-        new = {id(r) for r in run.new_regions}
-        report = CompileReport(split=cfg.split, trace="regions", recompiles=max(0, self._region_calls_with_new - 1))
+        report = CompileReport(split=self.config.split, trace="regions",
+                               recompiles=max(0, self._region_calls_with_new - 1))
         report.num_regions = len({id(r) for _, r in run.layer_regions} | {id(r) for r in self.regions.last.values()})
         store = self.regions.store
         report.warm_start = "off (disable_cache=True)" if store is None else store.status
-        keys: set[str] = set()
-        first_use: set[int] = set()
+        new = {id(r) for r in run.new_regions}
         for index, region in run.layer_regions:
-            r = region.report
-            first = id(region) in new and id(region) not in first_use
-            first_use.add(id(region))
-            for p in r.pieces:
-                source = p.source if first else ("eager" if p.kind == "eager" else "shared")
-                report.pieces.append(PieceInfo(p.name, p.kind, p.key, index, source, p.constants, p.shape_key))
-                if p.kind == "compiled":
-                    report.num_pieces += 1
-                    keys.add(p.key)  # type: ignore[arg-type]
-                else:
-                    report.num_eager_pieces += 1
-            for name, n in r.matches.items():
-                report.matches[name] = report.matches.get(name, 0) + n
-            for name, n in r.registrations.items():
-                report.registrations[name] = max(report.registrations.get(name, 0), n)
-        used = list({id(r): r for _, r in run.layer_regions}.values())
-        for region in (r for r in used if id(r) in new):
-            r = region.report
-            report.num_compiled += r.num_compiled
-            report.num_cache_hits += r.num_cache_hits
-            report.dynamo_s += region.dynamo_s
-            report.compile_s += r.compile_s
-            report.pass_failures.extend(r.pass_failures)
-            report.notes.extend(n for n in r.notes if n not in report.notes)
-            for name, n in r.matches_compiled.items():
-                report.matches_compiled[name] = report.matches_compiled.get(name, 0) + n
-            for name, t in r.pass_time_s.items():
-                report.pass_time_s[name] = report.pass_time_s.get(name, 0.0) + t
-        report.num_unique_pieces = len(keys)
+            report.merge(region.report, layer=index, fresh=id(region) in new)
+            new.discard(id(region))
         report.total_s = run.wall_s if run.new_regions else 0.0
         report.notes.extend(run.notes)
         return report

@@ -7,18 +7,21 @@ Steps, each a method of ``LayerpassBackend``:
    the compiled code depends on (torch/layerpass versions, config, pass uuids, the switch).
 3. ``get_or_compile``: one artifact per distinct key: this compile's, the on-disk cache's, or a
    fresh Inductor compile (the pass manager as ``post_grad_custom_post_pass``), then stored.
-4. ``record``: the piece's line in the ``CompileReport``.
-5. ``runner``: a ``PieceRunner`` replaces the piece in the split graph.
+4. ``install``: the piece's line in the ``CompileReport`` and a ``PieceRunner`` in its place.
+
+``install_saved`` rebuilds a program read from disk (the warm start) through the same
+``get_or_compile`` (load only: a missing artifact raises and the caller traces instead) and the
+same ``install``, so static-size variants of loaded pieces compile with this backend's passes.
 
 ``layerpass.compile`` (``backend/compiled_model.py``) drives this backend per distinct decoder
-layer (regions); ``torch.compile(model, backend="layerpass")`` drives it on the whole model.
+layer (regions, ``for_layer``); ``torch.compile(model, backend="layerpass")`` drives it on the
+whole model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -39,19 +42,10 @@ from .config import CompilationConfig
 from .piece_hash import PieceSignature, piece_signature
 from .program import PieceCall, PieceRunner, PiecewiseProgram
 from .report import CompileReport, PieceInfo, publish
-from .split import split_graph
+from .split import SplitResult, split_graph
 from .trace_deps import traced_code_of_this_trace
 
 logger = logging.getLogger("layerpass")
-
-_dynamo_start: list[float] = [0.0]
-
-
-def _on_dynamo_start(*_args: Any) -> None:
-    _dynamo_start[0] = time.perf_counter()
-
-
-torch._dynamo.callback.on_compile_start(_on_dynamo_start)
 
 
 def walk_pieces(split_gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -106,6 +100,21 @@ class CompiledPiece:
     stats: dict[str, Any]
 
 
+class LayerCompiler:
+    """The backend for one region's traces (``LayerpassBackend.for_layer``): its graph is one
+    decoder layer, one piece (a layer's own lists of heads or experts are not decoder layers);
+    it keeps the programs it returned, so the caller gets its own program, not a shared "last"."""
+
+    def __init__(self, backend: LayerpassBackend) -> None:
+        self.backend = backend
+        self.programs: list[PiecewiseProgram] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> PiecewiseProgram:
+        program = self.backend.compile_graph(gm, example_inputs, whole_layer=True)
+        self.programs.append(program)
+        return program
+
+
 class LayerpassBackend:
     """A torch.compile backend object; ``torch.compile(m, backend=LayerpassBackend(cfg))``."""
 
@@ -127,12 +136,10 @@ class LayerpassBackend:
         self.last_report: CompileReport | None = None
         # key -> artifact, across this backend's graphs: regions of one model share pieces
         self.compiled: dict[str, CompiledPiece] = {}
-        self.last_program: PiecewiseProgram | None = None
 
-    def for_layer(self) -> Callable[[fx.GraphModule, Sequence[Any]], PiecewiseProgram]:
-        """This backend for a graph that is one decoder layer (a region): that graph is one piece,
-        since a layer's own lists (heads, experts) are not decoder layers."""
-        return functools.partial(self.compile_graph, whole_layer=True)
+    def for_layer(self) -> LayerCompiler:
+        """This backend for the traces of one region (a graph that is one decoder layer)."""
+        return LayerCompiler(self)
 
     def key_parts(self) -> dict[str, Any]:
         """Everything besides the piece's own structure that its compiled code depends on."""
@@ -145,38 +152,33 @@ class LayerpassBackend:
 
     def compile_graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any], whole_layer: bool = False) -> PiecewiseProgram:
         t_enter = time.perf_counter()
-        dynamo_s = max(0.0, t_enter - _dynamo_start[0]) if _dynamo_start[0] else 0.0
         self.num_calls += 1
         cfg = self.config
-        report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1, dynamo_s=dynamo_s)
+        # Dynamo's own time is measured by whoever drives it (layerpass.compile); 0 under a bare torch.compile
+        report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1)
         result = split_graph(gm, cfg.split, cfg.splitting_ops, whole_layer=whole_layer)
         if cfg.split == "ops" and cfg.fuse_attn_quant:
             report.notes.append("split='ops': the splitting ops run eagerly, so no fusion can cross them (attention+quant is off)")
         split_gm = result.graph_module
         key_parts = self.key_parts()
         calls: dict[str, PieceCall] = {}
-        seen_here: set[str] = set()
         # piece inputs that are graph inputs map to the real tensors/objects (for passes that check identity)
         real_of = dict(zip([n for n in split_gm.graph.nodes if n.op == "placeholder"], example_inputs))
 
         def visit(target: str, sub: fx.GraphModule, node: fx.Node, args: tuple[Any, ...]) -> None:
-            layer = result.piece_layers.get(target)
             if target in result.eager_pieces:
                 report.num_eager_pieces += 1
-                report.pieces.append(PieceInfo(target, "eager", None, layer, "eager"))
+                report.pieces.append(PieceInfo(target, "eager", None, result.piece_layers.get(target), "eager"))
                 return
             sig, key = self.piece_key(sub, args, key_parts)
-            context = PieceContext(target, layer, sig.constants,
+            context = PieceContext(target, result.piece_layers.get(target), sig.constants,
                                    [real_of.get(a) if isinstance(a, fx.Node) else None for a in node.args])
-            piece, source = self.get_or_compile(key, target, sub, args, context)
-            self.record(report, PieceInfo(target, "compiled", key, layer, source, sig.constants, sig.shape_key),
-                        piece.stats, first_here=key not in seen_here)
-            seen_here.add(key)
+            piece, source = self.get_or_compile(key, lambda: self._compile_piece(target, sub, list(args), context), target)
             calls[target] = PieceCall(key, _single_output(sub), _token_arg(args), len(node.args))
-            setattr(split_gm, target, self.runner(sub, piece.artifact, calls[target], context))
+            self.install(split_gm, result, target, piece, source, calls[target], report, sig)
 
         walk_pieces(split_gm, example_inputs, visit)
-        report.num_unique_pieces = len(seen_here)
+        report.num_unique_pieces = len({c.key for c in calls.values()})
         report.compile_s = time.perf_counter() - t_enter
         report.total_s = report.dynamo_s + report.compile_s
         self.last_report = report
@@ -186,52 +188,79 @@ class LayerpassBackend:
         state = {"cache_dir": cfg.cache_dir, "config": dataclasses.asdict(cfg), "whole_layer": whole_layer}
         program = PiecewiseProgram(split_gm, gm, calls, state, report)
         program.traced_code = traced_code_of_this_trace()
-        self.last_program = program
         return program
+
+    def install_saved(self, gm: fx.GraphModule, calls: dict[str, PieceCall],
+                      state: dict[str, Any]) -> tuple[fx.GraphModule, CompileReport]:
+        """Rebuild a saved program: split ``gm`` as it was split when compiled and put each
+        piece's artifact (this backend's, or the on-disk cache's) in its place. Raises if the
+        split differs from the saved one or an artifact is missing."""
+        config = CompilationConfig(**state["config"])
+        result = split_graph(gm, config.split, config.splitting_ops, whole_layer=state.get("whole_layer", False))
+        split_gm = result.graph_module
+        names = [name for name, _ in split_gm.named_children() if name not in result.eager_pieces]
+        if set(names) != set(calls):
+            raise ValueError(f"saved program's pieces {sorted(calls)} do not match its graph's split {sorted(names)}")
+        num_args = {n.target: len(n.args) for n in split_gm.graph.nodes if n.op == "call_module"}
+        wrong = [name for name in names if calls[name].num_args != num_args.get(name)]
+        if wrong:
+            raise ValueError(f"saved program's pieces {wrong} took other arguments when compiled "
+                             f"({[calls[n].num_args for n in wrong]}) than its graph's split gives them "
+                             f"({[num_args.get(n) for n in wrong]})")
+        report = CompileReport(split=config.split)
+        for name in names:
+            piece, source = self.get_or_compile(calls[name].key, None)
+            self.install(split_gm, result, name, piece, source, calls[name], report, None)
+        report.num_eager_pieces = len(result.eager_pieces)
+        report.num_unique_pieces = len({calls[n].key for n in names})
+        split_gm.recompile()
+        return split_gm, report
 
     # -- steps ----------------------------------------------------------------------
     def piece_key(self, sub: fx.GraphModule, args: Sequence[Any], key_parts: dict[str, Any]) -> tuple[PieceSignature, str]:
         sig = piece_signature(sub, args)
         return sig, cache_key(piece=sig.key, **key_parts)
 
-    def get_or_compile(self, key: str, name: str, sub: fx.GraphModule, args: Sequence[Any],
-                       context: PieceContext) -> tuple[CompiledPiece, str]:
-        """The artifact for ``key``, and where it came from: "shared", "cache" or "compiled"."""
+    def get_or_compile(self, key: str, compile_piece: Callable[[], tuple[Any, dict[str, Any]]] | None,
+                       piece: str = "") -> tuple[CompiledPiece, str]:
+        """The one path to a piece's artifact: this backend's ("shared"), else the on-disk
+        cache's ("cache"), else ``compile_piece()`` ("compiled"), stored for the next process.
+        Without ``compile_piece`` (loading a saved program) a missing artifact raises."""
         if key in self.compiled:
             return self.compiled[key], "shared"
         entry = None if self.config.disable_cache else self.cache.load(key)
         if entry is not None:
             self.compiled[key] = CompiledPiece(entry.artifact, entry.meta.get("stats", {}))
             return self.compiled[key], "cache"
-        artifact, stats = self._compile_piece(name, sub, list(args), context)
+        if compile_piece is None:
+            raise FileNotFoundError(f"compiled piece {key[:12]} is not in the artifact cache {self.config.cache_dir}")
+        artifact, stats = compile_piece()
         stats = self._resolve_stats(key, stats)
         self.compiled[key] = CompiledPiece(artifact, stats)
         if not self.config.disable_cache:
-            self.cache.store(key, artifact, {"stats": stats, "piece": name, "torch": torch.__version__})
+            self.cache.store(key, artifact, {"stats": stats, "piece": piece, "torch": torch.__version__})
         return self.compiled[key], "compiled"
 
-    @staticmethod
-    def record(report: CompileReport, info: PieceInfo, stats: dict[str, Any], first_here: bool) -> None:
-        """Count one piece in ``report``; pass statistics of a fresh compile once, uses per piece."""
-        if info.source == "cache" and first_here:
-            report.num_cache_hits += 1
-        if info.source == "compiled":
-            report.num_compiled += 1
-            for name, s in stats.get("passes", {}).items():
-                report.matches_compiled[name] = report.matches_compiled.get(name, 0) + int(s["matches"])
-                report.pass_time_s[name] = report.pass_time_s.get(name, 0.0) + float(s["time_s"])
-            report.pass_failures.extend(stats.get("failures", []))
-        for name, s in stats.get("passes", {}).items():
-            report.matches[name] = report.matches.get(name, 0) + int(s["matches"])
-            report.registrations[name] = max(report.registrations.get(name, 0), int(s.get("registrations", 0)))
-        report.num_pieces += 1
-        report.pieces.append(info)
+    def install(self, split_gm: fx.GraphModule, split: SplitResult, name: str, piece: CompiledPiece, source: str,
+                call: PieceCall, report: CompileReport, sig: PieceSignature | None) -> None:
+        """Count piece ``name`` in ``report`` and put its runner in the split graph; its static-size
+        variants compile with this backend (its passes) on first use."""
+        first_here = call.key not in {p.key for p in report.pieces}
+        constants, shape_key = ([], None) if sig is None else (sig.constants, sig.shape_key)
+        report.add_piece(PieceInfo(name, "compiled", call.key, split.piece_layers.get(name), source, constants, shape_key),
+                         piece.stats, first_here=first_here)
+        sub = getattr(split_gm, name)
+        layer = split.piece_layers.get(name)
 
-    def runner(self, sub: fx.GraphModule, artifact: Any, call: PieceCall, context: PieceContext) -> PieceRunner:
         def compile_static(real_args: list[Any]) -> Callable[..., Any]:
-            return self._compile_piece(f"{context.piece}-static", sub, real_args, context, static=True)[0]
+            # the piece's real arguments are its placeholders' values (LayerName objects included);
+            # a loaded piece's str constants (VLLM_USE_LAYERNAME=0 patterns) are read off its graph
+            consts = constants if sig is not None else piece_signature(sub, real_args).constants
+            context = PieceContext(name, layer, consts, list(real_args))
+            return self._compile_piece(f"{name}-static", sub, real_args, context, static=True)[0]
 
-        return PieceRunner(artifact, call.single_output, call.token_arg, compile_static, self.config.compile_sizes)
+        setattr(split_gm, name, PieceRunner(piece.artifact, call.single_output, call.token_arg, compile_static,
+                                            self.config.compile_sizes))
 
     # -- Inductor ---------------------------------------------------------------------
     def _inductor_options(self) -> dict[str, Any]:
@@ -245,16 +274,12 @@ class LayerpassBackend:
 
     def _compile_piece(self, name: str, gm: fx.GraphModule, args: list[Any], context: PieceContext,
                        static: bool = False) -> tuple[Any, dict[str, Any]]:
-        self.pass_manager.begin_piece(name, context)
-        runs = self.pass_manager.runs
         # a static variant specialises on the real args; otherwise reuse Dynamo's symbolic shapes
         dynamic_shapes = "from_example_inputs" if static else "from_tracing_context"
-        artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes=dynamic_shapes,
-                                                      options=self._inductor_options())
-        ran = self.pass_manager.runs > runs
-        stats = {"passes": {k: dict(v) for k, v in self.pass_manager.stats.items()},
-                 "failures": list(self.pass_manager.failures), "passes_ran": ran}
-        return artifact, stats
+        with self.pass_manager.piece(name, context) as run:
+            artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes=dynamic_shapes,
+                                                          options=self._inductor_options())
+        return artifact, run.as_dict()
 
     def _resolve_stats(self, key: str, stats: dict[str, Any]) -> dict[str, Any]:
         """Inductor may serve a piece from its own cache without running our passes; the
@@ -280,56 +305,17 @@ def _single_output(sub: fx.GraphModule) -> bool:
     return isinstance(out_node.args[0], fx.Node)
 
 
-def install_loaded_pieces(gm: fx.GraphModule, calls: dict[str, PieceCall], state: dict[str, Any],
-                          backend: LayerpassBackend) -> tuple[fx.GraphModule, CompileReport]:
-    """Rebuild a saved program: split ``gm`` as it was split when compiled and put each piece's
-    artifact, loaded from the on-disk cache once per key, in its place; static-size variants
-    compile with ``backend`` (the compiled model's, with its passes). Raises if anything is missing."""
-    config = CompilationConfig(**state["config"])
-    result = split_graph(gm, config.split, config.splitting_ops, whole_layer=state.get("whole_layer", False))
-    split_gm = result.graph_module
-    cache = ArtifactCache(state["cache_dir"])
-    report = CompileReport(split=config.split)
-    loaded: dict[str, Any] = {}
-    names = [name for name, _ in split_gm.named_children() if name not in result.eager_pieces]
-    if set(names) != set(calls):
-        raise ValueError(f"saved program's pieces {sorted(calls)} do not match its graph's split {sorted(names)}")
-    num_args = {n.target: len(n.args) for n in split_gm.graph.nodes if n.op == "call_module"}
-    wrong = [name for name in names if calls[name].num_args != num_args.get(name)]
-    if wrong:
-        raise ValueError(f"saved program's pieces {wrong} took other arguments when compiled "
-                         f"({[calls[n].num_args for n in wrong]}) than its graph's split gives them "
-                         f"({[num_args.get(n) for n in wrong]})")
-    for name in names:
-        call = calls[name]
-        if call.key not in loaded:
-            entry = cache.load(call.key)
-            if entry is None:
-                raise FileNotFoundError(f"compiled piece {call.key[:12]} is not in the artifact cache {state['cache_dir']}")
-            loaded[call.key] = entry
-        first = call.key not in {p.key for p in report.pieces}
-        entry = loaded[call.key]
-        LayerpassBackend.record(report, PieceInfo(name, "compiled", call.key, result.piece_layers.get(name), "cache"),
-                                entry.meta.get("stats", {}), first_here=first)
-        sub = getattr(split_gm, name)
-
-        def compile_static(real_args: list[Any], sub: fx.GraphModule = sub, name: str = name) -> Callable[..., Any]:
-            return backend._compile_piece(f"{name}-static", sub, real_args, PieceContext(name), static=True)[0]
-
-        setattr(split_gm, name, PieceRunner(entry.artifact, call.single_output, call.token_arg, compile_static,
-                                            config.compile_sizes))
-    report.num_eager_pieces = len(result.eager_pieces)
-    report.num_unique_pieces = len(loaded)
-    split_gm.recompile()
-    return split_gm, report
-
-
-_default_backend: LayerpassBackend | None = None
+# One backend per default config in effect (the environment is read at each compile, never
+# frozen at the first): graphs compiled under the same settings share their pieces in memory.
+# For one backend per model, pass ``backend=LayerpassBackend(config)`` or use ``layerpass.compile``.
+_DEFAULT_BACKENDS: dict[str, LayerpassBackend] = {}
 
 
 def layerpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """The ``backend="layerpass"`` entry point (default ``CompilationConfig``)."""
-    global _default_backend
-    if _default_backend is None:
-        _default_backend = LayerpassBackend()
-    return _default_backend(gm, example_inputs)
+    """The ``backend="layerpass"`` entry point (a default ``CompilationConfig``, read now)."""
+    config = CompilationConfig()
+    key = f"{config.fingerprint()}|{config.cache_dir}"
+    backend = _DEFAULT_BACKENDS.get(key)
+    if backend is None:
+        backend = _DEFAULT_BACKENDS[key] = LayerpassBackend(config)
+    return backend(gm, example_inputs)

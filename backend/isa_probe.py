@@ -18,6 +18,17 @@ from torch import nn
 _isa_probe: list[threading.Thread] = []
 
 
+def import_inductor_modules() -> None:
+    """Import what compiling or loading an Inductor piece imports (about a second, once per process).
+
+    The one list of them: the probe overlaps these imports with its child processes, and the
+    benchmark (``bench/measure.py``) imports the same ones before its clock in every mode, so which
+    mode happens to import them lazily inside its first call does not decide its figure."""
+    import torch._inductor.codecache  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+    import torch._inductor.standalone_compile  # noqa: F401
+
+
 def wait_for_cpu_isa_probe() -> None:
     """Let a started probe finish before Inductor needs its answer (so it is not run twice).
 
@@ -26,9 +37,7 @@ def wait_for_cpu_isa_probe() -> None:
     if not _isa_probe:
         return
     with contextlib.suppress(ImportError):
-        import torch._inductor.codecache  # noqa: F401
-        import torch._inductor.compile_fx  # noqa: F401
-        import torch._inductor.standalone_compile  # noqa: F401
+        import_inductor_modules()
     while _isa_probe:
         _isa_probe.pop().join()
 

@@ -46,15 +46,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from layerpass.ops.library import op_name
+
 
 def _target_name(target: Any) -> str:
     """``namespace.op.overload`` for torch ops, ``module.qualname`` for Python callables."""
     if isinstance(target, str):
         return target
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return str(target._qualified_op_name).replace("::", ".")
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return op_name(target, overload=True)
     if isinstance(target, torch._ops.HigherOrderOperator):
         return f"higher_order.{target.name()}"
     qualname = getattr(target, "__qualname__", None)

@@ -11,10 +11,12 @@ artifact once; a missing or unusable artifact raises, and the caller falls back 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import fx, nn
@@ -93,6 +95,29 @@ def _sizes_only(value: Any) -> Any:
     return None
 
 
+class PieceInstaller(Protocol):
+    """What rebuilds a loaded program's pieces (``LayerpassBackend.install_saved``)."""
+
+    def install_saved(self, gm: fx.GraphModule, calls: dict[str, PieceCall],
+                      state: dict[str, Any]) -> tuple[fx.GraphModule, CompileReport]: ...
+
+
+# programs read from disk while ``loading_programs`` runs (torch's loader builds them; the
+# caller gets them here rather than from the loaded function's private artifacts)
+_LOADED: contextvars.ContextVar[list[PiecewiseProgram] | None] = contextvars.ContextVar("layerpass_loaded", default=None)
+
+
+@contextlib.contextmanager
+def loading_programs() -> Iterator[list[PiecewiseProgram]]:
+    """Collects each ``PiecewiseProgram`` deserialised in this block."""
+    loaded: list[PiecewiseProgram] = []
+    token = _LOADED.set(loaded)
+    try:
+        yield loaded
+    finally:
+        _LOADED.reset(token)
+
+
 class PiecewiseProgram(SerializableCallable):
     """The split graph with its pieces installed. ``graph`` is Dynamo's graph (kept for saving)."""
 
@@ -111,14 +136,12 @@ class PiecewiseProgram(SerializableCallable):
             raise RuntimeError("a loaded program's report exists once its pieces are loaded (ensure_loaded)")
         return self._report
 
-    def ensure_loaded(self, backend: Any) -> None:
-        """Load the pieces of a program read from disk (on first use: only programs that run pay);
-        ``backend`` (a ``LayerpassBackend``) compiles any static-size variant later."""
+    def ensure_loaded(self, backend: PieceInstaller) -> None:
+        """Load the pieces of a program read from disk (on first use: only programs that run pay)
+        with ``backend``, which also compiles any static-size variant later."""
         if self.split_gm is None:
-            from .compiler import install_loaded_pieces
-
             assert self.graph is not None
-            self.split_gm, self._report = install_loaded_pieces(self.graph, self.pieces, self.state, backend)
+            self.split_gm, self._report = backend.install_saved(self.graph, self.pieces, self.state)
 
     def __call__(self, *args: Any) -> Any:
         if self.split_gm is None:
@@ -150,4 +173,8 @@ class PiecewiseProgram(SerializableCallable):
         gm = GraphPickler.loads(blob["graph"], FakeTensorMode(shape_env=ShapeEnv()))
         gm.recompile()
         pieces = {name: PieceCall(**p) for name, p in blob["pieces"].items()}
-        return cls(None, gm, pieces, blob["state"], None)
+        program = cls(None, gm, pieces, blob["state"], None)
+        sink = _LOADED.get()
+        if sink is not None:
+            sink.append(program)
+        return program

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -31,16 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree  # no public pytree in torch 2.13 (torch.utils.pytree is newer)
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from .compiler import LayerpassBackend
 from .guard_pickling import saveable_guards
 from .isa_probe import wait_for_cpu_isa_probe
-from .program import PiecewiseProgram
-from .report import CompileReport
+from .region import Region
 from .signature import layer_signature
-from .trace_deps import GuardRecorder, TraceDeps, record_deps, recording_traced_code
+from .trace_deps import GuardRecorder, record_deps, recording_traced_code
 from .warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
@@ -72,48 +70,6 @@ def _breadth_first(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         name, module = queue.pop(0)
         yield name, module
         queue.extend((f"{name}.{n}" if name else n, m) for n, m in module.named_children())
-
-
-@dataclass
-class Region:
-    """One traced-and-compiled layer program, and the layers that call it.
-
-    ``aot`` is torch's ``AOTCompiledFunction`` (its guards decide which layers it serves; it can be
-    saved). A layer frame whose guards torch cannot save is still traced once, by Dynamo in memory
-    (``aot`` is None, ``fn`` is the ``torch.compile``d forward whose own guards and retraces decide);
-    only its warm start is off (``unsaved`` says why)."""
-
-    fn: Any  # what a layer call runs: (layer, *args, **kwargs) -> output
-    aot: Any  # AOTCompiledFunction, or None for an in-memory region
-    program: PiecewiseProgram
-    cls: type
-    signature: str
-    deps: TraceDeps
-    source: str  # "compiled", "in memory" or "loaded"
-    path: str | None = None  # the saved file it was loaded from
-    dynamo_s: float = 0.0
-    unsaved: str | None = None  # why this region cannot be saved, if it cannot
-
-    def __post_init__(self) -> None:
-        self._guards = None if self.aot is None else self.aot._artifacts.guard_manager
-        self._binder = None if self.aot is None else _Binder(self.aot._artifacts.signature, self.aot._artifacts.runtime_env)
-
-    @property
-    def report(self) -> CompileReport:
-        return self.program.report
-
-    def matches(self, layer: nn.Module, signature: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """The one check per layer call: class, structure signature, then the program's guards
-        (torch's guard manager on the bound arguments; ``AOTCompiledFunction.guard_check`` without
-        its generic ``inspect`` binding)."""
-        if type(layer) is not self.cls or signature != self.signature:
-            return False
-        if self._guards is None:
-            return True  # an in-memory region: Dynamo checks its own guards on the call (and retraces on a miss)
-        f_locals = self._binder.bind(layer, args, kwargs)
-        if not self._guards.check(f_locals):
-            return False
-        return not self.deps.has_local_checks or self.deps.check_locals(f_locals)
 
 
 @dataclass
@@ -165,8 +121,9 @@ class Regions:
         notes = []
         if self._sync_layers():
             notes.append(f"the decoder layers changed since the last call ({len(self.layers)} now): new layers get regions")
+        checked: set[Any] = set()
         for region in list(self.regions):
-            why = region.deps.changed()
+            why = region.deps.changed(checked)
             if why is not None:
                 logger.info("layerpass: region of %s is stale (%s); tracing it again", region.cls.__qualname__, why)
                 notes.append(f"region of {region.cls.__qualname__} traced again: {why}")
@@ -228,13 +185,15 @@ class Regions:
     def _call_in_memory(self, region: Region, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """An in-memory region's call; if Dynamo traced again (other guards), that trace is a new
         region of the report (served by the same compiled function)."""
-        calls, t0 = self.backend.num_calls, time.perf_counter()
+        compiler = region.compiler
+        assert compiler is not None
+        traces, t0 = len(compiler.programs), time.perf_counter()
         out = region.fn(layer, *args, **kwargs)
-        if self.backend.num_calls > calls and self.backend.last_program is not None:
+        if len(compiler.programs) > traces:
             wall = time.perf_counter() - t0
-            retraced = Region(region.fn, None, self.backend.last_program, region.cls, region.signature,
-                              region.deps, "in memory", unsaved=region.unsaved)
-            retraced.dynamo_s = max(0.0, wall - retraced.report.compile_s)
+            retraced = Region(region.fn, None, compiler.programs[-1], region.cls, region.signature,
+                              region.deps, "in memory", unsaved=region.unsaved, compiler=compiler)
+            retraced.report.dynamo_s = max(0.0, wall - retraced.report.compile_s)
             self.regions.append(retraced)
             self.last[id(layer)] = retraced
             if self.run is not None:
@@ -300,7 +259,7 @@ class Regions:
             if routed is not None:
                 layer.forward = routed
         wall = time.perf_counter() - t0
-        region.dynamo_s = max(0.0, wall - region.report.compile_s)
+        region.report.dynamo_s = max(0.0, wall - region.report.compile_s)
         self.regions.append(region)
         if self.run is not None:
             self.run.new_regions.append(region)
@@ -314,20 +273,21 @@ class Regions:
         """``aot_compile`` of the layer class's forward, with the guards torch drops recorded;
         ``(None, why)`` if torch cannot build a saveable program of this frame."""
         recorder = GuardRecorder()
-        fn = torch.compile(forward, backend=self.backend.for_layer(), fullgraph=True,
-                           options={"guard_filter_fn": recorder})
+        compiler = self.backend.for_layer()
+        fn = torch.compile(forward, backend=compiler, fullgraph=True, options={"guard_filter_fn": recorder})
         try:
             with recording_traced_code() as codes, saveable_guards():
                 aot = fn.aot_compile(((layer, *args), kwargs))
-        except _GRAPH_BREAKS:
-            raise
+        except (*_GRAPH_BREAKS, torch._dynamo.exc.BackendCompilerFailed):
+            raise  # a graph break goes whole-model; a backend failure is a layerpass bug and surfaces
         except Exception as e:  # torch cannot save this frame's guards (e.g. a local-scope class)
             why = f"{type(e).__name__}: {_first_line(e)}"
             logger.info("layerpass: %s: no saveable program (%s); tracing it in memory", type(layer).__qualname__, why)
             return None, why
-        program = aot._artifacts.compiled_fn
-        if not isinstance(program, PiecewiseProgram):
-            raise TypeError(f"the layerpass backend returned {type(program).__name__}")
+        if len(compiler.programs) != 1:
+            raise RuntimeError(f"layerpass: tracing {type(layer).__qualname__}.forward called the backend "
+                               f"{len(compiler.programs)} times, expected once")
+        program = compiler.programs[0]
         deps = record_deps(codes, recorder.dropped, forward)
         return Region(aot.fn, aot, program, type(layer), self.signatures[id(layer)], deps, "compiled",
                       unsaved=None if deps.unsaveable is None else f"{type(layer).__qualname__}: {deps.unsaveable}"), ""
@@ -335,59 +295,16 @@ class Regions:
     def _trace_in_memory(self, layer: nn.Module, forward: Any, args: tuple[Any, ...],
                          kwargs: dict[str, Any], not_saveable: str) -> Region:
         """Dynamo's ordinary compile of the forward (its guards kept in memory, none dropped)."""
-        backend = self.backend.for_layer()
-        fn = torch.compile(forward, backend=backend, fullgraph=True, isolate_recompiles=True)
-        calls = self.backend.num_calls
+        compiler = self.backend.for_layer()
+        fn = torch.compile(forward, backend=compiler, fullgraph=True, isolate_recompiles=True)
         fn(layer, *args, **kwargs)  # traces and compiles (the output of these copies is dropped)
-        if self.backend.num_calls == calls or self.backend.last_program is None:
+        if not compiler.programs:
             raise RuntimeError(f"layerpass: Dynamo ran {type(layer).__qualname__}.forward without calling the backend")
-        program = self.backend.last_program
+        program = compiler.programs[-1]
         deps = record_deps(program.traced_code, [], forward)
         why = f"{type(layer).__qualname__}: torch cannot save its traced program ({not_saveable})"
-        return Region(fn, None, program, type(layer), self.signatures[id(layer)], deps, "in memory", unsaved=why)
-
-
-class _Binder:
-    """Binds ``(layer, *args, **kwargs)`` to the traced forward's parameter names, as
-    ``inspect.Signature.bind`` + ``apply_defaults`` do, without their per-call cost when the
-    forward has plain parameters (the usual case); anything else goes through ``inspect``."""
-
-    def __init__(self, signature: inspect.Signature, runtime_env: Any = None) -> None:
-        self.signature = signature
-        # a decorated forward's closure: its free variables are locals of the traced frame too
-        closure = getattr(runtime_env, "closure", None) or ()
-        freevars = getattr(getattr(runtime_env, "bytecode", None), "co_freevars", ()) if closure else ()
-        self.cells = tuple(zip(freevars, closure))
-        params = list(signature.parameters.values())
-        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY) for p in params)
-        self.names = tuple(p.name for p in params) if plain else None
-        self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
-
-    def bind(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        if self.cells:
-            bound = {name: cell.cell_contents for name, cell in self.cells}
-            bound.update(self._bind_args(layer, args, kwargs))
-            return bound
-        return self._bind_args(layer, args, kwargs)
-
-    def _bind_args(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        names = self.names
-        if names is not None and not kwargs and len(args) + 1 == len(names):
-            return dict(zip(names, (layer, *args)))
-        if names is not None and len(args) + 1 <= len(names) and not kwargs.keys() - set(names[len(args) + 1:]):
-            bound = dict(zip(names, (layer, *args)))
-            for name in names[len(args) + 1:]:
-                if name in kwargs:
-                    bound[name] = kwargs[name]
-                elif name in self.defaults:
-                    bound[name] = self.defaults[name]
-                else:
-                    break  # a missing argument: let inspect raise its error
-            else:
-                return bound
-        arguments = self.signature.bind(layer, *args, **kwargs)
-        arguments.apply_defaults()
-        return dict(arguments.arguments)
+        return Region(fn, None, program, type(layer), self.signatures[id(layer)], deps, "in memory", unsaved=why,
+                      compiler=compiler)
 
 
 # Dynamo's errors for a frame it cannot trace whole (a graph break under fullgraph=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +47,51 @@ class CompileReport:
     pieces: list[PieceInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def add_piece(self, info: PieceInfo, stats: dict[str, Any], first_here: bool) -> None:
+        """Count one piece of a compiled graph: its fusions per use, and what obtaining it cost
+        (pass statistics of a fresh compile, a cache hit) once per distinct piece."""
+        if info.source == "cache" and first_here:
+            self.num_cache_hits += 1
+        if info.source == "compiled":
+            self.num_compiled += 1
+            for name, s in stats.get("passes", {}).items():
+                _add(self.matches_compiled, name, int(s["matches"]))
+                _add(self.pass_time_s, name, float(s["time_s"]))
+            self.pass_failures.extend(stats.get("failures", []))
+        for name, s in stats.get("passes", {}).items():
+            _add(self.matches, name, int(s["matches"]))
+            self.registrations[name] = max(self.registrations.get(name, 0), int(s.get("registrations", 0)))
+        self.num_pieces += 1
+        self.pieces.append(info)
+
+    def merge(self, other: CompileReport, *, layer: int | None, fresh: bool) -> None:
+        """Add one use of a program whose own report is ``other`` (a region, called by decoder
+        layer ``layer``): its pieces and the fusions they cover; with ``fresh`` (the first use of
+        a program obtained by this call) also what obtaining it cost."""
+        for p in other.pieces:
+            source = p.source if fresh else ("eager" if p.kind == "eager" else "shared")
+            self.pieces.append(dataclasses.replace(p, layer=layer, source=source))
+            if p.kind == "compiled":
+                self.num_pieces += 1
+            else:
+                self.num_eager_pieces += 1
+        for name, n in other.matches.items():
+            _add(self.matches, name, n)
+        for name, n in other.registrations.items():
+            self.registrations[name] = max(self.registrations.get(name, 0), n)
+        if fresh:
+            self.num_compiled += other.num_compiled
+            self.num_cache_hits += other.num_cache_hits
+            self.dynamo_s += other.dynamo_s
+            self.compile_s += other.compile_s
+            self.pass_failures.extend(other.pass_failures)
+            self.notes.extend(n for n in other.notes if n not in self.notes)
+            for name, n in other.matches_compiled.items():
+                _add(self.matches_compiled, name, n)
+            for name, t in other.pass_time_s.items():
+                _add(self.pass_time_s, name, t)
+        self.num_unique_pieces = len({p.key for p in self.pieces if p.kind == "compiled"})
+
     def summary(self) -> str:
         return (
             f"layerpass: {self.num_pieces} pieces ({self.num_unique_pieces} unique, "
@@ -52,24 +99,52 @@ class CompileReport:
         )
 
 
-_last: CompileReport | None = None
-_history: list[CompileReport] = []
+def _add(counts: dict[str, Any], name: str, n: Any) -> None:
+    counts[name] = counts.get(name, 0) + n
+
+
+HISTORY_LIMIT = 256  # reports kept: a long-running server compiles for ever, its history must not grow
+
+
+class _ReportLog:
+    """The reports published in this process: the newest ``HISTORY_LIMIT``, and how many in all."""
+
+    def __init__(self) -> None:
+        self.recent: collections.deque[CompileReport] = collections.deque(maxlen=HISTORY_LIMIT)
+        self.count = 0
+
+    def publish(self, report: CompileReport) -> None:
+        self.recent.append(report)
+        self.count += 1
+
+    def since(self, count: int) -> list[CompileReport]:
+        new = self.count - count
+        if new > len(self.recent):
+            raise ValueError(f"{new} reports were published since, more than the {HISTORY_LIMIT} kept")
+        return list(self.recent)[len(self.recent) - new:] if new > 0 else []
+
+
+_log = _ReportLog()
 
 
 def publish(report: CompileReport) -> None:
-    global _last
-    _last = report
-    _history.append(report)
+    _log.publish(report)
     logger.info(report.summary())
 
 
 def last_compile_report() -> CompileReport:
     """The report of the most recent ``layerpass`` compile in this process."""
-    if _last is None:
+    if not _log.recent:
         raise RuntimeError("no layerpass compile has run in this process yet")
-    return _last
+    return _log.recent[-1]
 
 
-def compile_reports() -> list[CompileReport]:
-    """Every report of this process, oldest first."""
-    return list(_history)
+def num_compile_reports() -> int:
+    """How many reports this process has published (a mark for ``compile_reports(since=...)``)."""
+    return _log.count
+
+
+def compile_reports(since: int | None = None) -> list[CompileReport]:
+    """The reports published after mark ``since`` (from ``num_compile_reports()``), oldest first;
+    without it, the newest ``HISTORY_LIMIT``."""
+    return list(_log.recent) if since is None else _log.since(since)

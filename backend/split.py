@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
+
+from layerpass.ops.library import op_name
 
 _INDEXED = re.compile(r"^(.*?)(?:\[(\d+)\]|\.(\d+))$")
 
@@ -26,15 +27,6 @@ class SplitResult:
     piece_layers: dict[str, int | None]  # submodule name -> decoder-layer index
     eager_pieces: set[str]  # submodule names that run eagerly (splitting ops)
     layer_container: str | None = None
-
-
-def op_name(target: object) -> str | None:
-    """``"namespace.op"`` for an OpOverload/OpOverloadPacket target, else None."""
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return str(target._qualified_op_name).replace("::", ".")
-    return None
 
 
 def _layer_paths(node: fx.Node) -> list[tuple[str, int]]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -134,8 +135,9 @@ class TraceDeps:
     unsaveable: str | None = None  # why a saved copy could not be checked on load (then it is not saved)
     # in-process: the objects the trace saw, for the cheap identity check
     _live_codes: list[tuple[TracedCode, Any]] = field(default_factory=list, repr=False)  # (code, the object named so)
-    _live_globals: list[tuple[DroppedGuard, Callable[[], Any], Any]] = field(default_factory=list, repr=False)
-    _local_checks: list[tuple[DroppedGuard, Any, list[Any]]] = field(default_factory=list, repr=False)
+    _live_globals: list[tuple[DroppedGuard, Callable[[], Any], Any, tuple[Any, ...]]] = field(default_factory=list, repr=False)
+    _local_checks: list[tuple[DroppedGuard, list[Any]]] = field(default_factory=list, repr=False)  # (guard, accepted)
+    _all_locals: Any = field(default=None, repr=False)  # the local checks' expressions as one code object
 
     # -- saving -------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -172,35 +174,47 @@ class TraceDeps:
                 return f"global {_pretty(g.expr)} is gone since the program was traced"
             if _fingerprint_for(g.kind, value) != g.fingerprint:
                 return f"global {_pretty(g.expr)} changed since the program was traced"
-            live_globals.append((g, getter, value))
+            live_globals.append((g, getter, value, _memo_key(g, root, value)))
         self._live_codes, self._live_globals = live_codes, live_globals
-        self._local_checks = [(g, compile(g.expr, "<guard>", "eval"), []) for g in self.guards if not is_global(g.expr)]
+        self._local_checks = [(g, []) for g in self.guards if not is_global(g.expr)]
+        self._all_locals = None
         return None
 
-    def changed(self) -> str | None:
+    def changed(self, checked: set[Any] | None = None) -> str | None:
         """In-process, after trace or load: a traced function or a dropped global that is no longer
-        the object traced (monkeypatched, reloaded), or None."""
+        the object traced (monkeypatched, reloaded), or None. ``checked``: what earlier calls in
+        this step found unchanged (shared by the regions of one model, so each is checked once)."""
+        checked = set() if checked is None else checked
         for c, obj in self._live_codes:
-            if obj is not None and _resolve(c.module, c.qualname) is not obj:
+            if obj is None or (c.module, c.qualname, id(obj)) in checked:
+                continue
+            if _resolve_path(c.module, _qualname_path(c.qualname)) is not obj:
                 return f"{c.module}.{c.qualname} was replaced since the region was traced"
-        for g, getter, value in self._live_globals:
+            checked.add((c.module, c.qualname, id(obj)))
+        for g, getter, value, memo_key in self._live_globals:
+            if memo_key in checked:
+                continue
             try:
                 now = getter()
             except Exception:
                 return f"global {_pretty(g.expr)} is gone"
             if not _same(g.kind, now, value):
                 return f"global {_pretty(g.expr)} changed since the region was traced"
+            checked.add(memo_key)
         return None
 
     def check_locals(self, f_locals: dict[str, Any]) -> bool:
         """The dropped guards rooted at the layer's frame, for one call. An identity guard accepts
         the objects seen at trace time, and any other whose fingerprint is equal (then remembered,
         so the next layer's call is an identity compare)."""
-        for g, code, accepted in self._local_checks:
-            try:
-                value = eval(code, {}, f_locals)  # noqa: S307 (Dynamo's own source expression)
-            except Exception:
-                return False
+        checks = self._local_checks
+        if self._all_locals is None:  # every expression in one code object: one eval per call
+            self._all_locals = compile(f"({''.join(f'({g.expr}),' for g, _ in checks)})", "<guards>", "eval")
+        try:
+            values = eval(self._all_locals, {}, f_locals)  # noqa: S307 (Dynamo's own source expressions)
+        except Exception:
+            return False  # one of them cannot be read for this layer
+        for (g, accepted), value in zip(checks, values):
             if g.kind == "identity":
                 if any(_shallow_same(value, seen) for seen in accepted):
                     continue
@@ -211,6 +225,12 @@ class TraceDeps:
             elif _fingerprint_for(g.kind, value) != g.fingerprint:
                 return False
         return True
+
+
+def _memo_key(g: DroppedGuard, root: Callable[..., Any], value: Any) -> tuple[Any, ...]:
+    """Names one global check: the regions of one model read mostly the same globals, so one
+    check per step serves them all (the expression, whose globals, what is compared)."""
+    return g.expr, id(getattr(root, "__globals__", None)), g.kind, id(value)
 
 
 def _shallow_same(now: Any, then: Any) -> bool:
@@ -320,14 +340,26 @@ class _Globals(dict):  # type: ignore[type-arg]
 def _resolve(module: str, qualname: str) -> Any:
     """The object now named ``module.qualname`` (looked up in the module's and classes' own
     ``__dict__``, as the qualified name says where it was defined), or None."""
-    obj: Any = sys.modules.get(module)
-    if obj is None or "<locals>" in qualname:
+    if "<locals>" in qualname:
         return None
-    for name in qualname.split("."):
-        obj = getattr(obj, "__dict__", {}).get(name)
+    return _resolve_path(module, _qualname_path(qualname))
+
+
+@functools.lru_cache(maxsize=4096)
+def _qualname_path(qualname: str) -> tuple[str, ...]:
+    return tuple(qualname.split("."))
+
+
+def _resolve_path(module: str, path: tuple[str, ...]) -> Any:
+    obj: Any = sys.modules.get(module)
+    for name in path:
         if obj is None:
             return None
+        obj = getattr(obj, "__dict__", _EMPTY).get(name)
     return obj
+
+
+_EMPTY: dict[str, Any] = {}
 
 
 def _codes_of(obj: Any) -> Iterator[types.CodeType]:
@@ -411,9 +443,10 @@ def record_deps(codes: Sequence[types.CodeType], dropped: Sequence[Any], root: C
         guard = DroppedGuard(entry.name, kind, _fingerprint_for(kind, entry.value))
         deps.guards.append(guard)
         if is_global(entry.name):
-            deps._live_globals.append((guard, _global_getter(entry.name, root), entry.value))
+            deps._live_globals.append((guard, _global_getter(entry.name, root), entry.value,
+                                       _memo_key(guard, root, entry.value)))
         else:
-            deps._local_checks.append((guard, compile(entry.name, "<guard>", "eval"), [entry.value]))
+            deps._local_checks.append((guard, [entry.value]))
     return deps
 
 

@@ -1,16 +1,19 @@
 """Warm start: the traced region programs saved on disk, so a new process runs without Dynamo.
 
-Layout: ``<cache_dir>/programs/<model_key>/<class_key>/<id>.bin``. ``model_key`` covers what
+Layout: ``<cache_dir>/programs/<model_key>/<class_key>/<id>.bin`` (torch's saved function,
+``torch.compiler.load_compiled_function`` reads it) and ``<id>.json`` beside it (the header). ``model_key`` covers what
 can change a program: the source of every module class in the model, its config and structure
 (parameter/buffer names, shapes, dtypes; Python attributes of every module, layer count
 included), the layerpass and torch versions, the compilation config and the pass uuids, and the
-layer-name switch. ``class_key`` names the layer class (its name and source). Each file is one
-region: a JSON header line (checksum, keys) then torch's serialised ``AOTCompiledFunction``,
-whose guards (the input spec among them) decide which layers it serves; the compiled pieces
-themselves live in the ``ArtifactCache`` and are loaded once per distinct piece.
+layer-name switch. ``class_key`` names the layer class (its name and source). Each pair is one
+region: the header (keys, the payload's checksum, what the trace ran through) and torch's
+serialised ``AOTCompiledFunction``, whose guards (the input spec among them) decide which layers
+it serves; the compiled pieces themselves live in the ``ArtifactCache`` and are loaded once per
+distinct piece.
 
-Files are written to a temporary name and renamed, so concurrent writers never expose a partial
-entry; two writers of the same region leave two equal files, and either serves. Anything that
+Both files are written to a temporary name and renamed, the header last (an entry exists once its
+header does), so concurrent writers never expose a partial entry; two writers of the same region
+leave two equal entries, and either serves. Anything that
 does not fit (another key, a bad checksum, a torch without the API, a failed load) is one log
 line saying why, and the layer is traced and compiled as on a cold start. Never a wrong result.
 """
@@ -28,31 +31,21 @@ import os
 import sys
 import tempfile
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 import layerpass
 
+from . import aot
+from .cache import file_sha256
+from .region import Region
 from .signature import class_key, class_source, module_lines
 from .trace_deps import TraceDeps
 
-if TYPE_CHECKING:
-    from .regions import Region
-
 logger = logging.getLogger("layerpass")
-FORMAT_VERSION = 2  # 2: the header records what the trace ran through (TraceDeps)
-
-
-def has_aot_api() -> bool:
-    """Whether this torch can save and load a traced program (``aot_compile``, torch 2.10+)."""
-    try:
-        from torch._dynamo.aot_compile import AOTCompiledFunction  # noqa: F401
-        from torch._dynamo.aot_compile_types import SerializableCallable  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch.compiler, "load_compiled_function")
+FORMAT_VERSION = 3  # 3: header and torch's payload in two files; 2: the header records TraceDeps
 
 
 _PROGRAM_PACKAGES = ("layerpass.backend", "layerpass.ops", "layerpass.passes", "layerpass.patterns")
@@ -115,57 +108,57 @@ class ProgramStore:
     # -- load ---------------------------------------------------------------------------
     def load(self, cls: type) -> list[Region]:
         """Every usable saved region of layer class ``cls``; logs once why there are none."""
-        from .regions import Region
-
         folder = os.path.join(self.dir, class_key(cls))
-        names = sorted(n for n in _listdir(folder) if n.endswith(".bin"))
+        names = sorted(n for n in _listdir(folder) if n.endswith(".json"))
         if not names:
             self._fallback(self._why_missing())
             return []
         regions = []
         for name in names:
-            path = os.path.join(folder, name)
+            header_path = os.path.join(folder, name)
             try:
-                header, payload = self._read(path, cls)
+                header, payload_path = self._read(header_path, cls)
                 deps = TraceDeps.from_json(header["deps"])
                 stale = deps.stale_reason(cls.forward)
                 if stale is not None:
-                    self._remove(path, f"stale: {stale}")
+                    self._remove(header_path, f"stale: {stale}")
                     continue
-                aot = _deserialize(payload, cls)
-                program = aot._artifacts.compiled_fn
+                fn, program = _load(payload_path, cls)
                 program.state["cache_dir"] = self.cache_dir  # pieces live beside it
-                regions.append(Region(aot.fn, aot, program, cls, header["signature"], deps, "loaded", path))
+                regions.append(Region(fn.fn, fn, program, cls, header["signature"], deps, "loaded", header_path))
             except Exception as e:  # a bad entry is never fatal: trace and compile instead
-                self._remove(path, f"{type(e).__name__}: {e}")
+                self._remove(header_path, f"{type(e).__name__}: {e}")
         if regions and not self.status.startswith("fallback"):
             self.status = "loaded"
         return regions
 
     def drop(self, region: Region, why: str) -> None:
-        """A saved region whose pieces could not be loaded: log, remove its file, compile instead."""
+        """A saved region whose pieces could not be loaded: log, remove its files, compile instead."""
         if region.path is not None:
             self._remove(region.path, why)
 
-    def _remove(self, path: str, why: str) -> None:
-        try:
-            os.remove(path)
-            removed = "removed"
-        except OSError:
-            removed = "left in place (cannot remove it)"
-        self._fallback(f"saved program {path} is unusable ({why}); {removed}")
+    def _remove(self, header_path: str, why: str) -> None:
+        removed = "removed"
+        for path in (_payload_path(header_path), header_path):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                removed = "left in place (cannot remove it)"
+        self._fallback(f"saved program {header_path} is unusable ({why}); {removed}")
 
-    def _read(self, path: str, cls: type) -> tuple[dict[str, Any], bytes]:
-        with open(path, "rb") as f:
-            header = json.loads(f.readline())
-            payload = f.read()
+    def _read(self, header_path: str, cls: type) -> tuple[dict[str, Any], str]:
+        with open(header_path, "rb") as f:
+            header = json.loads(f.read())
         if header.get("format") != FORMAT_VERSION or header.get("model_key") != self.model_key:
             raise ValueError("it belongs to another model key")
         if header.get("class_key") != class_key(cls):
             raise ValueError("it belongs to another layer class")
-        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        payload_path = _payload_path(header_path)
+        if file_sha256(payload_path) != header.get("sha256"):
             raise ValueError("checksum mismatch (truncated or corrupted)")
-        return header, payload
+        return header, payload_path
 
     def _why_missing(self) -> str:
         """Name the key parts that changed since this model was last saved, if it was."""
@@ -189,30 +182,29 @@ class ProgramStore:
     # -- save ---------------------------------------------------------------------------
     def save(self, region: Region) -> None:
         """Best effort: a region that cannot be saved is logged once, never fatal."""
-        from torch._dynamo.aot_compile import AOTCompiledFunction
-
         folder = os.path.join(self.dir, class_key(region.cls))
         if region.unsaved is not None:
             self._not_saved(region.unsaved)
             return
+        stem = os.path.join(folder, uuid.uuid4().hex)
         try:
-            payload = AOTCompiledFunction.serialize(region.aot, _forward_chain(region.cls)).serialized_data
-            # never save what cannot be loaded (torch 2.13 cannot restore the guards of some frames,
-            # e.g. transformers' decoder layers): a failed round trip is reported, nothing is written
-            _deserialize(payload, region.cls)
-            header = {"format": FORMAT_VERSION, "model_key": self.model_key, "class_key": class_key(region.cls),
-                      "signature": region.signature, "sha256": hashlib.sha256(payload).hexdigest(),
-                      "deps": region.deps.to_json(),
-                      "torch": torch.__version__}
             os.makedirs(folder, exist_ok=True)
+            aot.save(region.aot, _payload_path(stem), _forward_chain(region.cls))
+            # never keep what cannot be loaded (torch 2.13 could not restore the guards of some
+            # frames): a failed round trip is reported, nothing stays
+            _load(_payload_path(stem), region.cls)
+            header = {"format": FORMAT_VERSION, "model_key": self.model_key, "class_key": class_key(region.cls),
+                      "signature": region.signature, "sha256": file_sha256(_payload_path(stem)),
+                      "deps": region.deps.to_json(), "torch": torch.__version__}
             parts_path = os.path.join(self.dir, "parts.json")
             if not os.path.exists(parts_path):
                 _atomic_write(parts_path, json.dumps(self.parts, indent=1).encode())
-            _atomic_write(os.path.join(folder, f"{uuid.uuid4().hex}.bin"),
-                          json.dumps(header).encode() + b"\n" + payload)
+            _atomic_write(f"{stem}.json", json.dumps(header).encode())
             if self.status == "off":
                 self.status = "saved"
         except Exception as e:  # best effort: the region runs; only the next process traces again
+            with contextlib.suppress(OSError):
+                os.remove(_payload_path(stem))
             self._not_saved(f"{type(region.aot).__name__} of {region.cls.__qualname__} cannot be saved "
                             f"({type(e).__name__}: {e})")
 
@@ -223,12 +215,13 @@ class ProgramStore:
             logger.warning("layerpass: warm start: %s; the next process will trace again", why)
 
 
-def _deserialize(payload: bytes, cls: type) -> Any:
-    """A saved region of layer class ``cls`` as an ``AOTCompiledFunction`` (pieces loaded on first use)."""
-    from torch._dynamo.aot_compile import AOTCompiledFunction
+def _load(payload_path: str, cls: type) -> tuple[Any, Any]:
+    """A saved region of layer class ``cls``: torch's loaded function and its program."""
+    return aot.load(payload_path, inspect.unwrap(cls.forward).__globals__, _forward_chain(cls))
 
-    return AOTCompiledFunction.deserialize(payload, f_globals=inspect.unwrap(cls.forward).__globals__,
-                                           external_closure_data=_forward_chain(cls))
+
+def _payload_path(header_path: str) -> str:
+    return f"{os.path.splitext(header_path)[0]}.bin"
 
 
 def _forward_chain(cls: type) -> dict[str, Any]:

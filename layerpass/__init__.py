@@ -1,9 +1,10 @@
 """layerpass: torch.compile graph passes for LLM inference engines.
 
 Top-level folders map into this namespace: ``layerpass.ops`` (custom ops),
-``layerpass.layers`` (pluggable layers), ``layerpass.models`` (model zoo),
-``layerpass.patterns`` / ``layerpass.passes`` (fusions and the compile backend),
-``layerpass.bench`` (benchmarks).
+``layerpass.layers`` (pluggable layers), ``layerpass.patterns`` (the fusions, one module
+each), ``layerpass.passes`` (the pass manager and the graph passes), ``layerpass.backend``
+(``layerpass.compile``: regions, the piecewise backend, caches and the warm start),
+``layerpass.models`` (the zoo and Hugging Face conversion), ``layerpass.bench`` (benchmarks).
 
 ``layerpass.compile``, ``CompilationConfig`` and ``last_compile_report`` are imported
 lazily so ``import layerpass`` stays cheap.

@@ -13,10 +13,13 @@ The files are hashed as they are on disk when ``uuid()`` is called.
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import hashlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -125,6 +128,26 @@ class PieceContext:
     layer: int | None = None  # decoder-layer index, when the split knows it
     str_constants: list[tuple[str, str, Any]] = field(default_factory=list)  # (node, op target, value)
     real_inputs: list[Any] = field(default_factory=list)  # the real value behind each placeholder, or None
+
+
+# The piece being compiled: per-call state in a ContextVar, not on the (shared) passes, so two
+# compiles never see each other's piece
+_CURRENT_PIECE: contextvars.ContextVar[PieceContext | None] = contextvars.ContextVar("layerpass_piece", default=None)
+
+
+def current_piece() -> PieceContext:
+    """The piece being compiled (an empty context outside ``compiling_piece``)."""
+    return _CURRENT_PIECE.get() or PieceContext()
+
+
+@contextlib.contextmanager
+def compiling_piece(context: PieceContext) -> Iterator[PieceContext]:
+    """``context`` is the current piece for the passes while the block runs."""
+    token = _CURRENT_PIECE.set(context)
+    try:
+        yield context
+    finally:
+        _CURRENT_PIECE.reset(token)
 
 class LayerpassPass:
     """A post-grad graph pass. Subclasses set ``name`` and implement ``apply(graph) -> matches``.

@@ -15,6 +15,8 @@ import torch
 from torch import fx
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
+from layerpass.ops.library import schema_of
+
 from .base import LayerpassPass
 
 aten = torch.ops.aten
@@ -22,7 +24,7 @@ _ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default, aten.empty_st
 
 
 def mutated_arg_names(op: torch._ops.OpOverload) -> list[str]:
-    return [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    return [a.name for a in schema_of(op).arguments if a.alias_info is not None and a.alias_info.is_write]
 
 
 class FixFunctionalizationPass(LayerpassPass):
@@ -41,9 +43,9 @@ class FixFunctionalizationPass(LayerpassPass):
             getitems = list(node.users)
             if not all(u.target is operator.getitem for u in getitems):
                 continue
-            if len(op._schema.returns) > 1:
+            if len(schema_of(op).returns) > 1:
                 continue  # mutated buffers would follow several outputs: not handled
-            returns_value = len(op._schema.returns) == 1
+            returns_value = len(schema_of(op).returns) == 1
             with graph.inserting_before(node):
                 call = graph.call_function(op, kwargs={k: v for k, v in node.kwargs.items()})
             # keep provenance only: "val"/"eager_input_vals" describe the functional HOP, not the op

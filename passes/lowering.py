@@ -48,7 +48,7 @@ import torch
 from torch import fx
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
-from layerpass.ops.library import op_overload
+from layerpass.ops.library import op_overload, schema_of
 from layerpass.ops.norm import rms_norm_ref, silu_and_mul_ref
 from layerpass.ops.quant import FP8_DTYPE, quantize_fp8
 
@@ -256,7 +256,7 @@ def resolve_custom_ops(custom_ops: Iterable[str], what: str = "CompilationConfig
 def _bind(op: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """The op's arguments by schema name (defaults filled in); None if they do not fit the schema."""
     bound: dict[str, Any] = {}
-    schema_args = op._schema.arguments
+    schema_args = schema_of(op).arguments
     if len(args) > len(schema_args):
         return None
     for i, a in enumerate(schema_args):
@@ -322,7 +322,7 @@ class LoweringPass(LayerpassPass):
             functional = node.target is auto_functionalized
             op = node.args[0] if functional else node.target
             spec = self._targets.get(op) if isinstance(op, torch._ops.OpOverload) else None
-            if spec is None or (not functional and op._schema.is_mutable):
+            if spec is None or (not functional and schema_of(op).is_mutable):
                 continue  # not lowered here, or an in-place call outside functionalization
             try:  # everything that can fail happens before the graph is touched
                 plan = self._plan(node, op, spec, functional)
@@ -340,7 +340,7 @@ class LoweringPass(LayerpassPass):
         bound = _bind(op, () if functional else tuple(node.args), dict(node.kwargs))
         if bound is None:
             return "its arguments do not fit the schema"
-        if functional or len(op._schema.returns) != 1:  # users read getitems of a tuple
+        if functional or len(schema_of(op).returns) != 1:  # users read getitems of a tuple
             if not all(u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
                 return "a user of its tuple result is not a getitem"
             outputs: dict[fx.Node, int | None] = {u: u.args[1] for u in node.users if u.users}

@@ -9,6 +9,8 @@ readable Python; a dir that cannot be written is warned about once and dumps are
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -16,7 +18,8 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import fx
@@ -29,7 +32,7 @@ from layerpass.patterns.moe_quant_input import MoEQuantInputFusionPass
 from layerpass.patterns.moe_shared import MoESharedFusionPass
 from layerpass.patterns.norm_quant import NormQuantFusionPass
 
-from .base import LayerpassPass, PieceContext
+from .base import LayerpassPass, PieceContext, compiling_piece
 from .cleanup import DeadCodeEliminationPass
 from .fix_functionalization import FixFunctionalizationPass
 from .lowering import LoweringPass
@@ -91,17 +94,30 @@ def graph_source(graph: fx.Graph) -> str:
     return graph.python_code("self").src
 
 
+@dataclass
+class PieceRun:
+    """What the passes did to one piece: per-pass matches, time and registrations, and failures."""
+
+    name: str
+    stats: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: {"matches": 0, "time_s": 0.0}))
+    failures: list[str] = field(default_factory=list)
+    ran: bool = False  # False if Inductor served the piece from its own cache without running the passes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passes": {k: dict(v) for k, v in self.stats.items()}, "failures": list(self.failures),
+                "passes_ran": self.ran}
+
+
+# the piece whose compile is running (per call, not on the shared manager)
+_CURRENT_RUN: contextvars.ContextVar[PieceRun | None] = contextvars.ContextVar("layerpass_piece_run", default=None)
+
+
 class PassManager(CustomGraphPass):
     """Runs ``passes`` in order on each piece's post-grad graph (see ``configure`` for the order)."""
 
     def __init__(self, passes: Sequence[LayerpassPass], config_fingerprint: str = "") -> None:
         self.passes = list(passes)
         self.config_fingerprint = config_fingerprint
-        self.piece_name = "piece"
-        self.context = PieceContext()
-        self.stats: dict[str, dict[str, float]] = {}
-        self.failures: list[str] = []
-        self.runs = 0
         self._unwritable_dumps: set[str] = set()  # dump dirs already warned about
 
     @classmethod
@@ -124,18 +140,27 @@ class PassManager(CustomGraphPass):
         idx = names.index(anchor)
         self.passes.insert(idx if before is not None else idx + 1, pass_)
 
-    def begin_piece(self, name: str, context: PieceContext | None = None) -> None:
-        """Reset per-piece stats before Inductor compiles the piece called ``name``."""
-        self.piece_name = name
-        self.context = context if context is not None else PieceContext(piece=name)
-        self.stats = defaultdict(lambda: {"matches": 0, "time_s": 0.0})
-        self.failures = []
+    @contextlib.contextmanager
+    def piece(self, name: str, context: PieceContext | None = None) -> Iterator[PieceRun]:
+        """While Inductor compiles the piece called ``name`` in this block, the passes see
+        ``context`` and record into the yielded ``PieceRun``."""
+        context = context if context is not None else PieceContext(piece=name)
         for p in self.passes:
-            p.prepare(self.context)
+            p.prepare(context)
+        run = PieceRun(name)
+        token = _CURRENT_RUN.set(run)
+        try:
+            with compiling_piece(context):
+                yield run
+        finally:
+            _CURRENT_RUN.reset(token)
 
     def __call__(self, graph: fx.Graph) -> None:
-        self.runs += 1
-        piece_dir = self._piece_dump_dir()
+        run = _CURRENT_RUN.get()
+        if run is None:  # called outside ``piece`` (Inductor on a graph layerpass did not hand it)
+            run = PieceRun("piece")
+        run.ran = True
+        piece_dir = self._piece_dump_dir(run.name)
         for i, p in enumerate(self.passes):
             snapshot = _snapshot(graph)
             before = graph_source(graph) if piece_dir else None
@@ -145,27 +170,27 @@ class PassManager(CustomGraphPass):
                 graph.lint()
             except Exception as e:  # a failing pass must never break the compile
                 _restore(graph, snapshot)
-                msg = f"pass {p.name!r} failed on piece {self.piece_name!r} and was skipped (graph left unfused): {type(e).__name__}: {e}"
+                msg = f"pass {p.name!r} failed on piece {run.name!r} and was skipped (graph left unfused): {type(e).__name__}: {e}"
                 logger.warning("layerpass: %s", msg)
-                self.failures.append(msg)
+                run.failures.append(msg)
                 matches = 0
             dt = time.perf_counter() - t0
-            self.stats[p.name]["matches"] += matches
-            self.stats[p.name]["time_s"] += dt
-            self.stats[p.name]["registrations"] = p.registrations
+            run.stats[p.name]["matches"] += matches
+            run.stats[p.name]["time_s"] += dt
+            run.stats[p.name]["registrations"] = p.registrations
             if piece_dir:
                 stem = os.path.join(piece_dir, f"{i:02d}_{p.name}")
                 piece_dir = self._dump(piece_dir, {stem + "_before.py": before, stem + "_after.py": graph_source(graph)})
         if piece_dir:
             self._dump(piece_dir, {os.path.join(piece_dir, "stats.json"):
-                                   json.dumps({"stats": dict(self.stats), "failures": self.failures}, indent=2)})
+                                   json.dumps({"stats": dict(run.stats), "failures": run.failures}, indent=2)})
 
-    def _piece_dump_dir(self) -> str | None:
+    def _piece_dump_dir(self, piece: str) -> str | None:
         """This piece's ``$LAYERPASS_DEBUG_DUMP`` subdir, created; None without dumps."""
         dump_dir = envs.debug_dump_dir()
         if not dump_dir:
             return None
-        piece_dir = os.path.join(dump_dir, re.sub(r"[^\w.-]", "_", self.piece_name))
+        piece_dir = os.path.join(dump_dir, re.sub(r"[^\w.-]", "_", piece))
         try:
             os.makedirs(piece_dir, exist_ok=True)
         except OSError as e:

@@ -21,9 +21,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any, ClassVar
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -31,9 +29,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from layerpass import envs
 from layerpass.ops.layer_name import LayerName, resolve_layer_name
 from layerpass.ops.library import op_name
-from layerpass.ops.state import tracing_pattern_examples
+from layerpass.ops.layer_lookup import tracing_pattern_examples
 
-from .base import LayerpassPass, PieceContext
+from .base import LayerpassPass, PieceContext, current_piece
 
 if TYPE_CHECKING:
     from torch._inductor.pattern_matcher import Match, PatternMatcherPass
@@ -77,7 +75,6 @@ class PatternPass(LayerpassPass):
     def __init__(self) -> None:
         super().__init__()
         self._patterns: PatternMatcherPass | None = None
-        self.context = PieceContext()
         self._registered = False
         self._names: set[str] = set()
 
@@ -143,11 +140,11 @@ class PatternPass(LayerpassPass):
         return extra_check
 
     def real_input(self, node: Any) -> Any:
-        """The real value behind a piece placeholder (``context.real_inputs``), else None."""
+        """The real value behind a placeholder of the piece being compiled (``current_piece()``), else None."""
         if not isinstance(node, fx.Node) or node.op != "placeholder":
             return None
         placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
-        real = self.context.real_inputs
+        real = current_piece().real_inputs
         idx = placeholders.index(node)
         return real[idx] if idx < len(real) else None
 
@@ -156,7 +153,6 @@ class PatternPass(LayerpassPass):
         return f"use_layername={envs.USE_LAYERNAME}"
 
     def prepare(self, context: PieceContext) -> None:
-        self.context = context
         if not self._registered:
             self._registered = True
             self.register_patterns()

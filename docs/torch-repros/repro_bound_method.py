@@ -8,9 +8,11 @@ IndexError / TypeError on load (or guards built on the wrong function).
 """
 import functools
 import types
+import os
+import tempfile
+
 import torch
 from torch import nn
-from torch._dynamo.aot_compile import AOTCompiledFunction
 
 
 def flagged(flag):
@@ -39,7 +41,9 @@ class Layer(nn.Module):
 
 layer, x = Layer(), torch.randn(2, 4)
 aot = torch.compile(Layer.forward, fullgraph=True, backend="aot_eager").aot_compile(((layer, x), {}))
-data = AOTCompiledFunction.serialize(aot).serialized_data
-loaded = AOTCompiledFunction.deserialize(data)
+path = os.path.join(tempfile.mkdtemp(), "fn.bin")
+aot.save_compiled_function(path)  # the public save
+with open(path, "rb") as f:
+    loaded = torch.compiler.load_compiled_function(f)
 torch.testing.assert_close(loaded(layer, x), layer(x))
 print("round trip ok")

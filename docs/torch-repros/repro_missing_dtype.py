@@ -2,11 +2,13 @@
 
 GuardsStatePickler.reducer_override records each plain, non-guarded module attribute in
 missing_values BY id(); torch.float32 is a singleton, so every tensor pickled after the module
-gets dtype=_Missing and AOTCompiledFunction.deserialize fails in _rebuild_meta_tensor_no_storage.
+gets dtype=_Missing and torch.compiler.load_compiled_function fails in _rebuild_meta_tensor_no_storage.
 """
+import os
+import tempfile
+
 import torch
 from torch import nn
-from torch._dynamo.aot_compile import AOTCompiledFunction
 
 
 class Layer(nn.Module):
@@ -22,7 +24,9 @@ class Layer(nn.Module):
 layer = Layer()
 x = torch.randn(2, 4)
 aot = torch.compile(Layer.forward, fullgraph=True).aot_compile(((layer, x), {}))
-data = AOTCompiledFunction.serialize(aot).serialized_data
-loaded = AOTCompiledFunction.deserialize(data)  # TypeError: empty_strided(): argument 'dtype' must be torch.dtype, not _Missing
+path = os.path.join(tempfile.mkdtemp(), "fn.bin")
+aot.save_compiled_function(path)  # the public save
+with open(path, "rb") as f:
+    loaded = torch.compiler.load_compiled_function(f)  # TypeError: empty_strided(): argument 'dtype' must be torch.dtype, not _Missing
 torch.testing.assert_close(loaded(layer, x), layer(x))
 print("round trip ok")

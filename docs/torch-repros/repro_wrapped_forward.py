@@ -7,9 +7,11 @@ outer wrapper), and rebuilding the guards on load fails:
 AttributeError: '_Missing' object has no attribute '__closure__'.
 """
 import functools
+import os
+import tempfile
+
 import torch
 from torch import nn
-from torch._dynamo.aot_compile import AOTCompiledFunction
 
 
 def flagged(flag):
@@ -42,7 +44,9 @@ class Layer(nn.Module):
 chain = {"f0": Layer.forward, "f1": Layer.forward.__wrapped__, "f2": Layer.forward.__wrapped__.__wrapped__}
 layer, x = Layer(), torch.randn(2, 4)
 aot = torch.compile(Layer.forward, fullgraph=True, backend="aot_eager").aot_compile(((layer, x), {}))
-data = AOTCompiledFunction.serialize(aot, chain).serialized_data
-loaded = AOTCompiledFunction.deserialize(data, external_closure_data=chain)  # AttributeError: '_Missing' ... '__closure__'
+path = os.path.join(tempfile.mkdtemp(), "fn.bin")
+aot.save_compiled_function(path, chain)  # the public save
+with open(path, "rb") as f:
+    loaded = torch.compiler.load_compiled_function(f, external_data=chain)  # AttributeError: '_Missing' ... '__closure__'
 torch.testing.assert_close(loaded(layer, x), layer(x))
 print("round trip ok")

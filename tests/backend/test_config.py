@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layerpass.backend.config import CompilationConfig
+import layerpass
+from layerpass.backend.config import CACHE_DIR_ENV, DEFAULT_SPLITTING_OPS, CompilationConfig
 
 BOOL_FIELDS = ("fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "eliminate_noops",
                "disable_cache", "dynamic_tokens")
@@ -84,8 +85,8 @@ def test_cache_dir_with_a_nul_byte_is_refused() -> None:
         CompilationConfig(cache_dir="/tmp/a\0b")
 
 
-@pytest.mark.parametrize("value", [1, None, ["layers"], b"layers"])
-def test_split_of_the_wrong_type_names_the_field(value) -> None:
+@pytest.mark.parametrize("value", ["layer", "op", "", "LAYERS", 1, None, ["layers"], b"layers"])
+def test_a_bad_split_names_the_field_and_the_allowed_values(value) -> None:
     with pytest.raises(ValueError, match=r"CompilationConfig\.split=.*allowed: layers, ops"):
         CompilationConfig(cache_dir="/tmp/x", split=value)
 
@@ -101,7 +102,57 @@ def test_any_non_bool_is_rejected_any_bool_kept(name: str, value) -> None:
             CompilationConfig(cache_dir="/tmp/x", **{name: value})
 
 
-def test_defaults_are_valid() -> None:
+def test_defaults() -> None:
     cfg = CompilationConfig()
     assert isinstance(cfg.cache_dir, str) and cfg.cache_dir
     assert cfg.fingerprint() == CompilationConfig(cache_dir="/elsewhere").fingerprint()
+    assert cfg.split == "layers" and cfg.dynamic_tokens and not cfg.disable_cache and cfg.compile_sizes == ()
+    assert set(cfg.splitting_ops) == set(DEFAULT_SPLITTING_OPS)
+    assert "layerpass.unified_attention_with_output" in cfg.splitting_ops
+    assert all([cfg.fuse_attn_quant, cfg.fuse_norm_quant, cfg.fuse_act_quant, cfg.fuse_moe, cfg.eliminate_noops])
+    assert layerpass.CompilationConfig is CompilationConfig
+
+
+# ---------------------------------------------------------------- defaults, cache dir, splitting ops, sizes
+def test_cache_dir_default_env_and_explicit(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
+    assert CompilationConfig().cache_dir == os.path.join(os.path.expanduser("~"), ".cache", "layerpass")
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "env"))
+    assert CompilationConfig().cache_dir == str(tmp_path / "env")
+    assert CompilationConfig(cache_dir=str(tmp_path / "x")).cache_dir == str(tmp_path / "x")
+    # the cache location never changes compiled code, so it is not in the fingerprint
+    assert CompilationConfig(cache_dir="/a").fingerprint() == CompilationConfig(cache_dir="/b").fingerprint()
+    assert CompilationConfig(fuse_moe=False).fingerprint() != CompilationConfig().fingerprint()
+
+
+@pytest.mark.parametrize("ops", [("attention",), ("layerpass.a.b",), ("layerpass.",), (".op",), ("",)])
+def test_rejects_badly_written_splitting_ops(ops) -> None:
+    with pytest.raises(ValueError, match=r"namespace\.op_name"):
+        CompilationConfig(splitting_ops=ops)
+
+
+@pytest.mark.parametrize("ops", ["layerpass.unified_attention_with_output", (3,), ("layerpass.x", None), 7])
+def test_rejects_splitting_ops_of_the_wrong_type(ops) -> None:
+    with pytest.raises((TypeError, ValueError), match=r"splitting"):
+        CompilationConfig(splitting_ops=ops)
+
+
+def test_splitting_ops_accept_torch_spelling() -> None:
+    assert CompilationConfig(splitting_ops=("layerpass::linear_attention",)).splitting_ops == ("layerpass.linear_attention",)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.one_of(st.integers(-3, 64), st.booleans(), st.floats(1, 8), st.text(max_size=2)), max_size=4))
+def test_compile_sizes_validation(sizes) -> None:
+    valid = all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
+    if valid:
+        assert CompilationConfig(compile_sizes=tuple(sizes)).compile_sizes == tuple(sorted(set(sizes)))
+    else:
+        with pytest.raises(ValueError, match=r"compile_sizes must be positive ints"):
+            CompilationConfig(compile_sizes=tuple(sizes))
+
+
+@pytest.mark.parametrize("sizes", [4, "4", None])
+def test_compile_sizes_must_be_a_sequence(sizes) -> None:
+    with pytest.raises((TypeError, ValueError), match=r"compile_sizes"):
+        CompilationConfig(compile_sizes=sizes)

@@ -11,6 +11,9 @@ compare the live closure with the value seen at trace time (a flipped constant f
 from __future__ import annotations
 
 import functools
+import io
+import os
+import tempfile
 import threading
 import types
 
@@ -20,7 +23,7 @@ from torch import nn
 
 from layerpass.backend import guard_pickling
 from layerpass.backend.guard_pickling import applies, saveable_guards
-from layerpass.backend.warm_start import has_aot_api
+from layerpass.backend.aot import has_aot_api
 
 pytestmark = pytest.mark.skipif(not has_aot_api() or not applies(),
                                 reason="needs torch's aot_compile and its guard-state pickler (torch 2.10+)")
@@ -107,18 +110,20 @@ def _chain(cls: type) -> dict[str, object]:
 
 
 def _save(layer: nn.Module, x: torch.Tensor) -> bytes:
-    from torch._dynamo.aot_compile import AOTCompiledFunction
-
+    """The traced forward of ``layer``, saved with torch's public API (``save_compiled_function``)."""
     fn = torch.compile(type(layer).forward, fullgraph=True, backend="aot_eager")
     with saveable_guards():
         aot = fn.aot_compile(((layer, x), {}))
-    return AOTCompiledFunction.serialize(aot, _chain(type(layer))).serialized_data
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "fn.bin")
+        aot.save_compiled_function(path, _chain(type(layer)))
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def _load(data: bytes, cls: type):
-    from torch._dynamo.aot_compile import AOTCompiledFunction
-
-    return AOTCompiledFunction.deserialize(data, external_closure_data=_chain(cls))
+    """``torch.compiler.load_compiled_function`` of ``data`` for layer class ``cls``."""
+    return torch.compiler.load_compiled_function(io.BytesIO(data), external_data=_chain(cls))
 
 
 @pytest.fixture(autouse=True)

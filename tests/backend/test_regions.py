@@ -3,8 +3,10 @@
 - Dynamo traces (counted at ``fullgraph_capture``) do not grow with depth.
 - Layers that differ in shape, dtype, structure, a graph-changing Python constant, a callable or
   a ``str`` get their own region, and every output equals eager.
-- The hybrid model and a converted HF model dedup; no repeated layers: the whole model, as before;
-  a torch without the AOT API: the whole model, saying why.
+- The hybrid model and a converted HF model dedup; a layer class torch cannot save is a region in
+  memory; the eager model is left as it was; routing (a layer's own forward, layers replaced after
+  compile, two threads at once). When ``layerpass.compile`` leaves regions for the whole model:
+  ``test_compiled_model.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import torch
 from torch import nn
 
 import layerpass
-from layerpass.backend import compiled_model as cm
 from layerpass.backend.config import CompilationConfig
 from tests.helpers import backend as bh
 
@@ -93,18 +94,6 @@ class Scaled(nn.Module):
         return (h + x.to(h.dtype)).to(x.dtype)
 
 
-class Mixed(nn.Module):
-    def __init__(self, layers: list[nn.Module], width: int = 8) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.width = width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 DIFFERING = {
     "constant": lambda: [Scaled(8), Scaled(8), Scaled(8, repeats=2)],
     "callable": lambda: [Scaled(8), Scaled(8), Scaled(8, act=torch.tanh)],
@@ -117,7 +106,7 @@ DIFFERING = {
 @pytest.mark.parametrize("kind", sorted(DIFFERING))
 def test_layers_that_differ_get_their_own_region(kind: str) -> None:
     torch.manual_seed(0)
-    model = Mixed(DIFFERING[kind]()).eval()
+    model = bh.Chain(DIFFERING[kind]()).eval()
     _, report, traces = compile_and_run(model, torch.randn(6, 8))
     assert report.num_regions == 2 and traces == 2, (kind, report.num_regions, traces)
     keys = [p.key for p in report.pieces]
@@ -133,23 +122,20 @@ class Proj(nn.Module):
         return torch.relu(self.lin(x))
 
 
-class Breaks(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.lin(x)
-        torch._dynamo.graph_break()
-        return torch.relu(h) + x
-
-
 def test_layers_of_different_shapes_get_their_own_region() -> None:
     torch.manual_seed(0)
-    model = Mixed([Proj(8, 8), Proj(8, 8), Proj(8, 16), Proj(16, 16)]).eval()
+    model = bh.Chain([Proj(8, 8), Proj(8, 8), Proj(8, 16), Proj(16, 16)]).eval()
     _, report, traces = compile_and_run(model, torch.randn(6, 8))
     assert report.num_regions == 3 and traces == 3
     assert len({p.key for p in report.pieces}) == 3
+
+
+def test_regions_take_the_outer_list() -> None:
+    """A layer's own list of heads (4) is never taken for the decoder layers (3)."""
+    from layerpass.backend.regions import find_repeated_layers
+
+    model = bh.HeadsModel()
+    assert find_repeated_layers(model) == list(model.layers)
 
 
 # ---------------------------------------------------------------- models of the zoo and HF
@@ -186,44 +172,12 @@ def test_converted_hf_model_dedups() -> None:
     assert reports[0] == reports[1], reports
 
 
-# ---------------------------------------------------------------- whole-model paths
-def test_model_without_repeated_layers_compiles_whole() -> None:
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
-    _, report, _ = compile_and_run(model, torch.randn(5, 8))
-    assert report.trace == "whole-model" and report.num_compiled >= 1
-    assert any("no repeated layers" in n for n in report.notes), report.notes
-
-
-def test_torch_without_the_aot_api_compiles_whole_and_says_why() -> None:
-    with mock.patch.object(cm, "has_aot_api", lambda: False):
-        _, report, _ = compile_and_run(bh.Stack(3).eval(), torch.randn(5, 8))
-    assert report.trace == "whole-model"
-    assert any("aot_compile" in n for n in report.notes), report.notes
-
-
-def test_a_layer_with_a_graph_break_falls_back_to_the_whole_model(caplog) -> None:
-    """A graph break (the only reason to leave regions): the first step finishes eagerly, says so
-    in its report, and the next ones run the whole model through the backend."""
-    caplog.set_level("WARNING", logger="layerpass")
-    model = Mixed([Breaks(), Breaks()]).eval()
-    x = torch.randn(5, 8)
-    with torch.no_grad():
-        ref = model(x)
-        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("fallback")))
-        torch.testing.assert_close(compiled(x), ref)
-        first = layerpass.last_compile_report()  # the fallback step has a report of its own
-        assert first.trace.startswith("eager") and any("cannot be traced as a region" in n for n in first.notes)
-        torch.testing.assert_close(compiled(x), ref)
-    report = layerpass.last_compile_report()
-    assert report.trace == "whole-model" and any("cannot be traced as a region" in n for n in report.notes)
-    assert any("cannot be traced as a region" in m for m in caplog.messages), caplog.messages
-
-
+# ---------------------------------------------------------------- a region in memory, the eager model untouched
 def test_a_layer_torch_cannot_save_is_still_a_region_in_memory() -> None:
     """A class defined in a function: torch cannot save its guards, so its region is traced once in
     memory and reused at every layer; only the warm start is off, and the report says why."""
     local_cls = type("LocalScaled", (Scaled,), {})
-    model = Mixed([local_cls(8) for _ in range(4)]).eval()
+    model = bh.Chain([local_cls(8) for _ in range(4)]).eval()
     x = torch.randn(5, 8)
     with torch.no_grad():
         ref = model(x)
@@ -313,59 +267,3 @@ def test_two_threads_making_the_first_call_at_once() -> None:
         torch.testing.assert_close(out, ref)
     assert compiled.compiled is None and compiled.regions is not None and compiled.regions.failed is None
     assert len({id(r) for r in compiled.regions.regions}) == 1
-
-
-class DropoutBlock(nn.Module):
-    def __init__(self, width: int = 8) -> None:
-        super().__init__()
-        self.lin = nn.Linear(width, width)
-        self.drop = nn.Dropout(0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(torch.relu(self.lin(x))) + x
-
-
-def test_training_mode_compiles_the_whole_model_with_a_warning(caplog) -> None:
-    caplog.set_level("WARNING", logger="layerpass")
-    model = Mixed([DropoutBlock(), DropoutBlock()])
-    x = torch.randn(5, 8)
-    compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("train")))
-    model.train()
-    for _ in range(2):
-        out = compiled(x)
-        assert out.shape == model(x).shape and torch.isfinite(out).all()
-    assert any("training mode" in m for m in caplog.messages), caplog.messages
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
-    assert layerpass.last_compile_report().trace == "regions"
-
-
-def _fwd_plain(self, x, y=2):  # noqa: ANN001, ANN202
-    pass
-
-
-def _fwd_required(self, x, y):  # noqa: ANN001, ANN202
-    pass
-
-
-def _fwd_keyword_only(self, x, y=2, *, z=3):  # noqa: ANN001, ANN202
-    pass
-
-
-@pytest.mark.parametrize(("fn", "args", "kwargs"), [
-    (_fwd_plain, (1,), {}), (_fwd_plain, (1,), {"y": 7}), (_fwd_plain, (1, 9), {}),
-    (_fwd_required, (1, 2), {}), (_fwd_required, (1,), {"y": 3}),
-    (_fwd_keyword_only, (1,), {}), (_fwd_keyword_only, (1, 5), {"z": 4}),
-])
-def test_the_region_binder_binds_as_inspect_does(fn, args, kwargs) -> None:
-    """The per-call binding before the guard check (no ``inspect`` on the hot path) is inspect's."""
-    import inspect
-
-    from layerpass.backend.regions import _Binder
-
-    ref = inspect.signature(fn).bind("layer", *args, **kwargs)
-    ref.apply_defaults()
-    assert _Binder(inspect.signature(fn)).bind("layer", args, kwargs) == dict(ref.arguments)
-    with pytest.raises(TypeError, match="missing a required argument"):
-        _Binder(inspect.signature(_fwd_required)).bind("layer", (1,), {})

@@ -281,18 +281,6 @@ def test_model_key_counts_attribute_values_and_strings() -> None:
     assert layer_signature(base.layers[1]) == layer_signature(other_float.layers[1]) == layer_signature(other_str.layers[1])
 
 
-@pytest.mark.slow
-def test_split_ops_warm_start_loads_and_runs() -> None:
-    """``split="ops"`` pieces take the token count as an argument: the saved program keeps the
-    symbolic sizes its re-split needs, so a warm start runs (it used to fail on every call)."""
-    cache = bh.fresh_cache_dir("split-ops")
-    runs = [bh.run_python(bh.compile_zoo_body("llama", 2, cache, split="ops"), what=f"split=ops run {i}").result
-            for i in range(2)]
-    for res in runs:
-        bh.assert_matches(torch.tensor(res["out"]), torch.tensor(res["ref"]), "split='ops' output")
-    assert runs[1]["report"]["warm_start"] == "loaded" and runs[1]["report"]["dynamo_s"] == 0.0, runs[1]["report"]
-
-
 ADD_PASS_RUN = """
 import sys
 sys.path.insert(0, {model_dir!r})

@@ -121,7 +121,7 @@ def compile_zoo(name: str, num_layers: int, *, cache_dir: str | None = None, ste
     import layerpass
     from layerpass.models import build_model, make_step
     from layerpass.backend.config import CompilationConfig
-    from layerpass.backend.report import compile_reports
+    from layerpass.backend.report import compile_reports, num_compile_reports
 
     cache_dir = cache_dir or fresh_cache_dir(f"{name}{num_layers}")
     model = build_model(name, num_layers=num_layers)
@@ -131,10 +131,10 @@ def compile_zoo(name: str, num_layers: int, *, cache_dir: str | None = None, ste
         compiled = layerpass.compile(model, CompilationConfig(cache_dir=cache_dir, **config))
         if setup is not None:
             setup(compiled)
-        before = len(compile_reports())
+        before = num_compile_reports()
         out = s.run(compiled)
-    reports = compile_reports()
-    assert len(reports) > before, "layerpass.compile ran but the backend never published a report"
+    reports = compile_reports(since=before)
+    assert reports, "layerpass.compile ran but the backend never published a report"
     return Compiled(model, compiled, s, ref, out, reports[-1], cache_dir)
 
 
@@ -172,6 +172,84 @@ class Stack(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.out(x).sum(-1)
+
+
+class Chain(nn.Module):
+    """The given layers in one ``ModuleList``, called in order: the test picks which layers repeat."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class HeadsLayer(nn.Module):
+    """A layer holding a ``ModuleList`` of 4 heads: a list inside the decoder layers' list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(8, 2) for _ in range(4))
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([h(x) for h in self.heads], -1)) + x
+
+
+class HeadsModel(nn.Module):
+    """An input projection and 3 ``HeadsLayer``s: more heads per layer (4) than layers (3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.inp = nn.Linear(8, 8)
+            self.layers = nn.ModuleList(HeadsLayer() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+# ---------------------------------------------------------------------------- graphs without Inductor
+def dynamo_graph(model: nn.Module, *args: torch.Tensor) -> tuple[fx.GraphModule, list[Any]]:
+    """``model(*args)``'s Dynamo graph and example inputs, captured by a backend that compiles
+    nothing; Dynamo is reset first, so the model is traced afresh."""
+    captured: list[tuple[fx.GraphModule, list[Any]]] = []
+
+    def capture(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch.compiler.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, dynamic=False)(*args)
+    assert len(captured) == 1, "the test model must trace to one graph"
+    return captured[0]
+
+
+def layer_piece_keys(split: Any, inputs: list[Any]) -> dict[int, str]:
+    """Decoder-layer index -> piece key of each layer piece of ``split`` (a ``SplitResult``), hashed
+    on the arguments each piece receives when the split graph runs on ``inputs``."""
+    from layerpass.backend.piece_hash import piece_signature
+
+    keys: dict[int, str] = {}
+
+    class Hash(fx.Interpreter):
+        def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+            layer = split.piece_layers.get(target)
+            if layer is not None:
+                keys[layer] = piece_signature(getattr(split.graph_module, target), args).key
+            return super().call_module(target, args, kwargs)
+
+    with torch.no_grad():
+        Hash(split.graph_module).run(*inputs)
+    return keys
 
 
 # ---------------------------------------------------------------------------- subprocesses
@@ -244,10 +322,10 @@ def finish_python(proc: subprocess.Popen, *, timeout: float = 300, what: str = "
 # A subprocess body that compiles a zoo model and emits the report and outputs (as lists).
 COMPILE_ZOO_BODY = """\
 from tests.helpers import backend as bh
-from layerpass.backend.report import compile_reports
+from layerpass.backend.report import num_compile_reports
 import layerpass
 c = bh.compile_zoo({name!r}, {layers}, cache_dir={cache_dir!r}, **{config!r})
-emit({{"report": bh.report_dict(c.report), "reports": len(compile_reports()), "out": c.out.tolist(),
+emit({{"report": bh.report_dict(c.report), "reports": num_compile_reports(), "out": c.out.tolist(),
        "ref": c.ref.tolist(), "use_layername": layerpass.USE_LAYERNAME, "recompiles": c.compiled.recompiles}})
 """
 

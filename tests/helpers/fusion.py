@@ -28,7 +28,8 @@ from torch import fx, nn
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
 import layerpass.ops  # noqa: F401  (registers the ops named below)
-from layerpass.passes.base import LayerpassPass, PieceContext
+from layerpass.ops.library import schema_of
+from layerpass.passes.base import LayerpassPass, PieceContext, compiling_piece
 from tests.helpers import backend as bh
 from tests.helpers.fp8 import fp8_bits, fp8_model_tolerance  # noqa: F401  (used as fh.fp8_bits, ...)
 
@@ -71,12 +72,12 @@ def capture_graph(module: nn.Module, inputs: Sequence[Any], *, metadata: Any = N
 
         return run
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     backend = aot_autograd(fw_compiler=fw_compiler, decompositions=select_decomp_table())
     with torch.no_grad(), set_forward_context(metadata, registry), \
             torch._inductor.config.patch(enable_auto_functionalized_v2=False):
         torch.compile(module, backend=backend, fullgraph=True, dynamic=False)(*inputs)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     if len(graphs) != 1 or len(real) != 1:
         raise AssertionError(f"expected one captured forward graph, got {len(graphs)} graphs and {len(real)} calls")
     return Captured(graphs[0], real[0])
@@ -95,10 +96,12 @@ def apply_passes(gm: fx.GraphModule, passes: Iterable[Any], context: PieceContex
     and matches per pass."""
     new = clone_gm(gm)
     matches: dict[str, int] = {}
-    for p in passes:
-        p.prepare(context if context is not None else PieceContext())
-        matches[p.name] = int(p.apply(new.graph) or 0)
-        new.graph.lint()
+    context = context if context is not None else PieceContext()
+    with compiling_piece(context):
+        for p in passes:
+            p.prepare(context)
+            matches[p.name] = int(p.apply(new.graph) or 0)
+            new.graph.lint()
     new.recompile()
     return new, matches
 
@@ -144,7 +147,7 @@ def _writer(node: fx.Node) -> fx.Node:
         target = user.target
         if isinstance(target, torch._ops.OpOverload) and any(
                 a.alias_info is not None and a.alias_info.is_write and user.kwargs.get(a.name) is node
-                for a in target._schema.arguments):
+                for a in schema_of(target).arguments):
             return user
     return node
 

@@ -111,7 +111,8 @@ def test_switch_in_a_fresh_process(value: str, expected: bool) -> None:
     proc = run_python(
         """
         import torch, layerpass, layerpass.ops as ops
-        schema = ops.op_overload("moe_forward")._schema
+        from layerpass.ops.library import schema_of
+        schema = schema_of(ops.op_overload("moe_forward"))
         arg = [a for a in schema.arguments if a.name == "layer_name"][0]
         print(layerpass.USE_LAYERNAME, ops.LayerNameType.__name__, type(ops.encode_layer_name("a")).__name__,
               isinstance(arg.type, torch._C.StringType))

@@ -73,7 +73,6 @@ def test_failing_passes_are_skipped_and_the_rest_run_in_order(layout: list[str])
     log: list[str] = []
     passes = [ExplodingPass() if k == "boom" else RecordingPass(f"rec{i}", log) for i, k in enumerate(layout)]
     pm = PassManager(passes)
-    pm.begin_piece("submod_7")
     gm = toy_graph()
     x, y = torch.randn(3), torch.randn(3)
     expected = gm(x, y)
@@ -82,21 +81,22 @@ def test_failing_passes_are_skipped_and_the_rest_run_in_order(layout: list[str])
     handler.emit = records.append  # type: ignore[method-assign]
     logging.getLogger("layerpass").addHandler(handler)
     try:
-        pm(gm.graph)
+        with pm.piece("submod_7") as run:
+            pm(gm.graph)
     finally:
         logging.getLogger("layerpass").removeHandler(handler)
     assert log == [p.name for p in passes if isinstance(p, RecordingPass)]
     booms = layout.count("boom")
-    assert len(pm.failures) == len(records) == booms
-    for msg in [r.getMessage() for r in records] + pm.failures:
+    assert len(run.failures) == len(records) == booms
+    for msg in [r.getMessage() for r in records] + run.failures:
         assert "exploding_test_pass" in msg and "submod_7" in msg and "deliberate failure" in msg
-    assert set(pm.stats) == {p.name for p in passes}
-    assert all(s["time_s"] >= 0 for s in pm.stats.values())
+    assert set(run.stats) == {p.name for p in passes}
+    assert all(s["time_s"] >= 0 for s in run.stats.values())
     gm.graph.lint()
     gm.recompile()
     if "rec" in layout:  # the first recording pass turned relu into abs; nothing else changed
         torch.testing.assert_close(gm(x, y), torch.abs(x * y) - y)
-        assert sum(int(pm.stats[p.name]["matches"]) for p in passes if isinstance(p, RecordingPass)) == 1
+        assert sum(int(run.stats[p.name]["matches"]) for p in passes if isinstance(p, RecordingPass)) == 1
     else:
         torch.testing.assert_close(gm(x, y), expected)
         assert aten.relu.default in call_targets(gm.graph) and aten.mul.Tensor in call_targets(gm.graph)
@@ -161,8 +161,8 @@ def test_debug_dump_writes_readable_before_and_after(tmp_path, monkeypatch) -> N
     monkeypatch.setenv(DEBUG_DUMP_ENV, str(tmp_path))
     log: list[str] = []
     pm = PassManager([RecordingPass("relu_to_abs", log), ExplodingPass()])
-    pm.begin_piece("submod_3")
-    pm(toy_graph().graph)
+    with pm.piece("submod_3"):
+        pm(toy_graph().graph)
     piece = tmp_path / "submod_3"
     files = sorted(p.name for p in piece.iterdir())
     assert files == ["00_relu_to_abs_after.py", "00_relu_to_abs_before.py", "01_exploding_test_pass_after.py",
@@ -185,11 +185,12 @@ def test_unwritable_debug_dump_warns_once_and_compiles_on(tmp_path, monkeypatch,
     pm = PassManager([RecordingPass("relu_to_abs", log)])
     with caplog.at_level(logging.WARNING, logger="layerpass"):
         for piece in ("submod_1", "submod_2"):
-            pm.begin_piece(piece)
             gm = toy_graph()
-            pm(gm.graph)
+            with pm.piece(piece) as run:
+                pm(gm.graph)
+            assert run.failures == []
             assert aten.abs.default in call_targets(gm.graph)  # the pass ran
-    assert log == ["relu_to_abs", "relu_to_abs"] and pm.failures == []
+    assert log == ["relu_to_abs", "relu_to_abs"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
     assert DEBUG_DUMP_ENV in warnings[0] and str(blocker) in warnings[0]

@@ -182,13 +182,13 @@ def _compile(cache_dir: str, extra_pass):
     from layerpass.backend.compiler import LayerpassBackend
     from layerpass.backend.report import last_compile_report
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model, x = ReluScale(), torch.randn(5, 8)
     backend = LayerpassBackend(CompilationConfig(cache_dir=cache_dir))
     backend.pass_manager.add_pass(extra_pass, before="dead_code_elimination")
     with torch.no_grad():
         bh.assert_matches(torch.compile(model, backend=backend, dynamic=False)(x), model(x), "with an out-of-tree pass")
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return last_compile_report(), backend.pass_manager.uuid()
 
 

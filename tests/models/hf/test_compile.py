@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("transformers")
 
 import layerpass  # noqa: E402
-from layerpass.backend.report import compile_reports  # noqa: E402
+from layerpass.backend.report import num_compile_reports  # noqa: E402
 from layerpass.models import make_step  # noqa: E402
 from tests.helpers import backend as bh  # noqa: E402  (session Inductor cache, recompile limits)
 from tests.models.hf.common import (  # noqa: E402
@@ -98,10 +98,10 @@ def test_compiled_family_matches_and_pieces_do_not_grow(name: str) -> None:
         assert sum(v for k, v in report.matches.items() if "moe" in k) == 4, report.matches
     # greedy continuous batching through the compiled model: HF's tokens, and no new compile
     ps = prompts(model.config.vocab_size, GEN_PROMPT_LENS, seed=5)
-    before = len(compile_reports())
+    before = num_compile_reports()
     stats = LoopStats()
     got = generate_cb(model, ps, GEN_ADMIT_AT, GEN_NEW_TOKENS, fn=run, stats=stats)
-    assert len(compile_reports()) == before, "a batch of another shape recompiled the model"
+    assert num_compile_reports() == before, "a batch of another shape recompiled the model"
     assert stats.mixed_steps >= 2
     assert got == [hf_generate(hf, p, GEN_NEW_TOKENS) for p in ps], f"{name}: compiled greedy tokens differ from HF"
 
@@ -136,7 +136,7 @@ def test_layers_whose_graphs_differ_do_not_share() -> None:
 
 
 def test_bench_accepts_the_hf_zoo_names() -> None:
-    from layerpass.bench.sweep import check_models
+    from layerpass.bench.config import check_models
 
     check_models(sorted(FAMILIES))
 
