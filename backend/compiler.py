@@ -108,9 +108,14 @@ class LayerCompiler:
     def __init__(self, backend: LayerpassBackend) -> None:
         self.backend = backend
         self.programs: list[PiecewiseProgram] = []
+        self.failure: BaseException | None = None  # what the backend raised (aot_compile passes it on unwrapped)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> PiecewiseProgram:
-        program = self.backend.compile_graph(gm, example_inputs, whole_layer=True)
+        try:
+            program = self.backend.compile_graph(gm, example_inputs, whole_layer=True)
+        except BaseException as e:
+            self.failure = e
+            raise
         self.programs.append(program)
         return program
 

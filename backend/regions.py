@@ -278,9 +278,11 @@ class Regions:
         try:
             with recording_traced_code() as codes, saveable_guards():
                 aot = fn.aot_compile(((layer, *args), kwargs))
-        except (*_GRAPH_BREAKS, torch._dynamo.exc.BackendCompilerFailed):
-            raise  # a graph break goes whole-model; a backend failure is a layerpass bug and surfaces
+        except _GRAPH_BREAKS:
+            raise  # the layer cannot be traced whole: the model goes whole-model
         except Exception as e:  # torch cannot save this frame's guards (e.g. a local-scope class)
+            if compiler.failure is not None:
+                raise  # the layerpass backend failed: a bug, never taken for an unsaveable frame
             why = f"{type(e).__name__}: {_first_line(e)}"
             logger.info("layerpass: %s: no saveable program (%s); tracing it in memory", type(layer).__qualname__, why)
             return None, why

@@ -267,3 +267,22 @@ def test_two_threads_making_the_first_call_at_once() -> None:
         torch.testing.assert_close(out, ref)
     assert compiled.compiled is None and compiled.regions is not None and compiled.regions.failed is None
     assert len({id(r) for r in compiled.regions.regions}) == 1
+
+
+def test_a_backend_failure_while_tracing_a_region_surfaces() -> None:
+    """A layerpass bug inside the backend is an error naming it, not a quiet fallback (the region
+    trace catches only what torch raises for a frame it cannot save)."""
+    from layerpass.backend.compiler import LayerpassBackend
+
+    calls = []
+
+    def broken(self, gm, example_inputs, whole_layer=False):  # noqa: ANN001, ANN202
+        calls.append(1)
+        raise RuntimeError("deliberate backend bug")
+
+    model = bh.Stack(2).eval()
+    compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("backend-bug")))
+    with mock.patch.object(LayerpassBackend, "compile_graph", broken), torch.no_grad():
+        with pytest.raises(Exception, match="deliberate backend bug"):
+            compiled(torch.randn(4, 8))
+    assert len(calls) == 1, "the failure was taken for an unsaveable frame and traced again in memory"
