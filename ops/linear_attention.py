@@ -155,7 +155,7 @@ def prefill_chunked_ref(
     if block_size < 1:
         raise ValueError(f"{OP_NAME}: block_size must be >= 1, got {block_size}")
     num_reqs = slots.shape[0]
-    h, dk, dv = query.shape[1], query.shape[2], value.shape[2]
+    h, dv = query.shape[1], value.shape[2]
     dev = query.device
     if num_reqs == 0 or query.shape[0] == 0:
         return query.new_zeros((0, h, dv), dtype=torch.float32)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import shutil
 import sys
-import textwrap
 import uuid as uuid_mod
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 import layerpass.patterns.act_quant
 from layerpass.backend.config import CompilationConfig
-from layerpass.passes.pass_manager import PassManager, configure
+from layerpass.passes.pass_manager import configure
 from layerpass.passes.pattern_pass import PatternPass
 from tests.helpers import backend as bh
 
