@@ -1,6 +1,7 @@
 """On-disk cache of compiled pieces (Inductor ``CompiledArtifact``s).
 
-Layout: ``<cache_dir>/artifacts/<key[:2]>/<key>/{artifact.bin, meta.json}``; ``meta.json``
+Layout: ``<cache_dir>/artifacts/<key[:2]>/<key>/{artifact.bin, meta.json}`` (0700 dirs, 0600 files);
+``meta.json``
 holds the key the entry belongs to and the artifact's sha256, so a truncated, corrupted or
 misplaced (moved, swapped) entry is detected, logged, removed and recompiled. Entries are
 written into a private temporary directory and renamed into place, so concurrent writers never
@@ -8,7 +9,9 @@ expose a half-written entry (the first rename wins; the loser's identical entry 
 
 The cache is best-effort: a cache that cannot be written (read-only, a file, a path under
 /proc, a full disk) is warned about once per cache directory and the compile goes on without
-storing; an unusable entry is recompiled (and removed when it can be).
+storing; an unusable entry is recompiled (and removed when it can be). A cache dir another user
+can write is not loaded from (``private_files.py``). With a remote store (``cache_location.py``),
+a local miss is looked up there and a hit written here; a stored entry is put there too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .cache_location import CacheLocation
+from .private_files import make_private, make_private_dirs
 
 logger = logging.getLogger("layerpass")
 FORMAT_VERSION = 2  # 2: meta.json records its key
@@ -48,17 +54,32 @@ class CacheEntry:
 
 
 class ArtifactCache:
-    def __init__(self, root: str) -> None:
-        self.root = os.path.join(root, "artifacts")
+    def __init__(self, location: CacheLocation | str) -> None:
+        self.location = location if isinstance(location, CacheLocation) else CacheLocation(location)
+        self.root = os.path.join(location.root, "artifacts")
         self.writable = True
 
     def path(self, key: str) -> str:
         return os.path.join(self.root, key[:2], key)
 
+    @staticmethod
+    def entry_name(key: str) -> str:
+        return f"artifacts/{key[:2]}/{key}"
+
+    @classmethod
+    def entry_files(cls, key: str) -> list[str]:
+        """The entry's cache-relative file names, the one that marks it complete last."""
+        return [f"{cls.entry_name(key)}/artifact.bin", f"{cls.entry_name(key)}/meta.json"]
+
     def load(self, key: str) -> CacheEntry | None:
-        entry = self.path(key)
-        if not os.path.isdir(entry):
+        """The entry from the local dir, else from the remote store (``meta["source"]``: "cache" or "remote")."""
+        if not self.location.trusted():
             return None
+        entry, source = self.path(key), "cache"
+        if not os.path.isdir(entry):
+            if not self.location.fetch(self.entry_files(key), entry_dir=self.entry_name(key)):
+                return None
+            source = "remote"
         try:
             with open(os.path.join(entry, "meta.json")) as f:
                 meta = json.load(f)
@@ -81,7 +102,7 @@ class ArtifactCache:
                 logger.warning("layerpass: cache entry %s is unusable (%s: %s); removed it, recompiling",
                                entry, type(e).__name__, e)
             return None
-        return CacheEntry(artifact, meta)
+        return CacheEntry(artifact, dict(meta, source=source))
 
     def _cannot_write(self, error: OSError) -> None:
         """Warn once per cache directory per process; the compile goes on without storing."""
@@ -95,18 +116,19 @@ class ArtifactCache:
 
     def store(self, key: str, artifact: Any, meta: dict[str, Any]) -> bool:
         """Write the entry; ``False`` (never an exception) when it was not stored."""
-        if not self.writable or self.root in _unwritable_warned:
+        if not self.writable or self.root in _unwritable_warned or not self.location.trusted():
             return False
         final = self.path(key)
         tmp = None
         try:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=os.path.dirname(final))
+            make_private_dirs(os.path.dirname(final))
+            tmp = tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=os.path.dirname(final))  # 0700
             art_path = os.path.join(tmp, "artifact.bin")
             artifact.save(path=art_path, format="binary")
             meta = dict(meta, key=key, format=FORMAT_VERSION, sha256=file_sha256(art_path))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=2, default=str)
+            make_private(tmp)  # torch's save follows the umask
             try:
                 os.rename(tmp, final)  # atomic; fails if another writer got there first
             except OSError:
@@ -114,6 +136,7 @@ class ArtifactCache:
                     return False  # a concurrent writer stored an equal, valid entry
                 shutil.rmtree(final, ignore_errors=True)  # a broken leftover: replace it
                 os.rename(tmp, final)
+            self.location.publish(self.entry_files(key))
             return True
         except OSError as e:  # the location cannot be written: stop trying
             self._cannot_write(e)

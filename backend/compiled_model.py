@@ -111,7 +111,7 @@ class CompiledModel(nn.Module):
         assert self.regions is not None
         if self.regions.store is None and not self.config.disable_cache:
             # keyed at the first call, so passes added after compile() (add_pass) are in the key
-            self.regions.store = ProgramStore(self.config.cache_dir, self.model, self.backend.key_parts())
+            self.regions.store = ProgramStore(self.backend.location, self.model, self.backend.key_parts())
         notes = self.regions.begin_step()
         tokens = _token_count(args, kwargs)
         with self.regions.installed(tokens) as run:

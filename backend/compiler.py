@@ -5,8 +5,10 @@ Steps, each a method of ``LayerpassBackend``:
 1. ``split_graph``: cut the graph into pieces (per decoder layer, or at splitting ops).
 2. ``piece_key``: structural hash of each piece (nested bodies included) plus everything else
    the compiled code depends on (torch/layerpass versions, config, pass uuids, the switch).
-3. ``get_or_compile``: one artifact per distinct key: this compile's, the on-disk cache's, or a
-   fresh Inductor compile (the pass manager as ``post_grad_custom_post_pass``), then stored.
+3. ``get_or_compile``: one artifact per distinct key: this compile's, the on-disk cache's (or the
+   remote store's), or a fresh Inductor compile (the pass manager as ``post_grad_custom_post_pass``),
+   then stored. Processes sharing the cache dir take the key's lock first, so one of them
+   compiles and the others wait and load ("waited").
 4. ``install``: the piece's line in the ``CompileReport`` and a ``PieceRunner`` in its place.
 
 ``install_saved`` rebuilds a program read from disk (the warm start) through the same
@@ -38,6 +40,7 @@ from layerpass.passes.base import PieceContext
 from layerpass.passes.pass_manager import PassManager
 
 from .cache import ArtifactCache, cache_key
+from .cache_location import CacheLocation, open_remote_store
 from .config import CompilationConfig
 from .piece_hash import PieceSignature, piece_signature
 from .program import PieceCall, PieceRunner, PiecewiseProgram
@@ -135,7 +138,9 @@ class LayerpassBackend:
                 raise ValueError(f"splitting op {name!r} is not a registered torch op; register it before "
                                  f"compiling, or drop it from CompilationConfig.splitting_ops") from None
         self.pass_manager = PassManager.from_config(self.config)
-        self.cache = ArtifactCache(self.config.cache_dir)  # type: ignore[arg-type]
+        remote = None if self.config.disable_cache else open_remote_store(self.config.remote_cache)
+        self.location = CacheLocation(self.config.cache_dir, remote, self.config.lock_timeout_s)  # type: ignore[arg-type]
+        self.cache = ArtifactCache(self.location)
         self.publish_reports = publish_reports
         self.num_calls = 0
         self.last_report: CompileReport | None = None
@@ -190,7 +195,7 @@ class LayerpassBackend:
         if self.publish_reports:
             publish(report)
         split_gm.recompile()
-        state = {"cache_dir": cfg.cache_dir, "config": dataclasses.asdict(cfg), "whole_layer": whole_layer}
+        state = {"config": dataclasses.asdict(cfg), "whole_layer": whole_layer}
         program = PiecewiseProgram(split_gm, gm, calls, state, report)
         program.traced_code = traced_code_of_this_trace()
         return program
@@ -228,23 +233,42 @@ class LayerpassBackend:
 
     def get_or_compile(self, key: str, compile_piece: Callable[[], tuple[Any, dict[str, Any]]] | None,
                        piece: str = "") -> tuple[CompiledPiece, str]:
-        """The one path to a piece's artifact: this backend's ("shared"), else the on-disk
-        cache's ("cache"), else ``compile_piece()`` ("compiled"), stored for the next process.
+        """The one path to a piece's artifact: this backend's ("shared"), else the cache's
+        ("cache": the local dir, "remote": the remote store), else ``compile_piece()``
+        ("compiled"), stored for the next process. Processes sharing the cache dir hold the key's
+        lock while compiling: a process that waited for another loads what it stored ("waited").
         Without ``compile_piece`` (loading a saved program) a missing artifact raises."""
         if key in self.compiled:
             return self.compiled[key], "shared"
-        entry = None if self.config.disable_cache else self.cache.load(key)
-        if entry is not None:
-            self.compiled[key] = CompiledPiece(entry.artifact, entry.meta.get("stats", {}))
-            return self.compiled[key], "cache"
+        found = self._load_stored(key)
+        if found is not None:
+            return found
         if compile_piece is None:
             raise FileNotFoundError(f"compiled piece {key[:12]} is not in the artifact cache {self.config.cache_dir}")
+        if self.config.disable_cache:
+            return self._compile_and_store(key, compile_piece, piece), "compiled"
+        with self.location.hold(key, f"compiling piece {piece or key[:12]}") as lock:
+            if lock.waited:  # another process held the key: it has most likely stored the piece
+                found = self._load_stored(key)
+                if found is not None:
+                    return found[0], "waited"
+            return self._compile_and_store(key, compile_piece, piece), "compiled"
+
+    def _load_stored(self, key: str) -> tuple[CompiledPiece, str] | None:
+        entry = None if self.config.disable_cache else self.cache.load(key)
+        if entry is None:
+            return None
+        self.compiled[key] = CompiledPiece(entry.artifact, entry.meta.get("stats", {}))
+        return self.compiled[key], entry.meta.get("source", "cache")
+
+    def _compile_and_store(self, key: str, compile_piece: Callable[[], tuple[Any, dict[str, Any]]],
+                           piece: str) -> CompiledPiece:
         artifact, stats = compile_piece()
         stats = self._resolve_stats(key, stats)
         self.compiled[key] = CompiledPiece(artifact, stats)
         if not self.config.disable_cache:
             self.cache.store(key, artifact, {"stats": stats, "piece": piece, "torch": torch.__version__})
-        return self.compiled[key], "compiled"
+        return self.compiled[key]
 
     def install(self, split_gm: fx.GraphModule, split: SplitResult, name: str, piece: CompiledPiece, source: str,
                 call: PieceCall, report: CompileReport, sig: PieceSignature | None) -> None:
@@ -319,7 +343,7 @@ _DEFAULT_BACKENDS: dict[str, LayerpassBackend] = {}
 def layerpass_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
     """The ``backend="layerpass"`` entry point (a default ``CompilationConfig``, read now)."""
     config = CompilationConfig()
-    key = f"{config.fingerprint()}|{config.cache_dir}"
+    key = f"{config.fingerprint()}|{config.cache_dir}|{config.remote_cache}|{config.lock_timeout_s}"
     backend = _DEFAULT_BACKENDS.get(key)
     if backend is None:
         backend = _DEFAULT_BACKENDS[key] = LayerpassBackend(config)

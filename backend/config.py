@@ -14,12 +14,15 @@ SPLIT_MODES = ("layers", "ops")
 DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.linear_attention")
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
 from layerpass.envs import cache_dir as default_cache_dir
+from layerpass.envs import remote_cache_url as default_remote_cache
 from layerpass.ops.library import op_name
 from layerpass.passes.lowering import resolve_custom_ops
 
 
 BOOL_FIELDS = ("fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "eliminate_noops",
                "disable_cache", "dynamic_tokens")
+# Where compiled code is kept and how it is shared: never part of what it is keyed on.
+CACHE_ONLY_FIELDS = ("cache_dir", "disable_cache", "remote_cache", "lock_timeout_s")
 # Inductor options layerpass sets itself: overriding them would silently turn the passes off.
 RESERVED_INDUCTOR_OPTIONS = ("post_grad_custom_post_pass",)
 
@@ -82,6 +85,10 @@ class CompilationConfig:
     - pass switches: ``fuse_attn_quant``, ``fuse_norm_quant``, ``fuse_act_quant``, ``fuse_moe``,
       ``eliminate_noops``.
     - ``cache_dir`` (default ``$LAYERPASS_CACHE_DIR`` or ``~/.cache/layerpass``), ``disable_cache``.
+    - ``remote_cache``: ``redis://HOST:PORT/DB`` of a store shared by machines (default
+      ``$LAYERPASS_REMOTE_CACHE``; its entries are sealed with ``$LAYERPASS_CACHE_SECRET``).
+    - ``lock_timeout_s``: how long a process waits for another one compiling the same piece or
+      region (sharing the cache dir) before it compiles it itself.
     - ``dynamic_tokens``: the token dimension is symbolic: no recompile when the batch changes.
     - ``compile_sizes``: token counts that additionally get a piece compiled for that static size.
     - ``custom_ops`` (vLLM's spelling): which layerpass ops left unfused keep their custom kernel;
@@ -105,6 +112,8 @@ class CompilationConfig:
     compile_sizes: tuple[int, ...] = ()
     inductor_options: dict[str, Any] = field(default_factory=dict)
     custom_ops: tuple[str, ...] = ("none",)
+    remote_cache: str | None = None
+    lock_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.split not in SPLIT_MODES:
@@ -133,6 +142,15 @@ class CompilationConfig:
         if self.cache_dir is None:
             self.cache_dir = default_cache_dir()
         self.cache_dir = _check_cache_dir(self.cache_dir)
+        if self.remote_cache is None:
+            self.remote_cache = default_remote_cache()
+        if self.remote_cache is not None and (not isinstance(self.remote_cache, str) or not self.remote_cache.strip()):
+            raise TypeError(f"CompilationConfig.remote_cache must be a redis://HOST:PORT/DB URL (a str) or None, "
+                            f"got {type(self.remote_cache).__name__} {self.remote_cache!r}")
+        if (isinstance(self.lock_timeout_s, bool) or not isinstance(self.lock_timeout_s, (int, float))
+                or not 0 <= self.lock_timeout_s < float("inf")):
+            raise ValueError(f"CompilationConfig.lock_timeout_s must be a finite number of seconds >= 0, "
+                             f"got {self.lock_timeout_s!r}")
         self.inductor_options = _check_inductor_options(self.inductor_options)
         if isinstance(self.custom_ops, (str, bytes)) or not isinstance(self.custom_ops, (tuple, list)):
             raise TypeError(f"CompilationConfig.custom_ops must be a tuple of str ('none', 'all', '+name', '-name'), "
@@ -145,8 +163,8 @@ class CompilationConfig:
         return resolve_custom_ops(self.custom_ops)
 
     def fingerprint(self) -> str:
-        """What changes compiled code (cache location and switch excluded)."""
+        """What changes compiled code (where it is cached, and how long to wait for it, excluded)."""
         d = dataclasses.asdict(self)
-        for k in ("cache_dir", "disable_cache"):
+        for k in CACHE_ONLY_FIELDS:
             d.pop(k)
         return json.dumps(d, sort_keys=True, default=str)

@@ -126,7 +126,7 @@ class PiecewiseProgram(SerializableCallable):
         self.split_gm = split_gm
         self.graph = graph
         self.pieces = pieces
-        self.state = state  # what loading needs besides the graph: cache dir and config
+        self.state = state  # what loading needs besides the graph: the config it was split with
         self._report = report  # how this program's pieces were obtained
         self.traced_code: list[Any] = []  # code objects Dynamo traced (in memory; see trace_deps)
 

@@ -37,6 +37,7 @@ class Region:
     path: str | None = None  # the saved file it was loaded from
     unsaved: str | None = None  # why this region cannot be saved, if it cannot
     compiler: LayerCompiler | None = None  # an in-memory region's backend (Dynamo may call it again)
+    waited: bool = False  # loaded after waiting for another process (sharing the cache dir) to trace it
 
     def __post_init__(self) -> None:
         self._guards = None if self.aot is None else GuardCheck(self.aot)

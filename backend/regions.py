@@ -171,7 +171,7 @@ class Regions:
         region = self._find(layer, args, kwargs)
         if region is None:
             try:
-                region = self._compile(layer, args, kwargs)
+                region = self._find_or_trace(layer, args, kwargs)
             except _GRAPH_BREAKS as e:  # the layer cannot be traced whole: the only reason to go whole-model
                 self.failed = f"{type(layer).__name__} cannot be traced as a region ({type(e).__name__}: {_first_line(e)})"
                 return type(layer).forward(layer, *args, **kwargs)
@@ -208,13 +208,8 @@ class Regions:
         if last is not None and last.matches(layer, sig, args, kwargs):
             return last
         if self.store is not None and type(layer) not in self.loaded_classes:
-            self.loaded_classes.add(type(layer))
             t0 = time.perf_counter()
-            loaded = self.store.load(type(layer))
-            for region in loaded:
-                self.regions.append(region)
-                if self.run is not None:
-                    self.run.new_regions.append(region)
+            self._take_saved(type(layer))
             if self.run is not None:
                 self.run.wall_s += time.perf_counter() - t0
         for region in self.regions:
@@ -225,12 +220,42 @@ class Regions:
             return region
         return None
 
+    def _find_or_trace(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Region:
+        """Trace a region for ``layer`` under the store's lock for its class: a process that
+        shares the cache dir and traces it too waits, then loads what this one saved."""
+        if self.store is None:
+            return self._compile(layer, args, kwargs)
+        t0 = time.perf_counter()
+        with self.store.hold(type(layer)) as lock:
+            if lock.waited and self._take_saved(type(layer), waited=True):
+                if self.run is not None:
+                    self.run.wall_s += time.perf_counter() - t0
+                region = self._find(layer, args, kwargs)
+                if region is not None:
+                    return region
+            return self._compile(layer, args, kwargs)
+
+    def _take_saved(self, cls: type, waited: bool = False) -> bool:
+        """The saved regions of ``cls`` this process has not seen yet; True if there were any.
+        ``waited``: they were saved by a process this one waited for."""
+        assert self.store is not None
+        self.loaded_classes.add(cls)
+        loaded = self.store.load(cls, waited=waited)
+        for region in loaded:
+            region.waited = waited
+            self.regions.append(region)
+            if self.run is not None:
+                self.run.new_regions.append(region)
+        return bool(loaded)
+
     def _ensure_loaded(self, region: Region) -> bool:
         """Load a saved region's pieces on its first use; an unusable one is dropped (and its file)."""
         t0 = time.perf_counter()
         wait_for_cpu_isa_probe()
         try:
             region.program.ensure_loaded(self.backend)
+            if region.waited:
+                region.report.mark_waited()
             return True
         except Exception as e:  # a missing or unreadable artifact: compile instead
             self.regions.remove(region)

@@ -11,6 +11,9 @@ from typing import Any
 logger = logging.getLogger("layerpass")
 
 
+LOADED_SOURCES = ("cache", "remote", "waited")
+
+
 @dataclass
 class PieceInfo:
     """One piece of the split graph."""
@@ -19,7 +22,9 @@ class PieceInfo:
     kind: str  # "compiled" (Inductor) or "eager" (a splitting op)
     key: str | None  # structural hash; equal keys share one compiled artifact
     layer: int | None  # decoder-layer index in "layers" mode
-    source: str = ""  # "compiled", "cache", "shared" (reused an artifact of this compile), "eager"
+    # "compiled"; loaded: "cache" (local dir), "remote" (remote store), "waited" (stored by another
+    # process that held the key's lock while this one waited); "shared" (an artifact of this compile), "eager"
+    source: str = ""
     constants: list[tuple[str, str, Any]] = field(default_factory=list)  # (node, target, value) str constants
     shape_key: str | None = None  # the hash with constants masked (see piece_hash.PieceSignature)
 
@@ -29,7 +34,8 @@ class CompileReport:
     num_pieces: int = 0
     num_unique_pieces: int = 0
     num_compiled: int = 0
-    num_cache_hits: int = 0
+    num_cache_hits: int = 0  # pieces loaded: local dir, remote store, or after waiting for another process
+    num_waited: int = 0  # of those, loaded after waiting for another process that compiled them
     num_eager_pieces: int = 0
     matches: dict[str, int] = field(default_factory=dict)  # layers covered (a shared piece counts per use)
     matches_compiled: dict[str, int] = field(default_factory=dict)  # matches actually performed
@@ -50,8 +56,9 @@ class CompileReport:
     def add_piece(self, info: PieceInfo, stats: dict[str, Any], first_here: bool) -> None:
         """Count one piece of a compiled graph: its fusions per use, and what obtaining it cost
         (pass statistics of a fresh compile, a cache hit) once per distinct piece."""
-        if info.source == "cache" and first_here:
+        if info.source in LOADED_SOURCES and first_here:
             self.num_cache_hits += 1
+            self.num_waited += info.source == "waited"
         if info.source == "compiled":
             self.num_compiled += 1
             for name, s in stats.get("passes", {}).items():
@@ -82,6 +89,7 @@ class CompileReport:
         if fresh:
             self.num_compiled += other.num_compiled
             self.num_cache_hits += other.num_cache_hits
+            self.num_waited += other.num_waited
             self.dynamo_s += other.dynamo_s
             self.compile_s += other.compile_s
             self.pass_failures.extend(other.pass_failures)
@@ -92,11 +100,30 @@ class CompileReport:
                 _add(self.pass_time_s, name, t)
         self.num_unique_pieces = len({p.key for p in self.pieces if p.kind == "compiled"})
 
+    def mark_waited(self) -> None:
+        """This program was traced by another process while this one waited: its loaded pieces count as waited."""
+        for i, p in enumerate(self.pieces):
+            if p.source in ("cache", "remote"):
+                self.pieces[i] = dataclasses.replace(p, source="waited")
+        self.num_waited = len({p.key for p in self.pieces if p.source == "waited"})
+
     def summary(self) -> str:
         return (
             f"layerpass: {self.num_pieces} pieces ({self.num_unique_pieces} unique, "
             f"{self.num_compiled} compiled, {self.num_cache_hits} from cache) in {self.total_s:.2f} s"
+            + (f"; {self.num_waited} of them after waiting for another process" if self.num_waited else "")
         )
+
+    def piece_sources(self) -> dict[str, int]:
+        """Distinct pieces by how they were obtained: compiled, loaded (cache or remote), waited."""
+        firsts: dict[str, str] = {}
+        for p in self.pieces:
+            if p.kind == "compiled" and p.key is not None and p.source != "shared":
+                firsts.setdefault(p.key, p.source)
+        counts = {"compiled": 0, "loaded": 0, "waited": 0}
+        for source in firsts.values():
+            counts["waited" if source == "waited" else "compiled" if source == "compiled" else "loaded"] += 1
+        return counts
 
 
 def _add(counts: dict[str, Any], name: str, n: Any) -> None:

@@ -39,8 +39,17 @@ def describe(value: Any, *, values: bool) -> Any:
     return ("object", type(value).__module__, type(value).__qualname__)
 
 
+# Attributes that hold a module's position in its tensor-parallel group (by the layers' naming
+# convention): every rank has its own value, so their values stay out of the model key and the
+# ranks of a group share saved programs. A trace that reads one is still correct on every rank:
+# Dynamo guards on the value it read (a layer-rooted guard layerpass checks on each call), so
+# another rank's layer fails the guard and is traced for itself.
+RANK_LOCAL_ATTRIBUTES = frozenset({"tp_rank", "vocab_start_index", "vocab_end_index"})
+
+
 def module_lines(root: nn.Module, *, values: bool) -> Iterator[str]:
-    """One line per submodule, parameter/buffer and public attribute of ``root``'s tree."""
+    """One line per submodule, parameter/buffer and public attribute of ``root``'s tree (the
+    values of ``RANK_LOCAL_ATTRIBUTES`` as their type only)."""
     for path, module in root.named_modules():
         cls = type(module)
         yield f"{path}|{cls.__module__}.{cls.__qualname__}|{module.training}"
@@ -48,7 +57,7 @@ def module_lines(root: nn.Module, *, values: bool) -> Iterator[str]:
             yield f"{name}|{t.dtype}|{tuple(t.shape)}|{t.device.type}|{t.requires_grad}"
         for name, value in sorted(vars(module).items()):
             if not name.startswith("_") and name != "training":
-                yield f"{name}={describe(value, values=values)!r}"
+                yield f"{name}={describe(value, values=values and name not in RANK_LOCAL_ATTRIBUTES)!r}"
 
 
 def layer_signature(layer: nn.Module) -> str:

@@ -1,6 +1,6 @@
 """Warm start: the traced region programs saved on disk, so a new process runs without Dynamo.
 
-Layout: ``<cache_dir>/programs/<model_key>/<class_key>/<id>.bin`` (torch's saved function,
+Layout: ``<cache_dir>/programs/<family>-<model_key>/<class_key>/<id>.bin`` (torch's saved function,
 ``torch.compiler.load_compiled_function`` reads it) and ``<id>.json`` beside it (the header). ``model_key`` covers what
 can change a program: the source of every module class in the model, its config and structure
 (parameter/buffer names, shapes, dtypes; Python attributes of every module, layer count
@@ -13,7 +13,9 @@ distinct piece.
 
 Both files are written to a temporary name and renamed, the header last (an entry exists once its
 header does), so concurrent writers never expose a partial entry; two writers of the same region
-leave two equal entries, and either serves. Anything that
+leave two equal entries, and either serves. Processes sharing the cache dir trace a layer class
+under one lock (``hold``): the others wait, then load what the first one saved. Entries are
+read from the local dir, else from the remote store (``cache_location.py``), and written to both. Anything that
 does not fit (another key, a bad checksum, a torch without the API, a failed load) is one log
 line saying why, and the layer is traced and compiled as on a cold start. Never a wrong result.
 """
@@ -40,6 +42,9 @@ import layerpass
 
 from . import aot
 from .cache import file_sha256
+from .cache_location import CacheLocation
+from .key_lock import LockOutcome
+from .private_files import atomic_write, make_private, make_private_dirs
 from .region import Region
 from .signature import class_key, class_source, module_lines
 from .trace_deps import TraceDeps
@@ -79,43 +84,75 @@ def model_key_parts(model: nn.Module, key_parts: dict[str, Any]) -> dict[str, st
         code.update(class_source(classes[name]).encode())
     config = getattr(model, "config", None)
     return {
+        **_config_parts(str(key_parts.get("config"))),
         "model code": code.hexdigest()[:24],
         "model config and structure": hashlib.sha256(f"{config!r}".encode() + structure.digest()).hexdigest()[:24],
         "layerpass version": str(layerpass.__version__),
         "layerpass backend and ops source": program_source_hash(),
         "torch version": torch.__version__,
         "python version": sys.version.split()[0],
-        "compilation config": hashlib.sha256(str(key_parts.get("config")).encode()).hexdigest()[:24],
         "pass uuids": str(key_parts.get("passes"))[:24],
         "layer-name switch": str(key_parts.get("use_layername")),
         "format": str(FORMAT_VERSION),
     }
 
 
+def _config_parts(fingerprint: str) -> dict[str, str]:
+    """One key part per compilation-config field, so a miss can name the field that changed."""
+    try:
+        fields = json.loads(fingerprint)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        return {"compilation config": hashlib.sha256(fingerprint.encode()).hexdigest()[:24]}
+    parts = {}
+    for name, value in sorted(fields.items()):
+        text = json.dumps(value, sort_keys=True, default=str)
+        parts[f"config.{name}"] = text if len(text) <= 64 else hashlib.sha256(text.encode()).hexdigest()[:24]
+    return parts
+
+
 class ProgramStore:
     """Saved region programs of one model (see the module docstring)."""
 
-    def __init__(self, cache_dir: str, model: nn.Module, key_parts: dict[str, Any]) -> None:
-        self.cache_dir = cache_dir
+    def __init__(self, location: CacheLocation, model: nn.Module, key_parts: dict[str, Any]) -> None:
+        self.location = location
+        self.cache_dir = location.root
         self.parts = model_key_parts(model, key_parts)
         self.model_key = hashlib.sha256(json.dumps(self.parts, sort_keys=True).encode()).hexdigest()[:32]
         self.family = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode()).hexdigest()[:16]
-        self.root = os.path.join(cache_dir, "programs")
+        self.root = os.path.join(self.cache_dir, "programs")
+        self.name = f"programs/{self.family}-{self.model_key}"  # cache-relative
         self.dir = os.path.join(self.root, f"{self.family}-{self.model_key}")
         self.status = "off"  # what the report says: "loaded", "saved", "fallback: <why>"
         self._warned_write = False
+        self._seen: set[str] = set()  # header paths already loaded (or refused) by this store
+
+    def hold(self, cls: type) -> contextlib.AbstractContextManager[LockOutcome]:
+        """The lock a process holds while it traces a region of ``cls`` for this model."""
+        return self.location.hold(f"program-{self.model_key}-{class_key(cls)}", f"tracing {cls.__qualname__}")
 
     # -- load ---------------------------------------------------------------------------
-    def load(self, cls: type) -> list[Region]:
-        """Every usable saved region of layer class ``cls``; logs once why there are none."""
+    def load(self, cls: type, waited: bool = False) -> list[Region]:
+        """Every usable saved region of layer class ``cls`` not loaded before (local dir, else
+        the remote store); logs once why there are none. ``waited``: after waiting for another
+        process that traced and saved them (its "no saved program yet" is then no fallback)."""
+        if not self.location.trusted():
+            self._fallback(f"the cache dir {self.cache_dir} is not trusted (see the warning)")
+            return []
         folder = os.path.join(self.dir, class_key(cls))
         names = sorted(n for n in _listdir(folder) if n.endswith(".json"))
+        if not [n for n in names if os.path.join(folder, n) not in self._seen] and self._fetch_remote(cls):
+            names = sorted(n for n in _listdir(folder) if n.endswith(".json"))
         if not names:
             self._fallback(self._why_missing())
             return []
         regions = []
         for name in names:
             header_path = os.path.join(folder, name)
+            if header_path in self._seen:
+                continue
+            self._seen.add(header_path)
             try:
                 header, payload_path = self._read(header_path, cls)
                 deps = TraceDeps.from_json(header["deps"])
@@ -124,13 +161,27 @@ class ProgramStore:
                     self._remove(header_path, f"stale: {stale}")
                     continue
                 fn, program = _load(payload_path, cls)
-                program.state["cache_dir"] = self.cache_dir  # pieces live beside it
                 regions.append(Region(fn.fn, fn, program, cls, header["signature"], deps, "loaded", header_path))
             except Exception as e:  # a bad entry is never fatal: trace and compile instead
                 self._remove(header_path, f"{type(e).__name__}: {e}")
-        if regions and not self.status.startswith("fallback"):
+        if regions and waited and self.status.startswith("fallback: no saved program"):
+            self.status = "loaded (after waiting for another process to trace it)"
+        elif regions and not self.status.startswith("fallback"):
             self.status = "loaded"
         return regions
+
+    def _fetch_remote(self, cls: type) -> bool:
+        """Copy this class's saved regions (and the model's key parts) from the remote store."""
+        prefix = f"{self.name}/{class_key(cls)}/"
+        headers = [n for n in self.location.remote_names(prefix) if n.endswith(".json")]
+        got = False
+        for header in sorted(headers):
+            if os.path.exists(self.location.local(header)):
+                continue
+            got |= self.location.fetch([_payload_path(header), header])  # the header last: it marks the entry
+        if got and not os.path.exists(os.path.join(self.dir, "parts.json")):
+            self.location.fetch([f"{self.name}/parts.json"])
+        return got
 
     def drop(self, region: Region, why: str) -> None:
         """A saved region whose pieces could not be loaded: log, remove its files, compile instead."""
@@ -161,17 +212,25 @@ class ProgramStore:
         return header, payload_path
 
     def _why_missing(self) -> str:
-        """Name the key parts that changed since this model was last saved, if it was."""
+        """Name the key parts that differ from the nearest saved entry of this model's class
+        (the fewest parts changed), if there is one (local dir, else the remote store)."""
         prefix = f"{self.family}-"
-        for name in sorted(_listdir(self.root), key=lambda n: -_mtime(os.path.join(self.root, n))):
-            if not name.startswith(prefix) or name == os.path.basename(self.dir):
-                continue
-            with contextlib.suppress(OSError, ValueError):
-                with open(os.path.join(self.root, name, "parts.json")) as f:
-                    old = json.load(f)
-                changed = [k for k, v in self.parts.items() if old.get(k) != v]
-                if changed:
-                    return f"no saved program for this model: changed since the last save: {', '.join(changed)}"
+        olds = []
+        for name in _listdir(self.root):
+            if name.startswith(prefix) and name != os.path.basename(self.dir):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(os.path.join(self.root, name, "parts.json")) as f:
+                        olds.append(json.load(f))
+        if not olds:
+            for name in self.location.remote_names(f"programs/{prefix}"):
+                data = self.location.remote.get(name) if name.endswith("/parts.json") else None  # type: ignore[union-attr]
+                with contextlib.suppress(ValueError):
+                    olds.append(json.loads(data or b"null"))
+        changed = [[k for k, v in self.parts.items() if old.get(k) != v] for old in olds if isinstance(old, dict)]
+        changed = [c for c in changed if c]
+        if changed:
+            return (f"no saved program for this model: changed since the nearest save: "
+                    f"{', '.join(min(changed, key=len))}")
         return "no saved program for this model yet (first run with this cache dir)"
 
     def _fallback(self, why: str) -> None:
@@ -188,18 +247,23 @@ class ProgramStore:
             return
         stem = os.path.join(folder, uuid.uuid4().hex)
         try:
-            os.makedirs(folder, exist_ok=True)
+            make_private_dirs(folder)
             aot.save(region.aot, _payload_path(stem), _forward_chain(region.cls))
+            make_private(_payload_path(stem))  # torch's save follows the umask
             # never keep what cannot be loaded (torch 2.13 could not restore the guards of some
             # frames): a failed round trip is reported, nothing stays
             _load(_payload_path(stem), region.cls)
             header = {"format": FORMAT_VERSION, "model_key": self.model_key, "class_key": class_key(region.cls),
                       "signature": region.signature, "sha256": file_sha256(_payload_path(stem)),
-                      "deps": region.deps.to_json(), "torch": torch.__version__}
+                      "deps": region.deps.to_json(), "torch": torch.__version__,
+                      "pieces": sorted({c.key for c in region.program.pieces.values()})}
             parts_path = os.path.join(self.dir, "parts.json")
             if not os.path.exists(parts_path):
-                _atomic_write(parts_path, json.dumps(self.parts, indent=1).encode())
-            _atomic_write(f"{stem}.json", json.dumps(header).encode())
+                atomic_write(parts_path, json.dumps(self.parts, indent=1).encode())
+            atomic_write(f"{stem}.json", json.dumps(header).encode())
+            self._seen.add(f"{stem}.json")
+            rel = f"{self.name}/{class_key(region.cls)}/{os.path.basename(stem)}"
+            self.location.publish([f"{self.name}/parts.json", f"{rel}.bin", f"{rel}.json"])
             if self.status == "off":
                 self.status = "saved"
         except Exception as e:  # best effort: the region runs; only the next process traces again
@@ -234,18 +298,6 @@ def _forward_chain(cls: type) -> dict[str, Any]:
         if fn is None:
             break
     return chain
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def _listdir(path: str) -> list[str]:

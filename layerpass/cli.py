@@ -1,4 +1,4 @@
-"""The ``layerpass`` command line: ``layerpass bench``, ``layerpass step-time`` and ``layerpass doctor``.
+"""The ``layerpass`` command line: ``bench``, ``step-time``, ``doctor``, ``precompile`` and ``cache``.
 
 - ``bench``: compile-time sweep (models x layer counts x modes, a fresh process per cold/warm
   measurement); prints a Markdown table, writes ``results.json`` and PNG plots.
@@ -6,9 +6,13 @@
   interleaved in one process (``bench/step_time.py``, with its own options).
 - ``doctor``: compiles a zoo model and explains pieces that are equal except for constants;
   exits 1 when it finds such avoidable uniqueness (a CI guard).
+- ``precompile``: fills a cache (the local dir, and the remote store if one is set) without
+  serving, so every later process loads (``layerpass/precompile.py``).
+- ``cache export`` / ``cache import``: a model's programs and pieces as one sealed bundle file, to
+  carry a compile to another machine (``backend/bundle.py``).
 
-Exit codes: 0 success, 1 problems found (doctor) or rows that failed (bench ``--strict``),
-2 bad arguments.
+Exit codes: 0 success, 1 problems found (doctor), rows that failed (bench ``--strict``) or a
+bundle that could not be written or had refused entries (cache), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -269,6 +273,100 @@ def _doctor(subparsers: Any) -> Subcommand:
     return d
 
 
+def _fleet_config(args: argparse.Namespace) -> Any:
+    from layerpass.backend.config import CompilationConfig
+
+    return CompilationConfig(cache_dir=args.cache_dir, remote_cache=getattr(args, "remote_cache", None))
+
+
+def _model_options(sub: Subcommand) -> None:
+    sub.option("--layers", type=int, required=True, help="decoder layers (as the served model has)")
+    sub.option("--cache-dir", default=None, help="the cache dir (default $LAYERPASS_CACHE_DIR or ~/.cache/layerpass)")
+
+
+def _check_model(sub: Subcommand, name: str, layers: int) -> None:
+    from layerpass.models import registered_models
+
+    if not name.startswith("hf-config:") and name not in registered_models():
+        sub.parser.error(f"unknown model {name!r}; a zoo name ({', '.join(registered_models())}) or hf-config:PATH")
+    if layers < 1:
+        sub.parser.error(f"--layers must be >= 1, got {layers}")
+
+
+def cmd_precompile(args: argparse.Namespace, sub: Subcommand) -> int:
+    import torch
+
+    from layerpass.precompile import run_serving_steps
+
+    _check_model(sub, args.model, args.layers)
+    torch.set_num_threads(args.threads)
+    config = _fleet_config(args)
+    done = run_serving_steps(args.model, args.layers, config)
+    s = done.summary()
+    print(f"layerpass precompile: {args.model}, {args.layers} layers, cache {config.cache_dir}"
+          f"{' + ' + config.remote_cache if config.remote_cache else ''}: pieces {s['pieces']}, "
+          f"warm start {s['warm_start']}, traced {s['trace']} ({s['regions']} regions)")
+    return 0
+
+
+def _precompile(subparsers: Any) -> Subcommand:
+    p = Subcommand(subparsers.add_parser(
+        "precompile", help="fill a cache (local dir and remote store) without serving",
+        description="Compile a model's serving steps (a mixed step and a one-token decode) through "
+                    "layerpass.compile so that every later process on this cache, or on the remote store, "
+                    "loads them instead of tracing or compiling."), cmd_precompile)
+    p.option("model", help="zoo model name (llama, moe, ...) or hf-config:PATH")
+    _model_options(p)
+    p.option("--remote-cache", default=None, metavar="URL",
+             help="redis://HOST:PORT/DB to fill too (default $LAYERPASS_REMOTE_CACHE; needs $LAYERPASS_CACHE_SECRET)")
+    p.option("--threads", type=int, default=1, help="torch threads (default 1)")
+    return p
+
+
+def cmd_cache(args: argparse.Namespace, sub: Subcommand) -> int:
+    from layerpass.backend.bundle import BundleError, export_bundle, import_bundle
+    from layerpass.backend.cache_location import CacheLocation
+    from layerpass.backend.config import CompilationConfig
+    from layerpass.envs import cache_secret
+
+    try:
+        if args.action == "export":
+            from layerpass.precompile import program_store
+
+            if args.model is None or args.layers is None or args.output is None:
+                sub.parser.error("cache export needs --model, --layers and -o/--output")
+            _check_model(sub, args.model, args.layers)
+            store = program_store(args.model, args.layers, CompilationConfig(cache_dir=args.cache_dir))
+            report = export_bundle(store, args.output, cache_secret())
+            print(f"layerpass cache export: {report.files} files ({report.bytes / 1e6:.1f} MB) -> {args.output}")
+            return 0
+        if args.bundle is None:
+            sub.parser.error("cache import needs the bundle file")
+        location = CacheLocation(CompilationConfig(cache_dir=args.cache_dir).cache_dir)  # type: ignore[arg-type]
+        report = import_bundle(args.bundle, location, cache_secret())
+        print(f"layerpass cache import: {report.files} files into {location.root}"
+              + (f"; refused {len(report.refused)}: {'; '.join(report.refused[:3])}" if report.refused else ""))
+        return 1 if report.refused else 0
+    except BundleError as e:
+        print(f"layerpass cache {args.action}: {e}", file=sys.stderr)
+        return 1
+
+
+def _cache(subparsers: Any) -> Subcommand:
+    c = Subcommand(subparsers.add_parser(
+        "cache", help="move a model's compile between machines: export / import a sealed bundle",
+        description="export: a model's saved programs and compiled pieces, each sealed with "
+                    "$LAYERPASS_CACHE_SECRET, into one tar file; import: verify and add a bundle's entries to "
+                    "a cache dir (refused entries are named; exit 1 if any)."), cmd_cache)
+    c.option("action", choices=("export", "import"))
+    c.option("bundle", nargs="?", default=None, help="import: the bundle file")
+    c.option("--model", default=None, help="export: zoo model name or hf-config:PATH")
+    c.option("--layers", type=int, default=None, help="export: decoder layers")
+    c.option("-o", "--output", default=None, help="export: the bundle file to write")
+    c.option("--cache-dir", default=None, help="the cache dir (default $LAYERPASS_CACHE_DIR or ~/.cache/layerpass)")
+    return c
+
+
 def cmd_step_time(args: argparse.Namespace, _: Subcommand) -> int:
     from layerpass.bench import step_time
 
@@ -286,13 +384,10 @@ def _step_time(subparsers: Any) -> Subcommand:
 def build_cli() -> tuple[argparse.ArgumentParser, dict[str, Subcommand]]:
     """The ``layerpass`` parser and its subcommands by name (kept here, not read back from argparse)."""
     parser = argparse.ArgumentParser(prog="layerpass", description="layerpass: compile-time benchmarks and diagnostics")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{bench,step-time,doctor}")
-    return parser, {"bench": _bench(subparsers), "step-time": _step_time(subparsers), "doctor": _doctor(subparsers)}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``layerpass`` argument parser."""
-    return build_cli()[0]
+    subparsers = parser.add_subparsers(dest="command", required=True,
+                                       metavar="{bench,step-time,doctor,precompile,cache}")
+    return parser, {"bench": _bench(subparsers), "step-time": _step_time(subparsers), "doctor": _doctor(subparsers),
+                    "precompile": _precompile(subparsers), "cache": _cache(subparsers)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
