@@ -5,6 +5,8 @@
 | ``VLLM_USE_LAYERNAME`` | once, at import | the layer-name switch (below) |
 | ``LAYERPASS_CACHE_DIR`` | when a ``CompilationConfig`` is built | default artifact cache dir |
 | ``LAYERPASS_DEBUG_DUMP`` | at each piece's pass run | dir for before/after graph dumps |
+| ``LAYERPASS_REMOTE_CACHE`` | when a remote store is made | shared store URL (``redis://HOST:PORT/DB``, ``rediss://``, ``unix://``); unset or empty: none |
+| ``LAYERPASS_CACHE_SECRET`` | when a remote store is made | the shared secret every remote entry is authenticated with (HMAC-SHA256); a remote store without one is refused |
 
 ``VLLM_USE_LAYERNAME`` keeps vLLM's name on purpose: layerpass is the layer-name mechanism of
 vLLM (PR "hoisted LayerName") packaged for other engines, and an engine that runs both reads one
@@ -63,6 +65,8 @@ USE_LAYERNAME: bool = HAS_OPAQUE_TYPE and LAYERNAME_ENV_ON
 
 CACHE_DIR_ENV = "LAYERPASS_CACHE_DIR"
 DEBUG_DUMP_ENV = "LAYERPASS_DEBUG_DUMP"
+REMOTE_CACHE_ENV = "LAYERPASS_REMOTE_CACHE"
+CACHE_SECRET_ENV = "LAYERPASS_CACHE_SECRET"
 
 
 def cache_dir() -> str:
@@ -73,3 +77,13 @@ def cache_dir() -> str:
 def debug_dump_dir() -> str | None:
     """``$LAYERPASS_DEBUG_DUMP`` (unset or empty: no dumps); read on each call."""
     return os.environ.get(DEBUG_DUMP_ENV) or None
+
+
+def remote_cache_url() -> str | None:
+    """``$LAYERPASS_REMOTE_CACHE`` (unset or empty: no remote store); read on each call."""
+    return os.environ.get(REMOTE_CACHE_ENV) or None
+
+
+def cache_secret() -> str | None:
+    """``$LAYERPASS_CACHE_SECRET`` exactly as set (unset or empty: None); read on each call."""
+    return os.environ.get(CACHE_SECRET_ENV) or None
