@@ -50,8 +50,16 @@ def _tag(secret: bytes, name: str, data: bytes) -> bytes:
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or "\0" in name:
-        raise ValueError(f"entry name {name!r}: must be a str without NUL characters (a cache-relative path)")
+    if not isinstance(name, str) or "\0" in name or not _encodable(name):
+        raise ValueError(f"entry name {name!r}: must be a UTF-8 str without NUL characters (a cache-relative path)")
+
+
+def _encodable(name: str) -> bool:
+    try:
+        name.encode()
+        return True
+    except UnicodeEncodeError:  # lone surrogates
+        return False
 
 
 def seal(secret: bytes, name: str, data: bytes) -> bytes:
@@ -62,8 +70,10 @@ def seal(secret: bytes, name: str, data: bytes) -> bytes:
 
 def unseal(secret: bytes, name: str, blob: bytes) -> bytes:
     """The data of a value ``seal(secret, name, data)`` made; ``EntryRefused`` saying why for anything else."""
-    if "\0" in name:
-        raise EntryRefused(f"entry name {name!r} holds a NUL character")
+    try:
+        _check_name(name)
+    except ValueError as e:
+        raise EntryRefused(str(e)) from None
     if len(blob) < _HEADER or blob[: len(MAGIC)] != MAGIC:
         raise EntryRefused(f"not a layerpass entry (expected {_HEADER}+ bytes starting with {MAGIC!r}, "
                            f"got {len(blob)} bytes starting with {bytes(blob[: len(MAGIC)])!r})")
@@ -211,6 +221,11 @@ class RemoteStore:
             self._warn_once("refused:" + name if what == "get" else what + "-refused",
                             f"remote cache {self.url}: {what} {name!r} failed ({type(e).__name__}: {e}); "
                             f"the compile goes on locally{once}")
+        except Exception as e:  # noqa: BLE001 (a client bug must not fail the compile either)
+            self.available = False
+            self._warn_once("unavailable", f"remote cache {self.url}: {what} failed unexpectedly "
+                            f"({type(e).__name__}: {e}); the compile goes on locally and this process stops "
+                            "using the remote cache")
         return None
 
     def _warn_once(self, key: str, message: str) -> None:

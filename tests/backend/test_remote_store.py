@@ -24,7 +24,7 @@ SECRET = b"fleet-secret-for-tests"
 NAME = "artifacts/ab/abcdef0123/artifact.bin"
 FAST = 0.3  # timeout_s for the fault cases
 BOUND = 2.0  # what a call on a faulty store may take at most, with FAST (the rest is scheduling noise)
-names_st = st.text(st.characters(blacklist_characters="\0"), max_size=40)
+names_st = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=40)
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -101,6 +101,8 @@ def test_names_with_nul_are_rejected() -> None:
         seal(SECRET, "a\0b", b"c")
     with pytest.raises(EntryRefused, match="NUL"):
         unseal(SECRET, "a\0b", seal(SECRET, "a", b"b\0c"))
+    with pytest.raises(ValueError, match="UTF-8"):
+        seal(SECRET, "lone \ud800 surrogate", b"c")
 
 
 # --- construction ----------------------------------------------------------------------------------
@@ -281,6 +283,19 @@ def test_concurrent_callers_warn_once(caplog: pytest.LogCaptureFixture) -> None:
     for t in threads:
         t.join()
     assert len(warnings_of(caplog)) == 1 and not store.available
+
+
+def test_an_unexpected_client_error_turns_the_store_off(redis_server: rh.RedisServer,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    store = RemoteStore(redis_server.url, SECRET)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("client bug")
+
+    store._client.get = broken
+    assert store.get(NAME) is None and store.put(NAME, b"x") is False and not store.available
+    (message,) = warnings_of(caplog)
+    assert "RuntimeError: client bug" in message and "goes on locally" in message
 
 
 def test_full_server(redis_server: rh.RedisServer, caplog: pytest.LogCaptureFixture) -> None:
