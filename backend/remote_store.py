@@ -91,6 +91,8 @@ def unseal(secret: bytes, name: str, blob: bytes) -> bytes:
 def _redacted(url: str) -> str:
     """``url`` without its password, in the user part or the query (it goes into log lines)."""
     parts = urlsplit(url)
+    if parts.password is None and "password" not in parse_qs(parts.query):
+        return url
     if parts.password is not None:
         host = parts.netloc.rpartition("@")[2]
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")

@@ -143,6 +143,14 @@ def test_construction_does_not_connect(caplog: pytest.LogCaptureFixture) -> None
     assert store.available and took < 0.5 and warnings_of(caplog) == []
 
 
+@pytest.mark.parametrize("url", ["rediss://127.0.0.1:1/0", "unix:///nonexistent/layerpass-redis.sock?db=1"])
+def test_tls_and_unix_socket_urls(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = RemoteStore(url, SECRET, timeout_s=FAST)
+    assert store.url == url and store.get(NAME) is None and not store.available
+    (message,) = warnings_of(caplog)
+    assert url in message and "goes on locally" in message
+
+
 def test_passwords_never_reach_messages(caplog: pytest.LogCaptureFixture) -> None:
     store = RemoteStore(f"redis://fleet:hunter2@127.0.0.1:{rh.free_port()}/0?password=hunter3", SECRET,
                         timeout_s=FAST)
