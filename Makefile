@@ -22,7 +22,7 @@ $(VENV)/.torch: | $(VENV)/bin/python
 	touch $@
 
 install-test: $(VENV)/.torch
-	$(PIP) install -q $(CONSTRAINTS) "$(TORCH_SPEC)" -e ".[test,transformers,triton]" build
+	$(PIP) install -q $(CONSTRAINTS) "$(TORCH_SPEC)" -e ".[test,transformers,triton,fleet]" build
 
 install-bench: $(VENV)/.torch
 	$(PIP) install -q $(CONSTRAINTS) "$(TORCH_SPEC)" -e ".[bench]"
@@ -41,7 +41,7 @@ $(NEWEST)/bin/python:
 test-newest: | $(NEWEST)/bin/python
 	$(NEWEST)/bin/python -m pip install -q --upgrade pip
 	$(NEWEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH_SPEC)" \
-		-e ".[test,transformers,triton]" build
+		-e ".[test,transformers,triton,fleet]" build
 	$(NEWEST)/bin/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 clean:

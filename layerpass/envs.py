@@ -5,8 +5,8 @@
 | ``VLLM_USE_LAYERNAME`` | once, at import | the layer-name switch (below) |
 | ``LAYERPASS_CACHE_DIR`` | when a ``CompilationConfig`` is built | default artifact cache dir |
 | ``LAYERPASS_DEBUG_DUMP`` | at each piece's pass run | dir for before/after graph dumps |
-| ``LAYERPASS_REMOTE_CACHE`` | when a ``CompilationConfig`` is built | ``redis://HOST:PORT/DB`` of a cache shared by machines |
-| ``LAYERPASS_CACHE_SECRET`` | when a remote store or bundle is opened | the key that seals shared cache entries (HMAC-SHA256) |
+| ``LAYERPASS_REMOTE_CACHE`` | when a remote store is made | shared store URL (``redis://HOST:PORT/DB``, ``rediss://``, ``unix://``); unset or empty: none |
+| ``LAYERPASS_CACHE_SECRET`` | when a remote store or bundle is opened | the shared secret every remote or bundle entry is sealed with (HMAC-SHA256); a remote store without one is refused |
 
 ``VLLM_USE_LAYERNAME`` keeps vLLM's name on purpose: layerpass is the layer-name mechanism of
 vLLM (PR "hoisted LayerName") packaged for other engines, and an engine that runs both reads one

@@ -4,6 +4,8 @@
   runs two workers); with more threads tiny matmuls slow down by ~100x from oversubscription.
 - One Inductor cache dir per session (``tests.helpers.backend.session_inductor_dir``), also
   handed to the tests' subprocesses.
+- ``redis_server``: a real ``redis-server`` of the test's own on a free loopback port
+  (``tests.helpers.redis_server``; fails under CI, skips elsewhere, when it is not installed).
 - Dynamo's recompile limits, raised once: one test process compiles many models whose forward
   is the same code object, and every ``layerpass.compile`` is a new backend that Dynamo counts
   against the per-code-object limit (8); past it Dynamo would silently fall back to eager.
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 from tests.helpers import backend as bh
+from tests.helpers.redis_server import running_redis
 
 torch.set_num_threads(1)
 
@@ -51,3 +54,10 @@ def clean_oot():
         pluggable.unregister_in_tree(name)
     pluggable._OOT.clear()
     pluggable._OOT.update(oot)
+
+
+@pytest.fixture
+def redis_server():
+    """A started ``RedisServer`` (``.url``, ``.port``, ``.client()``, ``.stop()``, ``.start()``), stopped after the test."""
+    with running_redis() as server:
+        yield server

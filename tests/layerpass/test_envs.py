@@ -125,3 +125,14 @@ def test_switch_in_a_fresh_process(value: str, expected: bool) -> None:
     assert use == str(on)
     assert type_name == encoded == ("LayerName" if on else "str")
     assert schema_is_str == str(not on)
+
+
+def test_remote_cache_and_secret_are_read_on_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, read, as_set in [("LAYERPASS_REMOTE_CACHE", config.remote_cache_url, " value as set \n"),
+                               ("LAYERPASS_CACHE_SECRET", config.cache_secret, b" value as set \n")]:
+        monkeypatch.delenv(name, raising=False)
+        assert read() is None
+        monkeypatch.setenv(name, "")
+        assert read() is None
+        monkeypatch.setenv(name, " value as set \n")
+        assert read() == as_set  # never trimmed: every machine must hold the same bytes
