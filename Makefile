@@ -25,7 +25,7 @@ install-test: $(VENV)/.torch
 	$(PIP) install -q $(CONSTRAINTS) "$(TORCH_SPEC)" -e ".[test,transformers,triton,fleet]" build
 
 install-bench: $(VENV)/.torch
-	$(PIP) install -q $(CONSTRAINTS) "$(TORCH_SPEC)" -e ".[bench]"
+	$(PIP) install -q $(CONSTRAINTS) "$(TORCH_SPEC)" -e ".[bench,fleet]"
 
 test: install-test
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)

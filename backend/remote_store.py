@@ -248,10 +248,3 @@ def _decoded(key: bytes) -> str | None:
         return key.decode()
     except UnicodeDecodeError:  # not a name layerpass wrote
         return None
-
-
-def remote_store_from_env(*, timeout_s: float = 2.0) -> RemoteStore | None:
-    """The store ``$LAYERPASS_REMOTE_CACHE`` names, sealed with ``$LAYERPASS_CACHE_SECRET``; None when unset.
-    A set URL without a secret raises ``ValueError`` (a configuration error, not a runtime fault)."""
-    url = envs.remote_cache_url()
-    return None if url is None else RemoteStore(url, envs.cache_secret(), timeout_s=timeout_s)

@@ -61,9 +61,12 @@ class Launch:
 
 
 def worker_args(model: str, layers: int, *, rank: int = 0, world: int = 1, init_file: str | None = None,
-                remote_cache: str | None = None, reference: bool = False) -> list[str]:
+                remote_cache: str | None = None, reference: bool = False,
+                overrides: dict[str, int] | None = None) -> list[str]:
     args = ["-m", "layerpass.bench.fleet", "worker", "--model", model, "--layers", str(layers),
             "--rank", str(rank), "--world", str(world)]
+    for name, value in (overrides or {}).items():
+        args += ["--set", f"{name}={value}"]
     if init_file is not None:
         args += ["--init-file", init_file]
     if remote_cache is not None:
@@ -71,21 +74,25 @@ def worker_args(model: str, layers: int, *, rank: int = 0, world: int = 1, init_
     return args + (["--reference"] if reference else [])
 
 
-def launch(model: str, layers: int, caches: Sequence[CacheDirs], *, world: int, remote_cache: str | None = None,
-           env: dict[str, str] | None = None, reference: bool = False, timeout_s: float = WORKER_TIMEOUT_S) -> Launch:
-    """Start ``world`` ranks at once (rank r on ``caches[r % len(caches)]``) and wait for all."""
+def launch(model: str, layers: int, caches: Sequence[CacheDirs], *, world: int, replicas: int = 1,
+           remote_cache: str | None = None, env: dict[str, str] | None = None, reference: bool = False,
+           overrides: dict[str, int] | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> Launch:
+    """Start ``replicas`` groups of ``world`` ranks at once (process i on ``caches[i % len(caches)]``)
+    and wait for all; their results in start order."""
     init_dir = tempfile.mkdtemp(prefix="layerpass-fleet-")
-    init_file = os.path.join(init_dir, "init") if world > 1 else None
     try:
+        procs = []
+        for g in range(replicas):
+            init_file = os.path.join(init_dir, f"init{g}") if world > 1 else None
+            procs += [worker_args(model, layers, rank=r, world=world, init_file=init_file, remote_cache=remote_cache,
+                                  reference=reference, overrides=overrides) for r in range(world)]
         start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=world) as pool:
-            runs = [pool.submit(run_fresh, worker_args(model, layers, rank=r, world=world, init_file=init_file,
-                                                       remote_cache=remote_cache, reference=reference),
-                                caches[r % len(caches)], use_layername=True, timeout_s=timeout_s, env=env)
-                    for r in range(world)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(procs)) as pool:
+            runs = [pool.submit(run_fresh, args, caches[i % len(caches)], use_layername=True, timeout_s=timeout_s,
+                                env=env) for i, args in enumerate(procs)]
             results = [f.result() for f in runs]
         wall = time.perf_counter() - start
-        return Launch([run.require(f"rank {r} of {world}", timeout_s) for r, run in enumerate(results)], wall)
+        return Launch([run.require(f"process {i} of {len(procs)}", timeout_s) for i, run in enumerate(results)], wall)
     finally:
         shutil.rmtree(init_dir, ignore_errors=True)
 
@@ -100,6 +107,7 @@ def worker(argv: Sequence[str]) -> int:
     p.add_argument("--init-file", default=None)
     p.add_argument("--remote-cache", default=None)
     p.add_argument("--reference", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], type=_override, metavar="FIELD=INT")
     args = p.parse_args(argv)
     import resource
 
@@ -115,7 +123,7 @@ def worker(argv: Sequence[str]) -> int:
     try:
         t0 = time.perf_counter()
         done = run_serving_steps(args.model, args.layers, CompilationConfig(remote_cache=args.remote_cache),
-                                 reference=args.reference)
+                                 reference=args.reference, overrides=dict(args.overrides))
         first_calls_s = time.perf_counter() - t0
         usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
         emit_result({**done.summary(), "rank": args.rank, "first_calls_s": first_calls_s,
@@ -126,6 +134,13 @@ def worker(argv: Sequence[str]) -> int:
         if args.world > 1:
             dist.destroy_process_group()
     return 0
+
+
+def _override(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected FIELD=INT (a model config field), got {text!r}")
+    return name.strip(), int(value)
 
 
 @contextlib.contextmanager
@@ -213,12 +228,12 @@ def bench(model: str, layers: int, world: int) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def _redis_or_none() -> Iterator[Any]:
-    from .redis_server import RedisServer, redis_server_path
+    from .redis_server import redis_server_path, running_redis
 
     if redis_server_path() is None:
         yield None
         return
-    with RedisServer() as server:
+    with running_redis() as server:
         yield server
 
 

@@ -53,10 +53,11 @@ class Precompiled:
 
 
 def run_serving_steps(model_name: str, num_layers: int, config: CompilationConfig, *, seed: int = 0,
-                      reference: bool = False) -> Precompiled:
-    """Build zoo model ``model_name`` (or ``hf-config:PATH``), compile it with ``layerpass.compile``
-    and run ``SERVING_STEPS`` through it; with ``reference`` also eagerly, to compare."""
-    model = build_model(model_name, num_layers=num_layers, seed=seed)
+                      reference: bool = False, overrides: dict[str, Any] | None = None) -> Precompiled:
+    """Build zoo model ``model_name`` (or ``hf-config:PATH``; ``overrides``: config fields, as
+    ``build_model`` takes them), compile it with ``layerpass.compile`` and run ``SERVING_STEPS``
+    through it; with ``reference`` also eagerly, to compare."""
+    model = build_model(model_name, num_layers=num_layers, seed=seed, **(overrides or {}))
     result = Precompiled(model, layerpass_compile(model, config))
     for i, (decodes, prefills) in enumerate(SERVING_STEPS):
         step = make_step(model, num_decodes=decodes, prefill_lens=list(prefills), seed=seed + 1 + i)
@@ -69,8 +70,9 @@ def run_serving_steps(model_name: str, num_layers: int, config: CompilationConfi
     return result
 
 
-def program_store(model_name: str, num_layers: int, config: CompilationConfig, *, seed: int = 0) -> ProgramStore:
+def program_store(model_name: str, num_layers: int, config: CompilationConfig, *, seed: int = 0,
+                  overrides: dict[str, Any] | None = None) -> ProgramStore:
     """The saved-program store of a model as ``layerpass.compile`` keys it (for ``cache export``)."""
-    model = build_model(model_name, num_layers=num_layers, seed=seed)
+    model = build_model(model_name, num_layers=num_layers, seed=seed, **(overrides or {}))
     compiled = layerpass_compile(model, config)
     return ProgramStore(compiled.backend.location, model, compiled.backend.key_parts())

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from layerpass import envs
 from layerpass.backend import remote_store as rs
 from layerpass.backend.remote_store import MAGIC, EntryRefused, RemoteStore, seal, unseal
+from layerpass.bench.redis_server import free_port
 from tests.helpers import redis_server as rh
 
 SECRET = b"fleet-secret-for-tests"
@@ -152,23 +153,12 @@ def test_tls_and_unix_socket_urls(url: str, caplog: pytest.LogCaptureFixture) ->
 
 
 def test_passwords_never_reach_messages(caplog: pytest.LogCaptureFixture) -> None:
-    store = RemoteStore(f"redis://fleet:hunter2@127.0.0.1:{rh.free_port()}/0?password=hunter3", SECRET,
+    store = RemoteStore(f"redis://fleet:hunter2@127.0.0.1:{free_port()}/0?password=hunter3", SECRET,
                         timeout_s=FAST)
     assert "hunter" not in store.url and "fleet:***@127.0.0.1" in store.url and "password=***" in store.url
     assert store.get(NAME) is None
     (message,) = warnings_of(caplog)
     assert store.url in message and "hunter" not in message and SECRET.decode() not in message
-
-
-def test_remote_store_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(envs.REMOTE_CACHE_ENV, raising=False)
-    monkeypatch.setenv(envs.CACHE_SECRET_ENV, "s3cret")
-    assert rs.remote_store_from_env() is None
-    monkeypatch.setenv(envs.REMOTE_CACHE_ENV, "redis://cache.fleet:6379/2")
-    assert rs.remote_store_from_env().url == "redis://cache.fleet:6379/2"
-    monkeypatch.delenv(envs.CACHE_SECRET_ENV)
-    with pytest.raises(ValueError, match="LAYERPASS_CACHE_SECRET"):
-        rs.remote_store_from_env()
 
 
 # --- a real server ---------------------------------------------------------------------------------
@@ -359,7 +349,7 @@ def test_a_socket_that_never_answers(caplog: pytest.LogCaptureFixture) -> None:
     (None, pytest.skip.Exception, "apt-get install -y redis-server"),
 ])
 def test_harness_without_redis_server(monkeypatch: pytest.MonkeyPatch, ci, outcome, text: str) -> None:
-    monkeypatch.setattr(rh.shutil, "which", lambda name: None)
+    monkeypatch.setattr(rh.server, "redis_server_path", lambda: None)
     if ci:
         monkeypatch.setenv("CI", ci)
     else:

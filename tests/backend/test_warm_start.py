@@ -118,7 +118,7 @@ def test_deeper_model_of_the_same_code_is_another_key(model_dir: Path) -> None:
     proc = run(model_dir, cache, layers=8)
     r = assert_ok(proc)
     assert "model config and structure" in r["warm_start"], r
-    assert "changed since the last save: model config and structure" in proc.stderr
+    assert "changed since the nearest save: model config and structure" in proc.stderr
 
 
 @pytest.mark.slow
@@ -129,7 +129,7 @@ def test_changed_code_recompiles_with_the_reason(model_dir: Path) -> None:
     proc = run(model_dir, cache)
     r = assert_ok(proc)  # equal to the NEW eager
     assert r["warm_start"].startswith("fallback") and "model code" in r["warm_start"], r
-    assert "warm start: no saved program for this model: changed since the last save: model code" in proc.stderr
+    assert "warm start: no saved program for this model: changed since the nearest save: model code" in proc.stderr
 
 
 @pytest.mark.slow
@@ -323,3 +323,25 @@ def test_static_size_variant_after_a_warm_load_runs_passes_added_with_add_pass(m
                          what="add_pass warm").result
     assert warm["warm_start"] == "loaded" and warm["runs_before_static"] == 0, warm
     assert warm["err6"] < 1e-5 and warm["runs"] > 0, warm
+
+
+@pytest.mark.slow
+def test_a_miss_names_the_config_field_that_changed() -> None:
+    first = bh.compile_zoo("llama", 2)
+    assert bh.compile_zoo("llama", 2, cache_dir=first.cache_dir).report.warm_start == "loaded"
+    other = bh.compile_zoo("llama", 2, cache_dir=first.cache_dir, custom_ops=("all",))
+    # the lowering pass's uuid covers which ops it lowers: the two fields that key what custom_ops changes
+    assert other.report.warm_start == ("fallback: no saved program for this model: changed since the nearest save: "
+                                       "config.custom_ops, pass uuids"), other.report.warm_start
+
+
+@pytest.mark.slow
+def test_the_key_ignores_unrelated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a launcher sets per engine or rank (a Ray bundle index, a rank, a host name) must not
+    fragment the cache: the program is keyed on what the compiled code depends on."""
+    first = bh.compile_zoo("llama", 2)
+    for name, value in [("RANK", "3"), ("LOCAL_RANK", "3"), ("VLLM_RAY_BUNDLE_INDEX", "7"), ("CUDA_VISIBLE_DEVICES", "3"),
+                        ("LAYERPASS_REMOTE_CACHE", ""), ("LAYERPASS_CACHE_SECRET", "x"), ("HOSTNAME", "replica-9")]:
+        monkeypatch.setenv(name, value)
+    again = bh.compile_zoo("llama", 2, cache_dir=first.cache_dir, lock_timeout_s=5.0)
+    assert again.report.warm_start == "loaded" and again.report.num_compiled == 0
