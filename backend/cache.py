@@ -56,7 +56,7 @@ class CacheEntry:
 class ArtifactCache:
     def __init__(self, location: CacheLocation | str) -> None:
         self.location = location if isinstance(location, CacheLocation) else CacheLocation(location)
-        self.root = os.path.join(location.root, "artifacts")
+        self.root = os.path.join(self.location.root, "artifacts")
         self.writable = True
 
     def path(self, key: str) -> str:

@@ -25,7 +25,7 @@ def untrusted_reason(path: str) -> str | None:
     """Why ``path`` (a dir or file in a cache) must not be loaded from, or ``None`` if it may."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None  # nothing there to load
     except OSError as e:
         return f"cannot stat it ({type(e).__name__}: {e})"

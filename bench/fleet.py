@@ -138,7 +138,7 @@ def worker(argv: Sequence[str]) -> int:
 
 def _override(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
-    if not sep or not value.strip().isdigit():
+    if not sep or not name.strip() or not value.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected FIELD=INT (a model config field), got {text!r}")
     return name.strip(), int(value)
 

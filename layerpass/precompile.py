@@ -46,7 +46,10 @@ class Precompiled:
 
     def summary(self) -> dict[str, Any]:
         first = self.reports[0] if self.reports else CompileReport()
+        regions = [] if self.compiled.regions is None else self.compiled.regions.regions
         return {"pieces": self.sources(), "warm_start": first.warm_start, "trace": first.trace,
+                "regions_traced": sum(r.source != "loaded" for r in regions),
+                "regions_loaded": sum(r.source == "loaded" for r in regions),
                 "dynamo_s": sum(r.dynamo_s for r in self.reports), "regions": first.num_regions,
                 "max_abs_err": max(((o - r).abs().max().item() for o, r in zip(self.outputs, self.references)),
                                    default=None)}

@@ -53,6 +53,9 @@ def test_tp_ranks_sharing_a_dir_compile_each_piece_once(world, one_rank):
     with machine(f"tp{world}") as dirs:
         cold = launch(MODEL, LAYERS, dirs, world=world, env=ENV, overrides=SHAPE)
         assert cold.total("compiled") == one_rank.total("compiled"), [r["pieces"] for r in cold.ranks]
+        # the ranks' programs have one key too: each distinct region is traced by one rank, loaded by the others
+        assert sum(r["regions_traced"] for r in cold.ranks) == one_rank.ranks[0]["regions_traced"] > 0
+        assert sum(r["regions_loaded"] for r in cold.ranks) == (world - 1) * one_rank.ranks[0]["regions_traced"]
         assert cold.total("compiled") + cold.total("waited") + cold.total("loaded") == world * one_rank.total("compiled")
         assert_outputs_equal(cold, one_rank)
         warm = launch(MODEL, LAYERS, dirs, world=world, env=ENV, overrides=SHAPE)
@@ -65,6 +68,7 @@ def test_replicas_started_together_compile_each_piece_once(one_rank):
     with machine("replicas") as dirs:
         run = launch(MODEL, LAYERS, dirs, world=1, replicas=4, env=ENV, overrides=SHAPE)
     assert run.total("compiled") == one_rank.total("compiled"), [r["pieces"] for r in run.ranks]
+    assert sum(r["regions_traced"] for r in run.ranks) == one_rank.ranks[0]["regions_traced"]
     assert_outputs_equal(run, one_rank)
 
 
@@ -225,3 +229,15 @@ def test_fault_redis_stopped_mid_run(monkeypatch, caplog, redis_server):
     _assert_local_compile(c)
     assert time.monotonic() - t0 < 120
     assert len([w for w in _warnings(caplog) if "remote" in w]) == 1, _warnings(caplog)
+
+
+def test_precompile_fills_a_cache_the_next_process_only_loads(tmp_path):
+    with machine("pre") as dirs:
+        proc = run_cli(["precompile", MODEL, "--layers", "2", "--cache-dir", dirs[0].layerpass],
+                       env=bh.subprocess_env(TORCHINDUCTOR_CACHE_DIR=dirs[0].inductor))
+        assert proc.returncode == 0, proc.stderr
+        assert "layerpass precompile: llama, 2 layers" in proc.stdout and "'compiled': 2" in proc.stdout, proc.stdout
+        served = launch(MODEL, 2, dirs, world=1, env=ENV, reference=True)
+    [rank] = served.ranks
+    assert rank["warm_start"] == "loaded" and rank["pieces"]["compiled"] == 0 and rank["dynamo_s"] == 0
+    assert rank["max_abs_err"] < 1e-4
