@@ -245,3 +245,58 @@ def test_fingerprints_do_not_depend_on_the_process_hash_seed() -> None:
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=bh.TESTS_DIR,
                            env=bh.subprocess_env(PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2)}
     assert len(outs) == 1, outs
+
+
+SET_LITERAL_MODEL = '''
+import torch
+from torch import nn
+
+
+def helper(x, mode):
+    if mode in {"alpha", "beta", "gamma", "delta", "epsilon"}:  # a frozenset constant of the code object
+        return x * 2.0
+    return x
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return helper(self.lin(x), "gamma") + x
+
+
+class Net(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer() for _ in range(n))
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+'''
+
+
+@pytest.mark.slow
+def test_a_set_literal_in_traced_code_warm_starts_under_any_hash_seed(tmp_path: Path) -> None:
+    (tmp_path / "stale_model.py").write_text(SET_LITERAL_MODEL)
+    cache = bh.fresh_cache_dir("seed")
+    first = run(tmp_path, cache, env=bh.subprocess_env(PYTHONHASHSEED="1"))
+    assert first["trace"] == "regions" and first["err"] < 1e-5, first
+    second = run(tmp_path, cache, env=bh.subprocess_env(PYTHONHASHSEED="2"))
+    assert second["warm_start"] == "loaded" and second["dynamo_s"] == 0.0 and second["err"] < 1e-5, second
+
+
+def test_code_fingerprints_of_set_literals_do_not_depend_on_the_hash_seed() -> None:
+    import subprocess
+
+    code = ("from layerpass.backend.trace_deps import code_fingerprint\n"
+            "from layerpass.backend.piece_hash import _code_digest\n"
+            "def f(x):\n    return x in {'alpha', 'beta', 'gamma', 'delta', 'eta', 'theta'}\n"
+            "print(code_fingerprint(f.__code__), _code_digest(f.__code__))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=bh.TESTS_DIR,
+                           env=bh.subprocess_env(PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2, 3)}
+    assert len(outs) == 1, outs
