@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .aot import has_aot_api
-from .compiler import LayerpassBackend, mark_token_dims
+from .compiler import LayerpassBackend, mark_token_dims, own_aliases
 from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
 from .regions import Regions, RegionsRun, find_layer_container
@@ -87,6 +87,7 @@ class CompiledModel(nn.Module):
     def _run_whole_model(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.config.dynamic_tokens and not self.model.training:
             # (training-mode ops such as dropout guard on the token count: left to Dynamo's dynamism)
+            args, kwargs = own_aliases(args, kwargs)  # marked, never the caller's tensors
             mark_token_dims([*args, *kwargs.values()])
         calls, t0 = self.backend.num_calls, time.perf_counter()
         out = self.compiled(*args, **kwargs)

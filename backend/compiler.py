@@ -72,6 +72,17 @@ def walk_pieces(split_gm: fx.GraphModule, example_inputs: Sequence[Any],
         Walker(split_gm).run(*fake_args)
 
 
+def own_aliases(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` and ``kwargs`` with each tensor replaced by a view of itself (same storage and
+    autograd history, one Python object more), to be marked (``mark_token_dims``) instead of the
+    caller's tensors: Dynamo keeps dynamism marks on the tensor object, and a caller reusing its
+    tensors with another compiled model must not bring this model's marks along."""
+    def alias(v: Any) -> Any:
+        return v.view(v.shape) if isinstance(v, torch.Tensor) else v
+
+    return tuple(alias(a) for a in args), {k: alias(v) for k, v in kwargs.items()}
+
+
 def mark_token_dims(values: Sequence[Any]) -> None:
     """Mark dim 0 (tokens) of every tensor in ``values`` dynamic before a compiled call.
 
