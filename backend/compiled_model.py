@@ -56,7 +56,7 @@ class CompiledModel(nn.Module):
         elif not has_aot_api():
             self._whole_model(f"torch {torch.__version__} cannot trace a layer ahead of time (no aot_compile)")
         else:
-            self.regions = Regions(container, self.backend, None, config.dynamic_tokens)
+            self.regions = Regions(container, self.backend, None, config.dynamic_tokens, root=model)
 
     def _whole_model(self, why: str) -> None:
         self.trace_note = why
