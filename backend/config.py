@@ -14,6 +14,7 @@ SPLIT_MODES = ("layers", "ops")
 DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.linear_attention")
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
 from layerpass.envs import cache_dir as default_cache_dir
+from layerpass.envs import resolve_path
 from layerpass.ops.library import op_name
 from layerpass.passes.lowering import resolve_custom_ops
 
@@ -25,7 +26,8 @@ RESERVED_INDUCTOR_OPTIONS = ("post_grad_custom_post_pass",)
 
 
 def _check_cache_dir(value: Any) -> str:
-    """A non-empty str or ``os.PathLike`` (to a str path); returned as a str."""
+    """A non-empty str or ``os.PathLike`` (to a str path); returned as an absolute str path, ``~``
+    and environment variables expanded."""
     path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(path, str):
         raise TypeError(f"CompilationConfig.cache_dir must be a non-empty str or os.PathLike (a directory), or None "
@@ -37,7 +39,7 @@ def _check_cache_dir(value: Any) -> str:
         raise ValueError(f"CompilationConfig.cache_dir must be a directory path without NUL bytes, got {value!r}")
     # (a path that exists and is not a directory is left to the cache: it is best effort, so the
     # compile goes on without it, with one warning)
-    return path
+    return resolve_path(path, "CompilationConfig.cache_dir")  # ~, $VARS, absolute: once, here
 
 
 def _check_inductor_option_names(names: list[str]) -> None:

@@ -156,3 +156,38 @@ def test_compile_sizes_validation(sizes) -> None:
 def test_compile_sizes_must_be_a_sequence(sizes) -> None:
     with pytest.raises((TypeError, ValueError), match=r"compile_sizes"):
         CompilationConfig(compile_sizes=sizes)
+
+
+def test_cache_dir_expands_home_and_variables(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: ``cache_dir="~/..."`` (config or ``$LAYERPASS_CACHE_DIR``) made a directory named ``~``."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LP_TEST_ROOT", str(tmp_path / "root"))
+    assert CompilationConfig(cache_dir="~/lp").cache_dir == str(tmp_path / "home" / "lp")
+    assert CompilationConfig(cache_dir="$LP_TEST_ROOT/lp").cache_dir == str(tmp_path / "root" / "lp")
+    assert CompilationConfig(cache_dir="${LP_TEST_ROOT}/lp").cache_dir == str(tmp_path / "root" / "lp")
+    monkeypatch.setenv("LAYERPASS_CACHE_DIR", "~/from-env")
+    assert CompilationConfig().cache_dir == str(tmp_path / "home" / "from-env")
+    monkeypatch.delenv("LP_TEST_UNSET", raising=False)
+    with pytest.raises(ValueError, match=r"cache_dir '\$LP_TEST_UNSET/lp' names \$LP_TEST_UNSET, which is not set"):
+        CompilationConfig(cache_dir="$LP_TEST_UNSET/lp")
+
+
+def test_a_relative_cache_dir_is_made_absolute_at_construction(tmp_path: pathlib.Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: it was resolved at write time, so a ``chdir`` after ``layerpass.compile`` moved the cache."""
+    import torch
+
+    from tests.helpers import backend as bh
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = CompilationConfig(cache_dir="rel-cache")
+    assert cfg.cache_dir == str(tmp_path / "a" / "rel-cache")
+    monkeypatch.setenv("LAYERPASS_CACHE_DIR", "env-rel")
+    assert CompilationConfig().cache_dir == str(tmp_path / "a" / "env-rel")
+    compiled = layerpass.compile(bh.Stack(2).eval(), cfg)
+    monkeypatch.chdir(tmp_path / "b")
+    with torch.no_grad():
+        compiled(torch.randn(3, 8))
+    assert (tmp_path / "a" / "rel-cache").is_dir() and not (tmp_path / "b" / "rel-cache").exists()
