@@ -192,7 +192,7 @@ def test_make_step_validation_and_release():
     model = build_model("llama", num_layers=1, num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="at least one request"):
         make_step(model, num_decodes=0, prefill_lens=[])
-    with pytest.raises(ValueError, match="prefill lengths >= 1"):
+    with pytest.raises(ValueError, match=r"prefill_lens\[0\] must be an int >= 1, got 0"):
         make_step(model, num_decodes=0, prefill_lens=[0])
     with pytest.raises(ValueError, match="history_lens needs 2"):
         make_step(model, num_decodes=2, prefill_lens=[], history_lens=[3])
