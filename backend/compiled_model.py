@@ -154,7 +154,7 @@ class CompiledModel(nn.Module):
     def recompiles(self) -> int:
         if self.regions is not None and self.compiled is None:
             return max(0, self._region_calls_with_new - 1)
-        return max(0, self.backend.num_calls - 1)
+        return self.backend.num_recompiles  # graph-break continuations are not recompiles
 
 
 def _token_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -167,4 +167,16 @@ def _token_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
 
 def compile(model: nn.Module, config: CompilationConfig | None = None) -> CompiledModel:
     """Compile ``model`` with the layerpass backend; call the result like the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"layerpass.compile needs a torch.nn.Module (a model whose forward runs the step), got "
+                        f"{type(model).__name__} {_short_repr(model)}; for a plain function use "
+                        f"torch.compile(fn, backend='layerpass')")
+    if config is not None and not isinstance(config, CompilationConfig):
+        raise TypeError(f"layerpass.compile: config must be a CompilationConfig or None, got {type(config).__name__}; "
+                        f"e.g. layerpass.CompilationConfig(split='ops')")
     return CompiledModel(model, config or CompilationConfig())
+
+
+def _short_repr(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -160,3 +160,32 @@ def test_the_whole_model_path_never_marks_the_callers_tensors() -> None:
             bh.assert_matches(fresh(x), fresh.model(x))
     report = layerpass.last_compile_report()
     assert (report.num_regions, fresh.recompiles) == (1, 0), (report.num_regions, fresh.recompiles)
+
+
+class _GraphBreak(nn.Module):
+    """No repeated layers, one graph break: the whole model in two Dynamo graphs (as T5 is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+def test_recompiles_and_graph_breaks_are_counted_apart() -> None:
+    """Before: every graph-break piece counted as a recompile (T5: ``recompiles=6`` for 2 calls)."""
+    torch.compiler.reset()
+    model = _GraphBreak().eval()
+    compiled = layerpass.compile(model, CompilationConfig(disable_cache=True))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        bh.assert_matches(compiled(x), model(x))
+    report = layerpass.last_compile_report()
+    assert compiled.backend.num_calls == 2  # two graphs, one per side of the break
+    assert (report.graph_breaks, report.recompiles, compiled.recompiles) == (1, 0, 0), report
+    with torch.no_grad():
+        bh.assert_matches(compiled(x), model(x))  # the same sizes: nothing is compiled again
+    assert compiled.recompiles == 0 and compiled.backend.num_calls == 2

@@ -124,6 +124,10 @@ def test_registry_lists_zoo_and_rejects_unknown():
         build_model("llama", num_layers=1, hiden_size=8)
     with pytest.raises(ValueError, match="positive ints: num_layers=0"):
         build_model("llama", num_layers=0)
+    with pytest.raises(ValueError, match="positive ints: num_layers=True"):  # before: a bool built a model
+        build_model("llama", num_layers=True)
+    with pytest.raises(ValueError, match="positive ints: layer_group_size=True"):
+        build_model("bailing-hybrid", num_layers=2, layer_group_size=True)
     with pytest.raises(ValueError, match="already registered"):
         register_model("llama")(lambda config: None)
 
