@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .aot import has_aot_api
-from .compiler import LayerpassBackend, mark_token_dims
+from .compiler import LayerpassBackend, mark_token_dims, own_aliases
 from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
 from .regions import Regions, RegionsRun, find_layer_container
@@ -56,7 +56,7 @@ class CompiledModel(nn.Module):
         elif not has_aot_api():
             self._whole_model(f"torch {torch.__version__} cannot trace a layer ahead of time (no aot_compile)")
         else:
-            self.regions = Regions(container, self.backend, None, config.dynamic_tokens)
+            self.regions = Regions(container, self.backend, None, config.dynamic_tokens, root=model)
 
     def _whole_model(self, why: str) -> None:
         self.trace_note = why
@@ -87,6 +87,7 @@ class CompiledModel(nn.Module):
     def _run_whole_model(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.config.dynamic_tokens and not self.model.training:
             # (training-mode ops such as dropout guard on the token count: left to Dynamo's dynamism)
+            args, kwargs = own_aliases(args, kwargs)  # marked, never the caller's tensors
             mark_token_dims([*args, *kwargs.values()])
         calls, t0 = self.backend.num_calls, time.perf_counter()
         out = self.compiled(*args, **kwargs)
@@ -153,7 +154,7 @@ class CompiledModel(nn.Module):
     def recompiles(self) -> int:
         if self.regions is not None and self.compiled is None:
             return max(0, self._region_calls_with_new - 1)
-        return max(0, self.backend.num_calls - 1)
+        return self.backend.num_recompiles  # graph-break continuations are not recompiles
 
 
 def _token_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -166,4 +167,16 @@ def _token_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
 
 def compile(model: nn.Module, config: CompilationConfig | None = None) -> CompiledModel:
     """Compile ``model`` with the layerpass backend; call the result like the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"layerpass.compile needs a torch.nn.Module (a model whose forward runs the step), got "
+                        f"{type(model).__name__} {_short_repr(model)}; for a plain function use "
+                        f"torch.compile(fn, backend='layerpass')")
+    if config is not None and not isinstance(config, CompilationConfig):
+        raise TypeError(f"layerpass.compile: config must be a CompilationConfig or None, got {type(config).__name__}; "
+                        f"e.g. layerpass.CompilationConfig(split='ops')")
     return CompiledModel(model, config or CompilationConfig())
+
+
+def _short_repr(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -75,6 +75,17 @@ def walk_pieces(split_gm: fx.GraphModule, example_inputs: Sequence[Any],
         Walker(split_gm).run(*fake_args)
 
 
+def own_aliases(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` and ``kwargs`` with each tensor replaced by a view of itself (same storage and
+    autograd history, one Python object more), to be marked (``mark_token_dims``) instead of the
+    caller's tensors: Dynamo keeps dynamism marks on the tensor object, and a caller reusing its
+    tensors with another compiled model must not bring this model's marks along."""
+    def alias(v: Any) -> Any:
+        return v.view(v.shape) if isinstance(v, torch.Tensor) else v
+
+    return tuple(alias(a) for a in args), {k: alias(v) for k, v in kwargs.items()}
+
+
 def mark_token_dims(values: Sequence[Any]) -> None:
     """Mark dim 0 (tokens) of every tensor in ``values`` dynamic before a compiled call.
 
@@ -143,6 +154,10 @@ class LayerpassBackend:
         self.cache = ArtifactCache(self.location)
         self.publish_reports = publish_reports
         self.num_calls = 0
+        # whole-model graphs, told apart by Dynamo's compile id: a frame seen before is a recompile,
+        # a new frame after the first a graph-break continuation (its resume function)
+        self.num_recompiles = 0
+        self._frames: set[int] = set()
         self.last_report: CompileReport | None = None
         # key -> artifact, across this backend's graphs: regions of one model share pieces
         self.compiled: dict[str, CompiledPiece] = {}
@@ -163,9 +178,12 @@ class LayerpassBackend:
     def compile_graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any], whole_layer: bool = False) -> PiecewiseProgram:
         t_enter = time.perf_counter()
         self.num_calls += 1
+        if not whole_layer:
+            self._count_frame()
         cfg = self.config
         # Dynamo's own time is measured by whoever drives it (layerpass.compile); 0 under a bare torch.compile
-        report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1)
+        report = CompileReport(split=cfg.split, recompiles=self.num_recompiles,
+                               graph_breaks=max(0, len(self._frames) - 1))
         result = split_graph(gm, cfg.split, cfg.splitting_ops, whole_layer=whole_layer)
         if cfg.split == "ops" and cfg.fuse_attn_quant:
             report.notes.append("split='ops': the splitting ops run eagerly, so no fusion can cross them (attention+quant is off)")
@@ -199,6 +217,18 @@ class LayerpassBackend:
         program = PiecewiseProgram(split_gm, gm, calls, state, report)
         program.traced_code = traced_code_of_this_trace()
         return program
+
+    def _count_frame(self) -> None:
+        """Count this graph as a recompile or as a new frame (graph break); without a Dynamo
+        compile id (a direct call), every call after the first is a recompile."""
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        frame = getattr(compile_id, "frame_id", None)
+        if frame is None:
+            self.num_recompiles += self.num_calls > 1
+        elif frame in self._frames:
+            self.num_recompiles += 1
+        else:
+            self._frames.add(frame)
 
     def install_saved(self, gm: fx.GraphModule, calls: dict[str, PieceCall],
                       state: dict[str, Any]) -> tuple[fx.GraphModule, CompileReport]:

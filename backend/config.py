@@ -15,6 +15,7 @@ DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.l
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
 from layerpass.envs import cache_dir as default_cache_dir
 from layerpass.envs import remote_cache_url as default_remote_cache
+from layerpass.envs import resolve_path
 from layerpass.ops.library import op_name
 from layerpass.passes.lowering import resolve_custom_ops
 
@@ -28,7 +29,8 @@ RESERVED_INDUCTOR_OPTIONS = ("post_grad_custom_post_pass",)
 
 
 def _check_cache_dir(value: Any) -> str:
-    """A non-empty str or ``os.PathLike`` (to a str path); returned as a str."""
+    """A non-empty str or ``os.PathLike`` (to a str path); returned as an absolute str path, ``~``
+    and environment variables expanded."""
     path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(path, str):
         raise TypeError(f"CompilationConfig.cache_dir must be a non-empty str or os.PathLike (a directory), or None "
@@ -40,7 +42,7 @@ def _check_cache_dir(value: Any) -> str:
         raise ValueError(f"CompilationConfig.cache_dir must be a directory path without NUL bytes, got {value!r}")
     # (a path that exists and is not a directory is left to the cache: it is best effort, so the
     # compile goes on without it, with one warning)
-    return path
+    return resolve_path(path, "CompilationConfig.cache_dir")  # ~, $VARS, absolute: once, here
 
 
 def _check_inductor_option_names(names: list[str]) -> None:
@@ -70,7 +72,38 @@ def _check_inductor_options(value: Any) -> dict[str, Any]:
                          f"fuse_moe / eliminate_noops instead")
     if value:
         _check_inductor_option_names(list(value))
+        for name, v in value.items():
+            _check_inductor_option_value(name, v)
     return dict(value)
+
+
+_TYPE_NAMES = {bool: "a bool", int: "an int", float: "a float", str: "a str"}
+
+
+def _check_inductor_option_value(name: str, value: Any) -> None:
+    """``TypeError`` unless ``value`` has the type of Inductor's own config entry (its declared type,
+    else its default's): a bool for a bool, an int (not a bool) for an int, an int or float for a
+    float, a str, list, tuple or dict for those. Entries without a plain type (default ``None``,
+    ``Optional[...]``, callables) take any value, as Inductor's config does."""
+    import torch._inductor.config as inductor_config
+
+    entry = getattr(inductor_config, "_config", {}).get(name)
+    want = getattr(entry, "value_type", None)
+    if not isinstance(want, type) or want in (type(None), object) or value is None and entry.default is None:
+        return
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif want in (str, list, tuple, dict):
+        ok = isinstance(value, want)
+    else:
+        return
+    if not ok:
+        raise TypeError(f"CompilationConfig.inductor_options: {name!r} takes {_TYPE_NAMES.get(want, f'a {want.__name__}')} "
+                        f"(its default is {entry.default!r}), got {type(value).__name__} {value!r}")
 
 
 @dataclass
@@ -157,6 +190,23 @@ class CompilationConfig:
                             f"got {type(self.custom_ops).__name__} {self.custom_ops!r}")
         self.custom_ops = tuple(self.custom_ops)
         resolve_custom_ops(self.custom_ops)  # raises naming a bad entry and the allowed names
+
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """After construction, a field set is checked (and normalised) as at construction: the
+        config with the new value is built again, through the one validation, ``__post_init__``;
+        a bad value raises and leaves the config as it was. A name that is no field is refused."""
+        if not self.__dict__.get("_validated"):
+            object.__setattr__(self, name, value)
+            return
+        fields = {f.name for f in dataclasses.fields(self)}
+        if name not in fields:
+            close = difflib.get_close_matches(name, sorted(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise AttributeError(f"CompilationConfig has no field {name!r}{hint} (fields: {', '.join(sorted(fields))})")
+        checked = dataclasses.replace(self, **{name: value})
+        object.__setattr__(self, name, getattr(checked, name))
 
     def lowered_ops(self) -> tuple[str, ...]:
         """The layerpass ops the ``lowering`` pass replaces by native code (from ``custom_ops``)."""

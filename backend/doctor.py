@@ -107,9 +107,10 @@ class _AnalysisBackend:
 
 def _mark_dynamic(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark the token dims as ``layerpass.compile`` does, so the pieces hash identically."""
-    from layerpass.backend.compiler import mark_token_dims
+    from layerpass.backend.compiler import mark_token_dims, own_aliases
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = own_aliases(args, kwargs)  # marked, never the caller's tensors
         mark_token_dims([*args, *kwargs.values()])
         return fn(*args, **kwargs)
 

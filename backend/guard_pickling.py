@@ -1,7 +1,7 @@
 """A scoped fix for torch's guard-state pickler, so that traced regions can be saved and loaded.
 
 ``aot_compile`` pickles the guards of a traced frame with ``torch._dynamo.guards.GuardsStatePickler``
-(torch 2.10+). Three gaps in it make programs that save fine fail to load (torch 2.13):
+(torch 2.10+). Four gaps in it make programs that save fine fail to load (or not save) (torch 2.13):
 
 1. For every ``nn.Module`` it reduces, it records each plain attribute that is not a tensor, module
    or callable and not in the guard tree in ``missing_values``, BY id(), and pickles any later
@@ -19,6 +19,10 @@
    ``models/hf/hub_kernels.py`` binds) is reduced as ``getattr(instance, name)``, which runs
    while the instance is half restored and finds the CLASS's method: the guards on
    ``module.forward.__func__.__closure__`` are rebuilt on the wrong function (``IndexError``).
+4. A tensor is pickled with its ``.grad``, which no guard reads, so it is pickled as ``_Missing``
+   and restoring fails: a model that took a training step and then ``.eval()`` for serving
+   (parameters holding gradients) gets no warm start (``TypeError: assigned grad expected to be
+   a Tensor or None but got grad of type _Missing``).
 
 Inside ``saveable_guards()``, and nothing else changes:
 
@@ -31,7 +35,9 @@ Inside ``saveable_guards()``, and nothing else changes:
    then compare the live function's closure with the values seen at trace time; resolving it by
    name in the loading process would compare the live function with itself, and a changed
    closure constant (another library version) would pass unnoticed;
-3. such a bound method, when in the guard tree, is saved as its function and instance.
+3. such a bound method, when in the guard tree, is saved as its function and instance;
+4. a tensor's gradient that no guard reads is left out (saved as ``None``): gradients are not
+   part of a traced inference program. The caller's tensor and its ``.grad`` are not touched.
 
 Anything else a guard does not read is pickled as torch pickles it.
 
@@ -128,6 +134,18 @@ def _by_value(pickler: Any, fn: types.FunctionType) -> tuple[Callable[..., Any],
                               fn.__module__, fn.__defaults__, fn.__kwdefaults__, fn.__closure__, attrs)
 
 
+def _without_grad(pickler: Any, t: torch.Tensor, reduced: Any) -> Any:
+    """torch's reduction of ``t`` with its gradient left out, unless a guard reads the gradient
+    (torch passes it as the last argument of its tensor rebuild; any other layout is left as is)."""
+    grad = t.grad
+    if id(grad) in getattr(pickler, "guard_tree_values", ()):
+        return reduced
+    if (isinstance(reduced, tuple) and len(reduced) == 2 and isinstance(reduced[1], tuple) and reduced[1]
+            and reduced[1][-1] is grad):
+        return reduced[0], (*reduced[1][:-1], None)
+    return reduced
+
+
 def _patched(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def reducer_override(self: Any, obj: Any) -> Any:
@@ -148,7 +166,10 @@ def _patched(original: Callable[..., Any]) -> Callable[..., Any]:
                 and id(obj) not in getattr(self, "missing_values", ())
                 and _shadows(obj.__self__, obj.__func__.__name__)):
             return rebuild_method, (obj.__func__, obj.__self__)
-        return original(self, obj)
+        reduced = original(self, obj)
+        if isinstance(obj, torch.Tensor) and obj.is_leaf and obj.grad is not None:
+            return _without_grad(self, obj, reduced)
+        return reduced
 
     reducer_override.__layerpass_saveable_guards__ = True  # type: ignore[attr-defined]
     return reducer_override

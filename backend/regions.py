@@ -52,9 +52,15 @@ _STEP_TOKENS: contextvars.ContextVar[int | None] = contextvars.ContextVar("layer
 def find_layer_container(model: nn.Module) -> nn.ModuleList | None:
     """The outermost ``ModuleList`` that holds two or more modules (the decoder layers); outermost,
     so a layer's own list of heads or experts is never mistaken for it."""
-    for _, module in _breadth_first(model):
+    found = _find_container_path(model)
+    return None if found is None else found[1]
+
+
+def _find_container_path(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """``find_layer_container`` and its dotted path from ``model`` (``"model.layers"``)."""
+    for name, module in _breadth_first(model):
         if isinstance(module, nn.ModuleList) and len(module) >= 2:
-            return module
+            return name, module
     return None
 
 
@@ -78,6 +84,7 @@ class RegionsRun:
 
     new_regions: list[Region] = field(default_factory=list)
     layer_regions: list[tuple[int, Region]] = field(default_factory=list)  # (layer index, region) per call
+    calls: dict[int, int] = field(default_factory=dict)  # layer id -> its calls so far (a module at two positions)
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -86,10 +93,15 @@ class Regions:
     """The regions of one compiled model. Not thread-safe: ``CompiledModel`` calls it under its lock."""
 
     def __init__(self, container: nn.ModuleList, backend: LayerpassBackend, store: ProgramStore | None,
-                 dynamic_tokens: bool) -> None:
+                 dynamic_tokens: bool, root: nn.Module | None = None) -> None:
         self.container = container
+        # the model the container was found in, and where: a list replaced whole is followed
+        self.root = root
+        found = None if root is None else _find_container_path(root)
+        self._container_path = found[0] if found is not None and found[1] is container else None
+        self._warned_no_container = False
         self.layers: list[nn.Module] = []
-        self.index: dict[int, int] = {}
+        self.index: dict[int, list[int]] = {}  # layer id -> its positions in the list (one module may repeat)
         self.signatures: dict[int, str] = {}
         self.backend = backend
         self.store = store
@@ -109,7 +121,9 @@ class Regions:
         if len(current) == len(self.layers) and all(a is b for a, b in zip(current, self.layers)):
             return False
         self.layers = current
-        self.index = {id(layer): i for i, layer in enumerate(current)}
+        self.index = {}
+        for i, layer in enumerate(current):
+            self.index.setdefault(id(layer), []).append(i)
         self.signatures = {id(layer): self.signatures.get(id(layer)) or layer_signature(layer) for layer in current}
         self.last = {k: v for k, v in self.last.items() if k in self.index}
         return True
@@ -119,6 +133,7 @@ class Regions:
         region whose traced code or dropped globals changed since it was traced is dropped (the
         layers that used it are traced again). Returns what changed, for the report."""
         notes = []
+        self._follow_container()
         if self._sync_layers():
             notes.append(f"the decoder layers changed since the last call ({len(self.layers)} now): new layers get regions")
         checked: set[Any] = set()
@@ -129,6 +144,26 @@ class Regions:
                 notes.append(f"region of {region.cls.__qualname__} traced again: {why}")
                 self._forget(region)
         return notes
+
+    def _follow_container(self) -> None:
+        """Follow a layer list replaced whole after compile (``model.layers = nn.ModuleList(...)``):
+        its layers get regions like the old ones; with no list of two or more left, warned once."""
+        if self.root is None or self._container_path is None:
+            return
+        try:
+            if self.root.get_submodule(self._container_path) is self.container:
+                return
+        except AttributeError:
+            pass
+        found = _find_container_path(self.root)
+        if found is None:
+            if not self._warned_no_container:
+                self._warned_no_container = True
+                logger.warning("layerpass: the model's decoder layer list (%r) was replaced and the model has no "
+                               "ModuleList of two or more modules now: its layers run eagerly; call "
+                               "layerpass.compile(model) again", self._container_path)
+            return
+        self._container_path, self.container = found
 
     def _forget(self, region: Region) -> None:
         self.regions.remove(region)
@@ -143,7 +178,7 @@ class Regions:
         run = self.run = RegionsRun()
         token = _STEP_TOKENS.set(tokens)
         routed = []
-        for layer in self.layers:
+        for layer in {id(layer): layer for layer in self.layers}.values():  # a module at two positions: once
             if "forward" in vars(layer):
                 self._warn_own_forward(layer)
                 continue
@@ -163,7 +198,7 @@ class Regions:
         if id(layer) not in self._warned_own_forward:
             self._warned_own_forward.add(id(layer))
             logger.warning("layerpass: decoder layer %d (%s) has its own instance forward; it runs that, eagerly, "
-                           "not a compiled region", self.index[id(layer)], type(layer).__qualname__)
+                           "not a compiled region", self.index[id(layer)][0], type(layer).__qualname__)
 
     def call(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.failed is not None:  # this step finishes eagerly; the compiled model then goes whole-model
@@ -177,10 +212,18 @@ class Regions:
                 return type(layer).forward(layer, *args, **kwargs)
         self.last[id(layer)] = region
         if self.run is not None:
-            self.run.layer_regions.append((self.index[id(layer)], region))
+            self.run.layer_regions.append((self._position(layer), region))
         if region.aot is not None:
             return region.fn(layer, *args, **kwargs)
         return self._call_in_memory(region, layer, args, kwargs)
+
+    def _position(self, layer: nn.Module) -> int:
+        """This call's layer index: a module at several positions is at its next one on each call."""
+        assert self.run is not None
+        positions = self.index[id(layer)]
+        n = self.run.calls.get(id(layer), 0)
+        self.run.calls[id(layer)] = n + 1
+        return positions[min(n, len(positions) - 1)]
 
     def _call_in_memory(self, region: Region, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """An in-memory region's call; if Dynamo traced again (other guards), that trace is a new
@@ -199,7 +242,7 @@ class Regions:
             if self.run is not None:
                 self.run.new_regions.append(retraced)
                 self.run.wall_s += wall
-                self.run.layer_regions[-1] = (self.index[id(layer)], retraced)
+                self.run.layer_regions[-1] = (self.run.layer_regions[-1][0], retraced)
         return out
 
     def _find(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Region | None:

@@ -45,7 +45,8 @@ class CompileReport:
     dynamo_s: float = 0.0
     compile_s: float = 0.0
     total_s: float = 0.0
-    recompiles: int = 0
+    recompiles: int = 0  # traces of a frame this backend had compiled before (a guard failed), so far
+    graph_breaks: int = 0  # whole model: frames traced beyond the first (graph-break continuations), so far
     split: str = "layers"
     trace: str = "whole-model"  # "regions": each distinct decoder layer traced once; "whole-model": every layer traced
     num_regions: int = 0  # distinct region traces (bodies compiled once, called at every layer)

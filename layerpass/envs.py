@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 
 ENV_VAR = "VLLM_USE_LAYERNAME"
 _TRUE = ("1", "true", "yes", "on")
@@ -70,8 +71,23 @@ CACHE_SECRET_ENV = "LAYERPASS_CACHE_SECRET"
 
 
 def cache_dir() -> str:
-    """``$LAYERPASS_CACHE_DIR`` or ``~/.cache/layerpass``; read on each call (a test may set it)."""
-    return os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "layerpass")
+    """``$LAYERPASS_CACHE_DIR`` or ``~/.cache/layerpass``, resolved (``resolve_path``); read on each
+    call (a test may set it)."""
+    return resolve_path(os.environ.get(CACHE_DIR_ENV) or os.path.join("~", ".cache", "layerpass"), CACHE_DIR_ENV)
+
+
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def resolve_path(path: str, what: str) -> str:
+    """``path`` with ``~`` and ``$VARS`` expanded, made absolute against the working directory NOW
+    (a later ``chdir`` does not move it). ``ValueError`` naming ``what`` if it names a variable
+    that is not set (it would otherwise become a directory literally named ``$VAR``)."""
+    expanded = os.path.expandvars(path)
+    unset = _VARIABLE.search(expanded)
+    if unset is not None:
+        raise ValueError(f"{what} {path!r} names {unset.group(0)}, which is not set; set it or write the path out")
+    return os.path.abspath(os.path.expanduser(expanded))
 
 
 def debug_dump_dir() -> str | None:

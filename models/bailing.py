@@ -18,7 +18,7 @@ from layerpass.layers import FusedMoE, ReplicatedLinear
 from layerpass.layers.linear_attention import BailingMoELinearAttention
 
 from .common import CausalLM, DecoderLayer, LlamaMLP
-from .config import ModelConfig
+from .config import ModelConfig, is_positive_int
 from .registry import register_model
 
 
@@ -42,7 +42,7 @@ class BailingConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         bad = [f"{n}={getattr(self, n)!r}" for n in ("layer_group_size", "linear_block_size", "linear_norm_groups")
-               if not (isinstance(getattr(self, n), int) and getattr(self, n) > 0)]
+               if not is_positive_int(getattr(self, n))]
         if bad:
             raise ValueError(f"BailingConfig fields must be positive ints: {', '.join(bad)}")
         if self.num_heads % self.linear_norm_groups:

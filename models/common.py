@@ -129,10 +129,9 @@ class CausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size, prefix="logits_processor")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # checked in eager only: under torch.compile the token count may be an unbacked symbol (the
-        # compiled model runs the same check before Dynamo sees the inputs)
-        if not torch.compiler.is_compiling():
-            from layerpass.backend.inputs import check_step_inputs, max_position  # ValueError; no import cycle
+        # checked on every path: here in eager; compiled, by the op whose output the model goes on
+        # with, on the real tensors (ops/step_inputs.py)
+        from layerpass.backend.inputs import check_step_inputs, max_position  # ValueError; no import cycle
 
-            check_step_inputs(input_ids, positions, max_position=max_position(self))
+        input_ids = check_step_inputs(input_ids, positions, max_position=max_position(self))
         return self.logits_processor(self.lm_head, self.model(input_ids, positions))

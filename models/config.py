@@ -10,6 +10,11 @@ import torch
 from layerpass.layers import CacheConfig, Fp8Config
 
 
+def is_positive_int(value: object) -> bool:
+    """An int > 0, not a bool (``True`` is an int to Python, not a layer count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every field can be overridden through ``build_model(name, **overrides)``.
@@ -45,7 +50,7 @@ class ModelConfig:
         ints = ("num_layers", "vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_size", "intermediate_size",
                 "max_position", "num_blocks", "block_size", "num_state_slots", "num_experts", "top_k",
                 "moe_intermediate_size", "shared_expert_intermediate_size")
-        bad = [f"{n}={getattr(self, n)!r}" for n in ints if not (isinstance(getattr(self, n), int) and getattr(self, n) > 0)]
+        bad = [f"{n}={getattr(self, n)!r}" for n in ints if not is_positive_int(getattr(self, n))]
         if bad:
             raise ValueError(f"ModelConfig fields must be positive ints: {', '.join(bad)}")
         if self.num_heads % self.num_kv_heads:

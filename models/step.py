@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from layerpass.ops import BatchMetadata, build_batch_metadata, host_values, set_forward_context
+from layerpass.ops.batch_checks import check_int, check_ints
 
 STATE_ATTR = "state_cache"  # recurrent layers keep [num_state_slots, ...] here (ops/linear_attention.py)
 
@@ -179,26 +180,41 @@ def make_step(
     for attr in ("layer_registry", "cache_config", "block_allocator", "state_allocator", "config"):
         if not hasattr(model, attr):
             raise TypeError(f"make_step needs a model from layerpass.models.build_model (missing {attr!r})")
-    prefill_lens = list(prefill_lens)
-    if num_decodes < 0 or any(int(n) < 1 for n in prefill_lens) or num_decodes + len(prefill_lens) == 0:
-        raise ValueError(f"make_step needs num_decodes >= 0, prefill lengths >= 1 and at least one request; "
-                         f"got num_decodes={num_decodes}, prefill_lens={prefill_lens}")
+    num_decodes = check_int("num_decodes", num_decodes, 0, "make_step: ")
+    prefill_lens = check_ints("prefill_lens", prefill_lens, 1, "make_step: ")
+    if num_decodes + len(prefill_lens) == 0:
+        raise ValueError(f"make_step needs at least one request; got num_decodes={num_decodes}, "
+                         f"prefill_lens={prefill_lens}")
+    check_int("seed", seed, None, "make_step: ")
+    check_int("max_history", max_history, 1, "make_step: ")
     g = torch.Generator().manual_seed(seed)
     if history_lens is None:
         history_lens = torch.randint(1, max_history + 1, (num_decodes,), generator=g).tolist()
-    if len(history_lens) != num_decodes or any(h < 1 for h in history_lens):
+    history_lens = check_ints("history_lens", history_lens, 1, "make_step: ")
+    if len(history_lens) != num_decodes:
         raise ValueError(f"history_lens needs {num_decodes} lengths >= 1, got {list(history_lens)}")
-    vocab, bs = model.config.vocab_size, model.cache_config.block_size
+    bs = model.cache_config.block_size
     shapes = [(h, 1) for h in history_lens] + [(0, n) for n in prefill_lens]
     for h, q in shapes:
         if h + q > model.config.max_position:
             raise ValueError(f"request of {h + q} tokens exceeds max_position {model.config.max_position}")
     slots = model.state_allocator.allocate(len(shapes))
-    try:
+    blocks: list[int] = []
+    try:  # from here on, a failure gives back what was taken
         blocks = model.block_allocator.allocate(sum(-(-(h + q) // bs) for h, q in shapes))
-    except RuntimeError:
+        step = _build_step(model, num_decodes, shapes, slots, blocks, g)
+    except BaseException:
+        model.block_allocator.free(blocks)
         model.state_allocator.free(slots)
         raise
+    step._finalizer = weakref.finalize(step, _free, weakref.ref(model), blocks, slots)
+    return step
+
+
+def _build_step(model: nn.Module, num_decodes: int, shapes: list[tuple[int, int]], slots: list[int],
+                blocks: list[int], g: torch.Generator) -> Step:
+    """The step's requests on the allocated blocks and slots, the decodes' history prefilled."""
+    vocab, bs = model.config.vocab_size, model.cache_config.block_size
     requests, used = [], 0
     for (h, q), slot in zip(shapes, slots):
         nb = -(-(h + q) // bs)
@@ -213,6 +229,4 @@ def make_step(
             model(ids, pos)
     rows = torch.tensor(slots, dtype=torch.long)
     snapshot = [(t, rows, t[rows].clone()) for t in _state_tensors(model)]
-    step = Step(model, requests, snapshot)
-    step._finalizer = weakref.finalize(step, _free, weakref.ref(model), blocks, slots)
-    return step
+    return Step(model, requests, snapshot)

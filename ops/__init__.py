@@ -5,7 +5,7 @@ Layers call each op through its checked entry point (``ops.norm.rms_norm``, ``op
 ops' fake kernels, once per compiled piece at trace time; the kernels themselves never check
 (``ops/norm.py``'s docstring)."""
 
-from . import attention, fused, linear_attention, moe, moe_quant, norm, quant  # noqa: F401  (registers the ops)
+from . import attention, fused, linear_attention, moe, moe_quant, norm, quant, step_inputs  # noqa: F401  (registers the ops)
 from .batch_builder import build_batch_metadata
 from .batch_metadata import BatchMetadata, HostMetadata, host_values
 from .forward_context import ForwardContext, current_forward_context, get_batch_metadata, set_forward_context

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .batch_checks import check_block_coverage, check_request_lengths
+from .batch_checks import check_block_coverage, check_ints, check_request_lengths
 from .batch_metadata import BatchMetadata, HostMetadata
 
 
@@ -20,6 +20,12 @@ def build_batch_metadata(
 ) -> BatchMetadata:
     """Build decode-first metadata. Requests with ``query_len == 1`` and a non-empty
     context are decodes and must all come before the prefills."""
+    query_lens, context_lens = check_ints("query_lens", query_lens), check_ints("context_lens", context_lens)
+    if isinstance(block_tables, (str, bytes)) or not isinstance(block_tables, Sequence):
+        raise ValueError(f"block_tables must be a sequence of block-id lists, got {type(block_tables).__name__}")
+    block_tables = [check_ints(f"block_tables[{i}]", bt) for i, bt in enumerate(block_tables)]
+    if state_indices is not None:
+        state_indices = check_ints("state_indices", state_indices)
     n = len(query_lens)
     if not (len(context_lens) == len(block_tables) == n):
         raise ValueError(

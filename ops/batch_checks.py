@@ -7,7 +7,25 @@ three raise the same ``ValueError``."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from typing import Any
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, where: str = "") -> int:
+    """``value`` as an int: an integer (not a bool), >= ``minimum`` when given; else ``ValueError``
+    naming ``name``, the value and its type."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{where}{name} must be an int{bound}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def check_ints(name: str, values: Any, minimum: int | None = None, where: str = "") -> list[int]:
+    """``values`` as a list of ints: a sequence (not a str) of ``check_int`` values (``name[i]``)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{where}{name} must be a sequence of ints, got {type(values).__name__}")
+    return [check_int(f"{name}[{i}]", v, minimum, where) for i, v in enumerate(values)]
 
 
 def check_request_lengths(query_lens: Sequence[int], seq_lens: Sequence[int], num_decodes: int = 0) -> None:

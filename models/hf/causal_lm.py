@@ -47,11 +47,11 @@ class TransformersForCausalLM(nn.Module):
         return getattr(self.hf, self._head_name).logits_processor
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # checked in eager only: under torch.compile the token count may be an unbacked symbol
-        if not torch.compiler.is_compiling():
-            from layerpass.backend.inputs import check_step_inputs, max_position  # ValueError; no import cycle
+        # checked on every path: here in eager; compiled, by the op whose output the model goes on
+        # with, on the real tensors (ops/step_inputs.py)
+        from layerpass.backend.inputs import check_step_inputs, max_position  # ValueError; no import cycle
 
-            check_step_inputs(input_ids, positions, max_position=max_position(self))
+        input_ids = check_step_inputs(input_ids, positions, max_position=max_position(self))
         out = self._hf_forward(self.hf, input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
                                use_cache=False)
         return out.logits[0]

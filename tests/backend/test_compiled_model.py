@@ -140,3 +140,52 @@ def test_training_mode_compiles_the_whole_model_with_a_warning(caplog) -> None:
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
     assert layerpass.last_compile_report().trace == "regions"
+
+
+def test_the_whole_model_path_never_marks_the_callers_tensors() -> None:
+    """Before: the whole-model path marked the caller's inputs unbacked in place, so another
+    compiled model given the same tensors traced 2 regions and recompiled per batch size."""
+    inputs = [torch.randn(n, 8) for n in (5, 7)]
+    whole = layerpass.compile(bh.Chain([bh.Block(8)]).eval(), CompilationConfig(disable_cache=True))
+    with torch.no_grad():
+        for x in inputs:
+            whole(x)
+    assert whole.regions is None and whole.backend.num_calls == 1  # whole model, dynamic tokens
+    for x in inputs:
+        assert not getattr(x, "_dynamo_unbacked_indices", None) and not getattr(x, "_dynamo_dynamic_indices", None)
+    fresh = layerpass.compile(bh.Chain([bh.Block(8), bh.Block(8)]).eval(),
+                              CompilationConfig(cache_dir=bh.fresh_cache_dir("unmarked")))
+    with torch.no_grad():
+        for x in inputs:
+            bh.assert_matches(fresh(x), fresh.model(x))
+    report = layerpass.last_compile_report()
+    assert (report.num_regions, fresh.recompiles) == (1, 0), (report.num_regions, fresh.recompiles)
+
+
+class _GraphBreak(nn.Module):
+    """No repeated layers, one graph break: the whole model in two Dynamo graphs (as T5 is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+def test_recompiles_and_graph_breaks_are_counted_apart() -> None:
+    """Before: every graph-break piece counted as a recompile (T5: ``recompiles=6`` for 2 calls)."""
+    torch.compiler.reset()
+    model = _GraphBreak().eval()
+    compiled = layerpass.compile(model, CompilationConfig(disable_cache=True))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        bh.assert_matches(compiled(x), model(x))
+    report = layerpass.last_compile_report()
+    assert compiled.backend.num_calls == 2  # two graphs, one per side of the break
+    assert (report.graph_breaks, report.recompiles, compiled.recompiles) == (1, 0, 0), report
+    with torch.no_grad():
+        bh.assert_matches(compiled(x), model(x))  # the same sizes: nothing is compiled again
+    assert compiled.recompiles == 0 and compiled.backend.num_calls == 2

@@ -156,3 +156,91 @@ def test_compile_sizes_validation(sizes) -> None:
 def test_compile_sizes_must_be_a_sequence(sizes) -> None:
     with pytest.raises((TypeError, ValueError), match=r"compile_sizes"):
         CompilationConfig(compile_sizes=sizes)
+
+
+def test_cache_dir_expands_home_and_variables(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: ``cache_dir="~/..."`` (config or ``$LAYERPASS_CACHE_DIR``) made a directory named ``~``."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LP_TEST_ROOT", str(tmp_path / "root"))
+    assert CompilationConfig(cache_dir="~/lp").cache_dir == str(tmp_path / "home" / "lp")
+    assert CompilationConfig(cache_dir="$LP_TEST_ROOT/lp").cache_dir == str(tmp_path / "root" / "lp")
+    assert CompilationConfig(cache_dir="${LP_TEST_ROOT}/lp").cache_dir == str(tmp_path / "root" / "lp")
+    monkeypatch.setenv("LAYERPASS_CACHE_DIR", "~/from-env")
+    assert CompilationConfig().cache_dir == str(tmp_path / "home" / "from-env")
+    monkeypatch.delenv("LP_TEST_UNSET", raising=False)
+    with pytest.raises(ValueError, match=r"cache_dir '\$LP_TEST_UNSET/lp' names \$LP_TEST_UNSET, which is not set"):
+        CompilationConfig(cache_dir="$LP_TEST_UNSET/lp")
+
+
+def test_a_relative_cache_dir_is_made_absolute_at_construction(tmp_path: pathlib.Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: it was resolved at write time, so a ``chdir`` after ``layerpass.compile`` moved the cache."""
+    import torch
+
+    from tests.helpers import backend as bh
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = CompilationConfig(cache_dir="rel-cache")
+    assert cfg.cache_dir == str(tmp_path / "a" / "rel-cache")
+    monkeypatch.setenv("LAYERPASS_CACHE_DIR", "env-rel")
+    assert CompilationConfig().cache_dir == str(tmp_path / "a" / "env-rel")
+    compiled = layerpass.compile(bh.Stack(2).eval(), cfg)
+    monkeypatch.chdir(tmp_path / "b")
+    with torch.no_grad():
+        compiled(torch.randn(3, 8))
+    assert (tmp_path / "a" / "rel-cache").is_dir() and not (tmp_path / "b" / "rel-cache").exists()
+
+
+@pytest.mark.parametrize("options,fragment", [
+    ({"max_autotune": "banana"}, r"'max_autotune' takes a bool \(its default is False\), got str 'banana'"),
+    ({"max_autotune": 1}, r"'max_autotune' takes a bool"),
+    ({"triton.cudagraphs": "yes"}, r"'triton.cudagraphs' takes a bool"),
+    ({"unbacked_symint_fallback": 2.5}, r"'unbacked_symint_fallback' takes an int"),
+    ({"unbacked_symint_fallback": True}, r"'unbacked_symint_fallback' takes an int"),
+    ({"cpu_gpu_bw": "fast"}, r"'cpu_gpu_bw' takes a float"),
+])
+def test_inductor_option_values_are_type_checked(options, fragment) -> None:
+    """Before: ``inductor_options={"max_autotune": "banana"}`` was accepted."""
+    with pytest.raises(TypeError, match=rf"CompilationConfig.inductor_options: {fragment}"):
+        CompilationConfig(cache_dir="/tmp/x", inductor_options=options)
+
+
+def test_inductor_option_values_of_the_right_type_pass() -> None:
+    opts = {"max_autotune": True, "unbacked_symint_fallback": 4096, "cpu_gpu_bw": 10, "triton.cudagraphs": False}
+    assert CompilationConfig(cache_dir="/tmp/x", inductor_options=opts).inductor_options == opts
+
+
+def test_a_field_set_after_construction_is_checked_again(tmp_path: pathlib.Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: ``cfg.split = "bogus"`` after construction was kept unchecked."""
+    cfg = CompilationConfig(cache_dir="/tmp/x")
+    with pytest.raises(ValueError, match=r"CompilationConfig.split='bogus'"):
+        cfg.split = "bogus"
+    with pytest.raises(TypeError, match=r"CompilationConfig.fuse_moe must be a bool"):
+        cfg.fuse_moe = "no"
+    with pytest.raises(TypeError, match=r"CompilationConfig.inductor_options: 'max_autotune' takes a bool"):
+        cfg.inductor_options = {"max_autotune": "banana"}
+    assert (cfg.split, cfg.fuse_moe, cfg.inductor_options) == ("layers", True, {})  # unchanged
+    cfg.split = "ops"
+    cfg.compile_sizes = [8, 2, 8]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg.cache_dir = "~/lp"
+    assert (cfg.split, cfg.compile_sizes, cfg.cache_dir) == ("ops", (2, 8), str(tmp_path / "lp"))  # normalised
+    with pytest.raises(AttributeError, match=r"CompilationConfig has no field 'splt'.*did you mean 'split'"):
+        cfg.splt = "layers"
+
+
+@pytest.mark.parametrize("thing", [{"a": 1}, lambda x: x, None, "model"])
+def test_compile_needs_a_module(thing) -> None:
+    """Before: ``layerpass.compile({...})`` and ``layerpass.compile(lambda ...)`` gave an AttributeError."""
+    with pytest.raises(TypeError, match=r"layerpass.compile needs a torch.nn.Module.*got "):
+        layerpass.compile(thing)
+
+
+def test_compile_needs_a_config() -> None:
+    from tests.helpers import backend as bh
+
+    with pytest.raises(TypeError, match=r"layerpass.compile: config must be a CompilationConfig or None, got dict"):
+        layerpass.compile(bh.Stack(2), {"split": "ops"})

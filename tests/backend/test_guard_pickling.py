@@ -2,7 +2,8 @@
 
 Each case is a torch-only module showing one gap in torch's guard-state pickler (see
 ``backend/guard_pickling.py``): a module attribute holding ``torch.float32``, a decorated forward
-whose closure constants are guarded, a method bound in an instance's ``__dict__``. Each is
+whose closure constants are guarded, a method bound in an instance's ``__dict__``, parameters
+holding ``.grad`` (a model that trained). Each is
 traced with ``aot_compile`` inside the block (``aot_eager``: no Inductor), saved, loaded, run
 and guard-checked, as the warm start does. The closure case also checks that the loaded guards
 compare the live closure with the value seen at trace time (a flipped constant fails the guard).
@@ -98,6 +99,19 @@ class BoundLayer(nn.Module):
         return self.child(x)
 
 
+class TrainedLayer(nn.Module):
+    """Took a training step: its parameters hold ``.grad`` (no guard reads them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        with torch.enable_grad():
+            self.lin(torch.randn(2, 4)).sum().backward()
+
+    def forward(self, x):
+        return self.lin(x)
+
+
 def _chain(cls: type) -> dict[str, object]:
     """The class's forward and the functions it wraps, saved by reference (as warm_start does)."""
     chain, fn = {}, cls.forward
@@ -132,7 +146,7 @@ def _no_grad():
         yield
 
 
-@pytest.mark.parametrize("cls", [DtypeLayer, WrappedLayer, BoundLayer])
+@pytest.mark.parametrize("cls", [DtypeLayer, WrappedLayer, BoundLayer, TrainedLayer])
 def test_round_trip(cls: type) -> None:
     torch.manual_seed(0)
     layer, x = cls().eval(), torch.randn(3, 4)
@@ -140,6 +154,34 @@ def test_round_trip(cls: type) -> None:
     torch.testing.assert_close(loaded(layer, x), layer(x))
     assert loaded.guard_check(layer, torch.randn(3, 4))
     assert not loaded.guard_check(layer, torch.randn(3, 4, dtype=torch.float64))  # the guards are live
+
+
+def test_gradients_are_left_out_and_left_alone() -> None:
+    """Before: a parameter's ``.grad`` was pickled as ``_Missing``, and the program could not be saved."""
+    layer = TrainedLayer().eval()
+    grad = layer.lin.weight.grad
+    before = grad.clone()
+    _load(_save(layer, torch.randn(3, 4)), TrainedLayer)
+    assert layer.lin.weight.grad is grad and torch.equal(grad, before)
+
+
+def test_a_model_that_trained_warm_starts(tmp_path) -> None:
+    """One training step, then ``.eval()`` for serving: the regions are saved and a new compile loads them."""
+    import layerpass
+    from layerpass.backend.config import CompilationConfig
+    from tests.helpers import backend as bh
+
+    model = bh.Stack(3)
+    with torch.enable_grad():
+        model(torch.randn(4, 8)).sum().backward()
+    model.eval()
+    x = torch.randn(4, 8)
+    statuses = []
+    for _ in range(2):
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=str(tmp_path)))
+        torch.testing.assert_close(compiled(x), model(x))
+        statuses.append(layerpass.last_compile_report().warm_start)
+    assert not statuses[0].startswith("off") and statuses[1] == "loaded", statuses
 
 
 def test_closure_constants_are_compared_with_the_traced_values() -> None:

@@ -114,3 +114,62 @@ def test_max_position_is_the_smallest_bound() -> None:
     check_step_inputs(torch.arange(3), torch.tensor([0, 5, 63]), max_position=64)
     # values on other devices are not read (on CUDA that would be a sync per step)
     check_step_inputs(torch.arange(3, device="meta"), torch.tensor([0, 5, 64], device="meta"), max_position=64)
+
+
+def _torch_compile_refuses_bad_steps(backend: str) -> None:
+    """Before: with torch.compile the checks were skipped while tracing (``is_compiling``): positions
+    = -1 ran and returned logits; 4096 and a 0-token batch gave torch-internal errors."""
+    from layerpass.models import make_step
+
+    torch.compiler.reset()
+    model = build_model("llama", num_layers=2)
+    step = make_step(model, num_decodes=1, prefill_lens=[2])
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        want = step.run(model)
+        bh.assert_matches(step.run(compiled), want)
+        good = step.positions
+        for bad in (-1, 4096):
+            step.positions = good.clone()
+            step.positions[-1] = bad
+            with pytest.raises(ValueError, match=rf"model forward: positions must be in \[0, 4096\) \(the model's "
+                                                 rf"max_position\), got positions from {min(bad, 0)} to"):
+                step.run(compiled)
+        empty = torch.zeros(0, dtype=torch.long)
+        with pytest.raises(ValueError, match=r"model forward: a 0-token batch"):
+            compiled(empty, empty)
+        step.positions = good
+        bh.assert_matches(step.run(compiled), want)  # still compiled, still right
+        wider = make_step(model, num_decodes=2, prefill_lens=[3])
+        bh.assert_matches(wider.run(compiled), wider.run(model))
+    torch.compiler.reset()
+
+
+def test_torch_compile_checks_step_inputs() -> None:
+    _torch_compile_refuses_bad_steps("aot_eager")
+
+
+@pytest.mark.slow  # a real compile (passes, Inductor)
+def test_torch_compile_with_the_layerpass_backend_checks_step_inputs() -> None:
+    _torch_compile_refuses_bad_steps("layerpass")
+
+
+def test_a_static_bad_input_does_not_turn_compilation_off() -> None:
+    """A bad input the trace sees is refused without raising inside Dynamo (which would make Dynamo
+    run this forward eagerly from then on): the next valid step is traced and compiled again."""
+    from torch._dynamo.testing import CompileCounter
+
+    from layerpass.models import make_step
+
+    torch.compiler.reset()
+    model = build_model("llama", num_layers=1)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"input_ids must be a 1-D integer tensor.*2-D"):
+            compiled(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+        frames = counter.frame_count
+        step = make_step(model, num_decodes=1, prefill_lens=[2])
+        bh.assert_matches(step.run(compiled), step.run(model))
+    assert counter.frame_count == frames + 1, "the valid step after a bad one must be compiled"
+    torch.compiler.reset()

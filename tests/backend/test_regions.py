@@ -238,6 +238,54 @@ def test_layers_added_or_replaced_after_compile_are_compiled() -> None:
     assert len(compiled.regions.layers) == 4 and all(id(layer) in compiled.regions.last for layer in model.layers)
 
 
+def test_a_layer_list_replaced_whole_after_compile_is_followed() -> None:
+    """Before: a new ``ModuleList`` in the old one's place ran eagerly, silently (report unchanged)."""
+    model = bh.Stack(3).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("new-list")))
+        compiled(x)
+        model.layers = nn.ModuleList(bh.Block(8).eval() for _ in range(4))
+        ref = model(x)
+        with CountTraces() as traces:
+            out = compiled(x)
+    torch.testing.assert_close(out, ref)
+    report = layerpass.last_compile_report()
+    assert any("decoder layers changed" in n for n in report.notes), report.notes
+    assert [p.layer for p in report.pieces] == [0, 1, 2, 3] and traces.count == 0
+    assert compiled.regions.container is model.layers
+
+
+def test_a_layer_list_replaced_by_one_that_is_not_repeated_is_warned_about(caplog) -> None:
+    caplog.set_level("WARNING", logger="layerpass")
+    model = bh.Stack(3).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("one-left")))
+        compiled(x)
+        model.layers = nn.ModuleList([bh.Block(8).eval()])
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), model(x))
+    warned = [m for m in caplog.messages if "layer list" in m]
+    assert len(warned) == 1 and "run eagerly" in warned[0], caplog.messages
+
+
+def test_one_module_at_two_positions_gets_no_false_warning(caplog) -> None:
+    """Before: its second position saw the first's routing and warned "has its own instance forward
+    ... runs eagerly", though both calls ran compiled."""
+    caplog.set_level("WARNING", logger="layerpass")
+    shared = bh.Block(8).eval()
+    model = bh.Chain([shared, bh.Block(8).eval(), shared]).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("shared-module")))
+        torch.testing.assert_close(compiled(x), ref)
+    assert not any("own instance forward" in m for m in caplog.messages), caplog.messages
+    assert [p.layer for p in layerpass.last_compile_report().pieces] == [0, 1, 2]
+    assert "forward" not in vars(shared)
+
+
 def test_two_threads_making_the_first_call_at_once() -> None:
     import threading
 

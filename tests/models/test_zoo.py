@@ -124,6 +124,10 @@ def test_registry_lists_zoo_and_rejects_unknown():
         build_model("llama", num_layers=1, hiden_size=8)
     with pytest.raises(ValueError, match="positive ints: num_layers=0"):
         build_model("llama", num_layers=0)
+    with pytest.raises(ValueError, match="positive ints: num_layers=True"):  # before: a bool built a model
+        build_model("llama", num_layers=True)
+    with pytest.raises(ValueError, match="positive ints: layer_group_size=True"):
+        build_model("bailing-hybrid", num_layers=2, layer_group_size=True)
     with pytest.raises(ValueError, match="already registered"):
         register_model("llama")(lambda config: None)
 
@@ -192,7 +196,7 @@ def test_make_step_validation_and_release():
     model = build_model("llama", num_layers=1, num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="at least one request"):
         make_step(model, num_decodes=0, prefill_lens=[])
-    with pytest.raises(ValueError, match="prefill lengths >= 1"):
+    with pytest.raises(ValueError, match=r"prefill_lens\[0\] must be an int >= 1, got 0"):
         make_step(model, num_decodes=0, prefill_lens=[0])
     with pytest.raises(ValueError, match="history_lens needs 2"):
         make_step(model, num_decodes=2, prefill_lens=[], history_lens=[3])

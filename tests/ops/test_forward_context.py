@@ -94,6 +94,24 @@ def test_bad_metadata_raises(args, fragment) -> None:
         build_batch_metadata(*args)
 
 
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (([2.5], [0], [[0]], 4), r"query_lens\[0\] must be an int, got 2.5 \(float\)"),
+        ((["53"], [0], [[0]], 4), r"query_lens\[0\] must be an int, got '53' \(str\)"),
+        (([True], [0], [[0]], 4), r"query_lens\[0\] must be an int, got True \(bool\)"),
+        (([2], [0.0], [[0]], 4), r"context_lens\[0\] must be an int"),
+        (([2], [0], [[0.5]], 4), r"block_tables\[0\]\[0\] must be an int"),
+        (([2], [0], [[0]], 4, [1.0]), r"state_indices\[0\] must be an int"),
+        ((3, [0], [[0]], 4), r"query_lens must be a sequence of ints, got int"),
+    ],
+)
+def test_non_int_lengths_are_named(args, fragment) -> None:
+    """Before: a raw TypeError from deep inside (slice indices, int + str) or a float accepted."""
+    with pytest.raises(ValueError, match=fragment):
+        build_batch_metadata(*args)
+
+
 def test_empty_batch() -> None:
     md = build_batch_metadata([], [], [], 4)
     assert md.num_reqs == md.num_tokens == 0 and md.query_start_loc.tolist() == [0]

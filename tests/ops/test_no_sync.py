@@ -23,6 +23,7 @@ from layerpass.models import build_model, make_step
 from layerpass.ops import BatchMetadata, set_forward_context
 from layerpass.ops import attention as attention_mod
 from layerpass.ops import linear_attention as linear_attention_mod
+from layerpass.ops import step_inputs as step_inputs_mod
 from tests.helpers import backend as bh
 
 _T = torch.Tensor
@@ -74,6 +75,7 @@ def off_host(monkeypatch):
     """The kernels take their off-CPU path (no host reads); reads are recorded from here on."""
     monkeypatch.setattr(attention_mod, "_on_host", lambda t: False)
     monkeypatch.setattr(linear_attention_mod, "_on_host", lambda t: False)
+    monkeypatch.setattr(step_inputs_mod, "_on_host", lambda t: False)
     Tracked.reads, Tracked.uses = [], 0
     yield
     Tracked.reads, Tracked.uses = [], 0
@@ -163,3 +165,25 @@ def test_host_values_follow_copies_and_changes() -> None:
     before = host_values(md)
     md.seq_lens.add_(1)  # in place (the metadata is no longer valid; only the host values are looked at)
     assert host_values(md) is not before and md.host.seq_lens == (7, 4)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_position_bound_is_checked_on_the_host_metadata(off_host, compiled: bool) -> None:
+    """Off the CPU the positions are not read; the bound is checked on the batch's host values
+    (a request's last position is ``seq_len - 1``), in eager and inside a compiled program."""
+    model = build_model("llama", num_layers=1, max_position=8)
+    fn = torch.compile(model, backend="aot_eager", dynamic=True) if compiled else model
+    torch.compiler.reset()
+    fits = make_step(model, num_decodes=1, prefill_lens=[3], history_lens=[7])  # longest: 8 tokens
+    # a batch the model cannot hold (make_step refuses one): built for a longer model
+    too_long = make_step(build_model("llama", num_layers=1, max_position=16), num_decodes=1, prefill_lens=[3],
+                         history_lens=[8])  # 9 tokens: position 8
+    with torch.no_grad():
+        ref = fits.run(model)
+        fits.metadata, too_long.metadata = tracked(fits.metadata), tracked(too_long.metadata)
+        bh.assert_matches(fits.run(fn), ref)
+        with pytest.raises(ValueError, match=r"positions must be in \[0, 8\).*longest sequence has 9 tokens"):
+            too_long.run(lambda ids, pos: fn(ids, pos))
+    assert not Tracked.reads, Tracked.reads[0]
+    fits.release()
+    too_long.release()
