@@ -23,7 +23,7 @@ from .aot import has_aot_api
 from .compiler import LayerpassBackend, mark_token_dims
 from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
-from .regions import Regions, RegionsRun, find_layer_container
+from .regions import Regions, RegionsRun, find_layer_container, token_dims
 from .report import CompileReport, publish
 from .warm_start import ProgramStore
 
@@ -157,9 +157,9 @@ class CompiledModel(nn.Module):
 
 
 def _token_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The step's token count: dim 0 of the first tensor input (``input_ids [T]``)."""
+    """The step's token count: dim 0 of the first tensor input in a token layout (``input_ids [T]``)."""
     for value in [*args, *kwargs.values()]:
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
+        if isinstance(value, torch.Tensor) and token_dims(value, None):
             return int(value.shape[0])
     return None
 

@@ -87,12 +87,15 @@ def _traced_value(arg: Any, placeholder: fx.Node, known: dict[fx.Node, Any]) -> 
 
 
 def mark_token_dims(values: Sequence[Any]) -> None:
-    """Mark dim 0 (tokens) of every tensor in ``values`` dynamic before a compiled call.
+    """Mark dim 0 (tokens) of every tensor in ``values`` in a token layout (``regions.token_dims``)
+    dynamic before a compiled call.
 
     Unbacked, not just dynamic: a backed size is specialised on 0/1, so a one-token step
     would recompile."""
+    from .regions import token_dims  # (regions imports this module)
+
     for a in values:
-        if isinstance(a, torch.Tensor) and a.dim() > 0:
+        if isinstance(a, torch.Tensor) and token_dims(a, None):
             torch._dynamo.decorators.mark_unbacked(a, 0)
 
 
