@@ -46,6 +46,7 @@ class CompiledModel(nn.Module):
         self.trace_note = ""
         self.num_calls = 0
         self._region_calls_with_new = 0
+        self._reported_eager: set[int] = set()  # layers whose eager fallback a published report named
         # one call at a time: regions route the shared layer modules, and a first call traces
         self._lock = threading.RLock()
         self._warned_training = False
@@ -126,7 +127,8 @@ class CompiledModel(nn.Module):
             publish(report)
             self._whole_model(self.regions.failed)
             return out
-        if run.new_regions or notes or self.num_calls == 1:
+        if run.new_regions or notes or self.num_calls == 1 or run.eager_layers.keys() - self._reported_eager:
+            self._reported_eager |= run.eager_layers.keys()
             if run.new_regions:
                 self._region_calls_with_new += 1
             publish(self._regions_report(run))
@@ -147,6 +149,7 @@ class CompiledModel(nn.Module):
             new.discard(id(region))
         report.total_s = run.wall_s if run.new_regions else 0.0
         report.notes.extend(run.notes)
+        report.eager_layers = dict(sorted(run.eager_layers.items()))
         return report
 
     @property

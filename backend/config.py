@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SPLIT_MODES = ("layers", "ops")
+ON_COMPILE_ERROR = ("raise", "eager")
 # Ops that hold per-layer state behind a name; in "ops" mode they run eagerly between pieces.
 DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.linear_attention")
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
@@ -90,6 +91,9 @@ class CompilationConfig:
       ``"+name"`` keeps ``name`` custom, ``"-name"`` lowers it (``("all", "-rms_norm")``,
       ``("+silu_and_mul",)``). Names: ``layerpass.passes.lowering.LOWERABLE_OPS``; attention,
       linear attention and MoE always keep their kernels.
+    - ``on_compile_error``: ``"raise"`` (default, as torch.compile) or ``"eager"``: a decoder layer
+      whose region fails to compile runs eagerly, with one warning naming the cause (the
+      report's ``eager_layers`` lists those layers).
     """
 
     split: str = "layers"
@@ -105,8 +109,12 @@ class CompilationConfig:
     compile_sizes: tuple[int, ...] = ()
     inductor_options: dict[str, Any] = field(default_factory=dict)
     custom_ops: tuple[str, ...] = ("none",)
+    on_compile_error: str = "raise"
 
     def __post_init__(self) -> None:
+        if self.on_compile_error not in ON_COMPILE_ERROR:
+            raise ValueError(f"CompilationConfig.on_compile_error={self.on_compile_error!r}; allowed: "
+                             f"{', '.join(map(repr, ON_COMPILE_ERROR))}")
         if self.split not in SPLIT_MODES:
             raise ValueError(f"CompilationConfig.split={self.split!r} ({type(self.split).__name__}); "
                              f"allowed: {', '.join(SPLIT_MODES)}")
@@ -145,8 +153,8 @@ class CompilationConfig:
         return resolve_custom_ops(self.custom_ops)
 
     def fingerprint(self) -> str:
-        """What changes compiled code (cache location and switch excluded)."""
+        """What changes compiled code (cache location and switch, the error policy excluded)."""
         d = dataclasses.asdict(self)
-        for k in ("cache_dir", "disable_cache"):
+        for k in ("cache_dir", "disable_cache", "on_compile_error"):
             d.pop(k)
         return json.dumps(d, sort_keys=True, default=str)

@@ -78,6 +78,7 @@ class RegionsRun:
 
     new_regions: list[Region] = field(default_factory=list)
     layer_regions: list[tuple[int, Region]] = field(default_factory=list)  # (layer index, region) per call
+    eager_layers: dict[int, str] = field(default_factory=dict)  # layer index -> why it ran eagerly
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -99,6 +100,9 @@ class Regions:
         self.loaded_classes: set[type] = set()
         self.run: RegionsRun | None = None
         self.failed: str | None = None  # why a layer could not become a region
+        # on_compile_error="eager": layer id -> why its region failed to compile (it runs eagerly)
+        self.eager: dict[int, str] = {}
+        self._warned_causes: set[str] = set()
         self._warned_own_forward: set[int] = set()
         self._sync_layers()
 
@@ -112,6 +116,7 @@ class Regions:
         self.index = {id(layer): i for i, layer in enumerate(current)}
         self.signatures = {id(layer): self.signatures.get(id(layer)) or layer_signature(layer) for layer in current}
         self.last = {k: v for k, v in self.last.items() if k in self.index}
+        self.eager = {k: v for k, v in self.eager.items() if k in self.index}
         return True
 
     def begin_step(self) -> list[str]:
@@ -168,6 +173,8 @@ class Regions:
     def call(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.failed is not None:  # this step finishes eagerly; the compiled model then goes whole-model
             return type(layer).forward(layer, *args, **kwargs)
+        if id(layer) in self.eager:
+            return self._run_eagerly(layer, args, kwargs)
         region = self._find(layer, args, kwargs)
         if region is None:
             try:
@@ -175,12 +182,32 @@ class Regions:
             except _GRAPH_BREAKS as e:  # the layer cannot be traced whole: the only reason to go whole-model
                 self.failed = f"{type(layer).__name__} cannot be traced as a region ({type(e).__name__}: {_first_line(e)})"
                 return type(layer).forward(layer, *args, **kwargs)
+            except Exception as e:
+                if self.backend.config.on_compile_error != "eager":
+                    raise
+                self._give_up_on(layer, e)
+                return self._run_eagerly(layer, args, kwargs)
         self.last[id(layer)] = region
         if self.run is not None:
             self.run.layer_regions.append((self.index[id(layer)], region))
         if region.aot is not None:
             return region.fn(layer, *args, **kwargs)
         return self._call_in_memory(region, layer, args, kwargs)
+
+    def _give_up_on(self, layer: nn.Module, error: Exception) -> None:
+        """``on_compile_error="eager"``: the layer's region failed to compile; it runs eagerly from
+        now on (one warning per distinct cause)."""
+        cause = f"{type(error).__name__}: {_first_line(error)}"
+        self.eager[id(layer)] = f"its region failed to compile ({cause})"
+        if cause not in self._warned_causes:
+            self._warned_causes.add(cause)
+            logger.warning("layerpass: decoder layer %d (%s) runs eagerly: its region failed to compile (%s); "
+                           "on_compile_error='eager'", self.index[id(layer)], type(layer).__qualname__, cause)
+
+    def _run_eagerly(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.run is not None:
+            self.run.eager_layers[self.index[id(layer)]] = self.eager[id(layer)]
+        return type(layer).forward(layer, *args, **kwargs)
 
     def _call_in_memory(self, region: Region, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """An in-memory region's call; if Dynamo traced again (other guards), that trace is a new
