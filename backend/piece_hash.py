@@ -48,6 +48,8 @@ from torch import fx, nn
 
 from layerpass.ops.library import op_name
 
+from .trace_deps import stable_const_repr
+
 
 def _target_name(target: Any) -> str:
     """``namespace.op.overload`` for torch ops, ``module.qualname`` for Python callables."""
@@ -392,11 +394,9 @@ def _code_names(code: types.CodeType) -> set[str]:
 def _const_repr(c: Any) -> str:
     if isinstance(c, types.CodeType):
         return _code_digest(c)
-    if isinstance(c, frozenset):  # iteration order of str elements changes between processes
-        return "frozenset(" + repr(sorted(_const_repr(x) for x in c)) + ")"
     if isinstance(c, tuple):
         return "(" + ",".join(_const_repr(x) for x in c) + ")"
-    return repr(c)
+    return stable_const_repr(c)
 
 
 def _code_digest(code: types.CodeType) -> str:

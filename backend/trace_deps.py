@@ -58,6 +58,16 @@ def unsaveable_guard_types() -> tuple[str, ...]:
 
 
 # -- fingerprints -----------------------------------------------------------------------------
+def stable_const_repr(const: Any) -> str:
+    """A code constant's repr, the same in every process: a set literal (``x in {"a", "b"}`` is a
+    frozenset constant) iterates in an order that follows the per-process str hash seed."""
+    if isinstance(const, frozenset):
+        return "frozenset(" + repr(sorted(stable_const_repr(x) for x in const)) + ")"
+    if isinstance(const, tuple):
+        return "(" + ",".join(stable_const_repr(x) for x in const) + ")"
+    return repr(const)
+
+
 def code_fingerprint(code: types.CodeType) -> str:
     """The bytecode and what it names, nested code included; not its file or line numbers."""
     h = hashlib.sha256()
@@ -70,7 +80,7 @@ def code_fingerprint(code: types.CodeType) -> str:
             if isinstance(const, types.CodeType):
                 add(const)
             else:
-                h.update(f"{type(const).__name__}:{const!r}".encode())
+                h.update(f"{type(const).__name__}:{stable_const_repr(const)}".encode())
 
     add(code)
     return h.hexdigest()[:24]
