@@ -23,7 +23,7 @@ from .aot import has_aot_api
 from .compiler import LayerpassBackend, mark_token_dims, own_aliases
 from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
-from .regions import Regions, RegionsRun, find_layer_container
+from .regions import Regions, RegionsRun, find_layer_container, token_dims
 from .report import CompileReport, publish
 from .warm_start import ProgramStore
 
@@ -46,6 +46,7 @@ class CompiledModel(nn.Module):
         self.trace_note = ""
         self.num_calls = 0
         self._region_calls_with_new = 0
+        self._reported_eager: set[int] = set()  # layers whose eager fallback a published report named
         # one call at a time: regions route the shared layer modules, and a first call traces
         self._lock = threading.RLock()
         self._warned_training = False
@@ -127,7 +128,8 @@ class CompiledModel(nn.Module):
             publish(report)
             self._whole_model(self.regions.failed)
             return out
-        if run.new_regions or notes or self.num_calls == 1:
+        if run.new_regions or notes or self.num_calls == 1 or run.eager_layers.keys() - self._reported_eager:
+            self._reported_eager |= run.eager_layers.keys()
             if run.new_regions:
                 self._region_calls_with_new += 1
             publish(self._regions_report(run))
@@ -148,6 +150,7 @@ class CompiledModel(nn.Module):
             new.discard(id(region))
         report.total_s = run.wall_s if run.new_regions else 0.0
         report.notes.extend(run.notes)
+        report.eager_layers = dict(sorted(run.eager_layers.items()))
         return report
 
     @property
@@ -158,9 +161,9 @@ class CompiledModel(nn.Module):
 
 
 def _token_count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The step's token count: dim 0 of the first tensor input (``input_ids [T]``)."""
+    """The step's token count: dim 0 of the first tensor input in a token layout (``input_ids [T]``)."""
     for value in [*args, *kwargs.values()]:
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
+        if isinstance(value, torch.Tensor) and token_dims(value, None):
             return int(value.shape[0])
     return None
 

@@ -53,26 +53,40 @@ logger = logging.getLogger("layerpass")
 
 def walk_pieces(split_gm: fx.GraphModule, example_inputs: Sequence[Any],
                 visit: Callable[[str, fx.GraphModule, fx.Node, tuple[Any, ...]], None]) -> None:
-    """Run the split graph on fake copies of Dynamo's example inputs, calling
-    ``visit(name, submodule, call_node, fake_args)`` after each piece has produced its output."""
+    """Call ``visit(name, submodule, call_node, fake_args)`` for each piece of the split graph,
+    in graph order, with the fake values its arguments had when Dynamo traced it.
+
+    The pieces are not run again: a fake run of a piece re-runs its data-dependent ops (an MoE's
+    per-expert sizes via ``.tolist()``), making fresh unbacked symbols in Dynamo's shape env that
+    no node binds; its compile, which shares that shape env, then fails
+    (``PendingUnbackedSymbolNotFound``). Dynamo's own values carry the symbols the graph binds."""
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         raise RuntimeError("layerpass: Dynamo passed no fake tensors to the backend; cannot walk the pieces")
-    fake_args = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    placeholders = [n for n in split_gm.graph.nodes if n.op == "placeholder"]
+    known: dict[fx.Node, Any] = {
+        node: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+        for node, t in zip(placeholders, example_inputs)
+    }
+    for node in split_gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        sub = getattr(split_gm, node.target)
+        inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        visit(node.target, sub, node, tuple(_traced_value(a, p, known) for a, p in zip(node.args, inputs)))
 
-    class Walker(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            self.current = n
-            return super().run_node(n)
 
-        def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
-            sub = getattr(split_gm, target)
-            out = super().call_module(target, args, kwargs)
-            visit(target, sub, self.current, args)
-            return out
-
-    with fake_mode:
-        Walker(split_gm).run(*fake_args)
+def _traced_value(arg: Any, placeholder: fx.Node, known: dict[fx.Node, Any]) -> Any:
+    """A piece argument's fake value: the graph input's, else what Dynamo recorded for the node
+    (``split_module`` copies it onto the piece's placeholder)."""
+    if not isinstance(arg, fx.Node):
+        return arg
+    if arg in known:
+        return known[arg]
+    for key in ("example_value", "val"):
+        if key in placeholder.meta:
+            return placeholder.meta[key]
+    raise RuntimeError(f"layerpass: piece input {placeholder.name!r} has no traced value (no example_value in its meta)")
 
 
 def own_aliases(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -87,12 +101,15 @@ def own_aliases(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[An
 
 
 def mark_token_dims(values: Sequence[Any]) -> None:
-    """Mark dim 0 (tokens) of every tensor in ``values`` dynamic before a compiled call.
+    """Mark dim 0 (tokens) of every tensor in ``values`` in a token layout (``regions.token_dims``)
+    dynamic before a compiled call.
 
     Unbacked, not just dynamic: a backed size is specialised on 0/1, so a one-token step
     would recompile."""
+    from .regions import token_dims  # (regions imports this module)
+
     for a in values:
-        if isinstance(a, torch.Tensor) and a.dim() > 0:
+        if isinstance(a, torch.Tensor) and token_dims(a, None):
             torch._dynamo.decorators.mark_unbacked(a, 0)
 
 

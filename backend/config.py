@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SPLIT_MODES = ("layers", "ops")
+ON_COMPILE_ERROR = ("raise", "eager")
 # Ops that hold per-layer state behind a name; in "ops" mode they run eagerly between pieces.
 DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.linear_attention")
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
@@ -22,8 +23,8 @@ from layerpass.passes.lowering import resolve_custom_ops
 
 BOOL_FIELDS = ("fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "eliminate_noops",
                "disable_cache", "dynamic_tokens")
-# Where compiled code is kept and how it is shared: never part of what it is keyed on.
-CACHE_ONLY_FIELDS = ("cache_dir", "disable_cache", "remote_cache", "lock_timeout_s")
+# Where compiled code is kept, how it is shared, what a failed compile does: never part of its key.
+CACHE_ONLY_FIELDS = ("cache_dir", "disable_cache", "remote_cache", "lock_timeout_s", "on_compile_error")
 # Inductor options layerpass sets itself: overriding them would silently turn the passes off.
 RESERVED_INDUCTOR_OPTIONS = ("post_grad_custom_post_pass",)
 
@@ -130,6 +131,9 @@ class CompilationConfig:
       ``"+name"`` keeps ``name`` custom, ``"-name"`` lowers it (``("all", "-rms_norm")``,
       ``("+silu_and_mul",)``). Names: ``layerpass.passes.lowering.LOWERABLE_OPS``; attention,
       linear attention and MoE always keep their kernels.
+    - ``on_compile_error``: ``"raise"`` (default, as torch.compile) or ``"eager"``: a decoder layer
+      whose region fails to compile runs eagerly, with one warning naming the cause (the
+      report's ``eager_layers`` lists those layers).
     """
 
     split: str = "layers"
@@ -147,8 +151,12 @@ class CompilationConfig:
     custom_ops: tuple[str, ...] = ("none",)
     remote_cache: str | None = None
     lock_timeout_s: float = 300.0
+    on_compile_error: str = "raise"
 
     def __post_init__(self) -> None:
+        if self.on_compile_error not in ON_COMPILE_ERROR:
+            raise ValueError(f"CompilationConfig.on_compile_error={self.on_compile_error!r}; allowed: "
+                             f"{', '.join(map(repr, ON_COMPILE_ERROR))}")
         if self.split not in SPLIT_MODES:
             raise ValueError(f"CompilationConfig.split={self.split!r} ({type(self.split).__name__}); "
                              f"allowed: {', '.join(SPLIT_MODES)}")
@@ -213,7 +221,8 @@ class CompilationConfig:
         return resolve_custom_ops(self.custom_ops)
 
     def fingerprint(self) -> str:
-        """What changes compiled code (where it is cached, and how long to wait for it, excluded)."""
+        """What changes compiled code (where it is cached, how long to wait for it and the error
+        policy excluded)."""
         d = dataclasses.asdict(self)
         for k in CACHE_ONLY_FIELDS:
             d.pop(k)

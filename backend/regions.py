@@ -85,6 +85,7 @@ class RegionsRun:
     new_regions: list[Region] = field(default_factory=list)
     layer_regions: list[tuple[int, Region]] = field(default_factory=list)  # (layer index, region) per call
     calls: dict[int, int] = field(default_factory=dict)  # layer id -> its calls so far (a module at two positions)
+    eager_layers: dict[int, str] = field(default_factory=dict)  # layer index -> why it ran eagerly
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -111,6 +112,9 @@ class Regions:
         self.loaded_classes: set[type] = set()
         self.run: RegionsRun | None = None
         self.failed: str | None = None  # why a layer could not become a region
+        # on_compile_error="eager": layer id -> why its region failed to compile (it runs eagerly)
+        self.eager: dict[int, str] = {}
+        self._warned_causes: set[str] = set()
         self._warned_own_forward: set[int] = set()
         self._sync_layers()
 
@@ -126,6 +130,7 @@ class Regions:
             self.index.setdefault(id(layer), []).append(i)
         self.signatures = {id(layer): self.signatures.get(id(layer)) or layer_signature(layer) for layer in current}
         self.last = {k: v for k, v in self.last.items() if k in self.index}
+        self.eager = {k: v for k, v in self.eager.items() if k in self.index}
         return True
 
     def begin_step(self) -> list[str]:
@@ -203,6 +208,8 @@ class Regions:
     def call(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.failed is not None:  # this step finishes eagerly; the compiled model then goes whole-model
             return type(layer).forward(layer, *args, **kwargs)
+        if id(layer) in self.eager:
+            return self._run_eagerly(layer, args, kwargs)
         region = self._find(layer, args, kwargs)
         if region is None:
             try:
@@ -210,6 +217,11 @@ class Regions:
             except _GRAPH_BREAKS as e:  # the layer cannot be traced whole: the only reason to go whole-model
                 self.failed = f"{type(layer).__name__} cannot be traced as a region ({type(e).__name__}: {_first_line(e)})"
                 return type(layer).forward(layer, *args, **kwargs)
+            except Exception as e:
+                if self.backend.config.on_compile_error != "eager":
+                    raise
+                self._give_up_on(layer, e)
+                return self._run_eagerly(layer, args, kwargs)
         self.last[id(layer)] = region
         if self.run is not None:
             self.run.layer_regions.append((self._position(layer), region))
@@ -224,6 +236,21 @@ class Regions:
         n = self.run.calls.get(id(layer), 0)
         self.run.calls[id(layer)] = n + 1
         return positions[min(n, len(positions) - 1)]
+
+    def _give_up_on(self, layer: nn.Module, error: Exception) -> None:
+        """``on_compile_error="eager"``: the layer's region failed to compile; it runs eagerly from
+        now on (one warning per distinct cause)."""
+        cause = f"{type(error).__name__}: {_first_line(error)}"
+        self.eager[id(layer)] = f"its region failed to compile ({cause})"
+        if cause not in self._warned_causes:
+            self._warned_causes.add(cause)
+            logger.warning("layerpass: decoder layer %d (%s) runs eagerly: its region failed to compile (%s); "
+                           "on_compile_error='eager'", self.index[id(layer)][0], type(layer).__qualname__, cause)
+
+    def _run_eagerly(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.run is not None:
+            self.run.eager_layers[self._position(layer)] = self.eager[id(layer)]
+        return type(layer).forward(layer, *args, **kwargs)
 
     def _call_in_memory(self, region: Region, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """An in-memory region's call; if Dynamo traced again (other guards), that trace is a new
@@ -403,20 +430,36 @@ def _fresh_copy(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
+# The layouts whose rows are tokens: input_ids / positions [T], a layer's [T, H], HF's [1, T, H].
+MAX_TOKEN_LAYOUT_DIMS = 3
+
+
+def token_dims(t: torch.Tensor, tokens: int | None) -> list[int]:
+    """The one rule for which dims of a tensor are the step's token count (marked dynamic).
+
+    Only tensors in a token layout (``[T]``, ``[T, H]``, ``[1, T, H]``: at most 3 dims) have one:
+    dim 0 when the count is unknown (the zoo's layout), else each dim of that size. A tensor of
+    4 or more dims is never marked: an image batch ``[N, C, H, W]`` is no token count, and
+    Inductor cannot order the strides of such a tensor with an unbacked size (it takes a
+    contiguous conv input for channels-last: ``assert_size_stride`` fails at run time)."""
+    if t.dim() == 0 or t.dim() > MAX_TOKEN_LAYOUT_DIMS:
+        return []
+    return [0] if tokens is None else [d for d, n in enumerate(t.shape) if n == tokens]
+
+
 def mark_token_dims_of(args: tuple[Any, ...], kwargs: dict[str, Any], tokens: int | None) -> None:
     """Mark the token dims of a layer's tensor inputs unbacked before tracing it.
 
     The token dims are those of the step's token count (``[T, H]``, HF's ``[1, T, H]``, ...);
     with one token the count is ambiguous, so nothing is marked and the region is specialised
     to one token (a later multi-token step traces a dynamic region, and both are kept).
-    Unknown count: dim 0 of every tensor, the zoo's layout."""
+    Unknown count: dim 0 of every tensor, the zoo's layout. Which tensors: ``token_dims``."""
     if tokens is not None and tokens <= 1:
         return
     for leaf in pytree.tree_leaves((args, kwargs)):
-        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+        if not isinstance(leaf, torch.Tensor):
             continue
-        dims = [0] if tokens is None else [d for d, n in enumerate(leaf.shape) if n == tokens]
-        for i, d in enumerate(dims):
+        for i, d in enumerate(token_dims(leaf, tokens)):
             # each tensor's first token dim is the ONE token symbol (shape_id): the layer's input and
             # residual are then provably the same size, so residual ops can be lowered; a later dim
             # of the same size may be a coincidence (hidden == tokens) and stays a symbol of its own

@@ -51,6 +51,7 @@ class CompileReport:
     trace: str = "whole-model"  # "regions": each distinct decoder layer traced once; "whole-model": every layer traced
     num_regions: int = 0  # distinct region traces (bodies compiled once, called at every layer)
     warm_start: str = "off"  # "loaded" (no Dynamo), "saved", "fallback: <why>", "off" (disabled)
+    eager_layers: dict[int, str] = field(default_factory=dict)  # layer -> why it runs eagerly (on_compile_error="eager")
     pieces: list[PieceInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

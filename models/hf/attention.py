@@ -80,14 +80,22 @@ def layerpass_attention_forward(module: nn.Module, query: torch.Tensor, key: tor
             raise ValueError(f"{attn.prefix}: expected query [1, heads, tokens, head_size] (one flattened batch), "
                              f"got {tuple(query.shape)}")
     t = query.shape[2]
-    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_size
-    # [1, H, T, D] -> [T, H * D]: the layer's op takes flat per-token rows. Explicit sizes, no -1:
-    # the token count may be an unbacked symbol under torch.compile.
-    q = query.transpose(1, 2).reshape(t, hq * d)
-    k = key.transpose(1, 2).reshape(t, hkv * d)
-    v = value.transpose(1, 2).reshape(t, hkv * d)
+    q, k, v = (token_rows(x, t) for x in (query, key, value))
     out = attn(q, k, v)
-    return out.view(1, t, hq, d), None
+    return out.view(1, t, attn.num_heads, attn.head_size), None
+
+
+def token_rows(x: torch.Tensor, tokens: int | torch.SymInt) -> torch.Tensor:
+    """``[1, H, T, D]`` -> ``[T, H * D]``, the flat per-token rows the layer's op takes, always a
+    fresh tensor (explicit sizes, no -1: the token count may be an unbacked symbol).
+
+    A fresh tensor, not a view, also for one head (MQA, or one KV head per tensor-parallel rank):
+    a view of HF's ``[1, 1, T, D]`` (the rotary output) is ambiguous to Inductor, which reads it
+    as channels-last and then needs a hint for the unbacked token count to order its strides
+    (``GuardOnDataDependentSymNode``). Under Inductor the copy is the rotary kernel's own output;
+    for more than one head ``reshape`` copied anyway."""
+    rows = x[0].transpose(0, 1).clone(memory_format=torch.contiguous_format)
+    return rows.view(tokens, x.shape[1] * x.shape[3])
 
 
 def register_attention_function() -> None:

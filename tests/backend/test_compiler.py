@@ -202,3 +202,38 @@ def test_torch_compile_backend_string_without_importing_layerpass() -> None:
     assert r["num_compiled"] == r["num_unique_pieces"] <= 4  # blocks 1 and 2 are identical
     line = bh.SUMMARY_RE.search(proc.stderr)  # the INFO line, through the script's logging.basicConfig
     assert line and int(line.group(1)) == r["num_pieces"], proc.stderr[-2000:]
+
+
+class SizeDispatch(torch.nn.Module):
+    """Rows grouped by a data-dependent rule, each group's size read on the host (``.tolist()``),
+    as an MoE's experts dispatch: the layer's trace makes unbacked symbols of its own."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = (x[:, 0] > 0).long()
+        sizes = (group[:, None] == torch.arange(2)).sum(0).tolist()
+        order = torch.argsort(group, stable=True)
+        low, high = torch.split(x[order], sizes)
+        out = torch.cat([self.proj(low), high * 2])
+        return out[torch.argsort(order, stable=True)] + x
+
+
+@pytest.mark.parametrize("path", ["regions", pytest.param("whole-model", marks=pytest.mark.slow)])
+def test_unbacked_symbols_made_inside_a_piece(path: str) -> None:
+    """Issue 29: a layer whose trace makes unbacked symbols (JetMoe's experts) crashed its piece's
+    compile with ``PendingUnbackedSymbolNotFound``: the backend re-ran the piece on fake tensors,
+    leaving fresh symbols no node binds."""
+    torch.manual_seed(0)
+    model = bh.Chain([SizeDispatch(), SizeDispatch()]).eval()
+    x = torch.randn(6, 8)
+    config = CompilationConfig(cache_dir=bh.fresh_cache_dir(f"unbacked-{path}"))
+    compiled = layerpass.compile(model, config) if path == "regions" else torch.compile(model, backend="layerpass")
+    with torch.no_grad():
+        for n in (6, 9):  # a second token count: no recompile needed to be right
+            x = torch.randn(n, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+    if path == "regions":
+        assert layerpass.last_compile_report().trace == "regions"

@@ -94,3 +94,54 @@ def test_compile_sizes_static_variant_at_n_and_dynamic_elsewhere() -> None:
     assert static_calls and all(s.endswith("-static") for s in static_calls)
     assert len(static_calls) <= c.report.num_pieces
     assert c.compiled.backend.num_calls == calls, "compile_sizes must not cause Dynamo recompiles"
+
+
+class ConvBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x)) + x
+
+
+class ConvNet(torch.nn.Module):
+    """A small image model: a stem conv, optionally a ``ModuleList`` of repeated conv blocks, a head."""
+
+    def __init__(self, repeated: bool) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.layers = torch.nn.ModuleList(ConvBlock() for _ in range(2)) if repeated else None
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for layer in self.layers or ():
+            x = layer(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("repeated", [True, False], ids=["regions", "whole-model"])
+def test_image_batch_is_not_a_token_count(repeated: bool) -> None:
+    """Issue 29: ``dynamic_tokens`` marked dim 0 of every input unbacked, so a conv net's image
+    batch crashed Inductor's ``assert_size_stride``; only token layouts are marked now."""
+    import layerpass
+    from layerpass.backend.config import CompilationConfig
+
+    torch.manual_seed(0)
+    model = ConvNet(repeated).eval()
+    compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("conv")))
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 3, 12, 12)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert layerpass.last_compile_report().trace == ("regions" if repeated else "whole-model")
+
+
+def test_token_dims_rule() -> None:
+    from layerpass.backend.regions import token_dims
+
+    assert token_dims(torch.zeros(6), None) == [0] and token_dims(torch.zeros(6, 8), None) == [0]
+    assert token_dims(torch.zeros(1, 5, 8), 5) == [1]  # HF's [1, T, H]
+    assert token_dims(torch.zeros(2, 8, 4, 4), None) == [] and token_dims(torch.zeros(1, 1, 5, 16), 5) == []
+    assert token_dims(torch.zeros(()), None) == []

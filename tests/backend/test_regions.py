@@ -334,3 +334,61 @@ def test_a_backend_failure_while_tracing_a_region_surfaces() -> None:
         with pytest.raises(Exception, match="deliberate backend bug"):
             compiled(torch.randn(4, 8))
     assert len(calls) == 1, "the failure was taken for an unsaveable frame and traced again in memory"
+
+
+class Halve(nn.Module):
+    """A decoder layer of another class than ``bh.Block``: a region of its own."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * 0.5
+
+
+def _fail_second_region(backend) -> None:
+    """Plant a backend failure in the second region traced (the first is the blocks')."""
+    compile_graph, calls = backend.compile_graph, []
+
+    def failing(gm, example_inputs, whole_layer=False):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("planted backend failure")
+        return compile_graph(gm, example_inputs, whole_layer=whole_layer)
+
+    backend.compile_graph = failing
+
+
+@pytest.mark.parametrize("policy", ["eager", "raise"])
+def test_on_compile_error(policy: str, caplog) -> None:
+    """``on_compile_error="eager"``: the layer whose region fails runs eagerly (output equal to
+    eager, one warning naming the cause, ``report.eager_layers``); the other layers stay compiled.
+    ``"raise"`` (default) raises the backend's error."""
+    torch.manual_seed(0)
+    model = bh.Chain([bh.Block(8), bh.Block(8), Halve(8)]).eval()
+    config = CompilationConfig(cache_dir=bh.fresh_cache_dir("on-error"), on_compile_error=policy)
+    compiled = layerpass.compile(model, config)
+    _fail_second_region(compiled.backend)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        if policy == "raise":
+            with pytest.raises(RuntimeError, match="planted backend failure"):
+                compiled(x)
+            return
+        for n in (5, 7):  # the second step runs it eagerly again, with no new warning or compile
+            x = torch.randn(n, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+            report = layerpass.last_compile_report()
+            assert report.trace == "regions"
+            assert list(report.eager_layers) == [2] and "planted backend failure" in report.eager_layers[2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "runs eagerly" in r.getMessage()]
+    assert len(warnings) == 1 and "decoder layer 2" in warnings[0] and "planted backend failure" in warnings[0], warnings
+    assert compiled.regions is not None and len(compiled.regions.regions) == 1  # the blocks' region, compiled
+
+
+def test_on_compile_error_is_checked() -> None:
+    with pytest.raises(ValueError, match="on_compile_error='sometimes'; allowed: 'raise', 'eager'"):
+        CompilationConfig(on_compile_error="sometimes")
+    assert CompilationConfig().on_compile_error == "raise"
+    assert CompilationConfig(on_compile_error="eager").fingerprint() == CompilationConfig().fingerprint()

@@ -196,6 +196,23 @@ def test_an_mlp_that_uses_its_input_elsewhere_is_not_packed() -> None:
     matches_hf(ref, model, "llama with a residual MLP")
 
 
+def test_a_gated_attention_is_not_packed() -> None:
+    """Issue 29: an attention module whose gate reads ``hidden_states`` (AFMoE, Laguna, HRM: a
+    ``gate_proj`` beside q/k/v) crashed at conversion: packing hands its forward the packed
+    projections instead. It keeps one linear per projection and equals HF."""
+    import transformers
+
+    from tests.models.hf import family_sweep as fs
+
+    hf_model, why = fs.build_reference("afmoe")
+    assert hf_model is not None, why
+    model = lphf.from_transformers(copy.deepcopy(hf_model))
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn, transformers.models.afmoe.modeling_afmoe.AfmoeAttention), type(attn)
+    assert type(attn.q_proj).__name__ == "ColumnParallelLinear" and hasattr(attn, "gate_proj")
+    matches_hf(hf_model, model, "afmoe (gated attention)")
+
+
 def test_lora_wraps_the_packed_projections() -> None:
     """``packed_modules_mapping`` names the packed layers: LoRA wraps qkv_proj and gate_up_proj
     (with zero adapters the logits are the base model's)."""
