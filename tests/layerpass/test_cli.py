@@ -40,6 +40,12 @@ def _error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     (["frobnicate"], "invalid choice"),
     (["step-time", "--layers", "x"], "--layers takes comma-separated integers, got 'x'"),  # step_time's own parser
     (["step-time", "--batches", "prefill"], "--batches: unknown ['prefill']; allowed: decode, mixed"),
+    (["precompile", "gpt5", "--layers", "2"], "unknown model 'gpt5'; a zoo name"),
+    (["precompile", "llama", "--layers", "0"], "--layers must be >= 1"),
+    (["precompile", "llama"], "--layers"),
+    (["cache", "export", "--model", "llama"], "cache export needs --model, --layers and -o/--output"),
+    (["cache", "import"], "cache import needs the bundle file"),
+    (["cache", "prune"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2_and_say_what_is_allowed(capsys, argv, message, monkeypatch) -> None:
     monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: pytest.fail("must not run"))
@@ -110,3 +116,14 @@ def test_timeout_is_recorded_and_skips_larger_layer_counts(tmp_path, capsys) -> 
     assert doc["rows"][0]["cold_wall_s"] < 30  # killed, not waited for
     assert doc["config"]["jobs"] == 2 and doc["machine"]["cpu_count"] == os.cpu_count()
     assert "| llama | 2 | inductor | timeout |" in table and "**timeout**: cold run exceeded 1 s" in table
+
+
+def test_cache_import_of_a_non_bundle_or_without_a_secret_exits_1(tmp_path, capsys, monkeypatch) -> None:
+    bogus = tmp_path / "x.tar"
+    bogus.write_bytes(b"no tar here" * 50)
+    monkeypatch.setenv("LAYERPASS_CACHE_SECRET", "s")
+    assert main(["cache", "import", str(bogus), "--cache-dir", str(tmp_path / "c")]) == 1
+    assert "is not a layerpass bundle" in capsys.readouterr().err
+    monkeypatch.delenv("LAYERPASS_CACHE_SECRET")
+    assert main(["cache", "import", str(bogus), "--cache-dir", str(tmp_path / "c")]) == 1
+    assert "LAYERPASS_CACHE_SECRET" in capsys.readouterr().err
