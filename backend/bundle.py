@@ -70,14 +70,26 @@ def bundle_names(store: ProgramStore) -> list[str]:
     return artifacts + programs  # pieces first: a program is only useful once its pieces are there
 
 
-def export_bundle(store: ProgramStore, path: str, secret: bytes | None) -> BundleReport:
-    """Write ``store``'s model (programs and pieces) to the tar ``path``, each member sealed."""
+def all_names(location: CacheLocation) -> list[str]:
+    """Every complete entry of the cache at ``location``: pieces first, then programs (a
+    tensor-parallel model's programs are keyed by its shard shapes: export them all)."""
+    artifacts = [n for n in iter_files(location.root, "artifacts")
+                 if os.path.isfile(location.local(f"{posixpath.dirname(n)}/meta.json"))]
+    programs = list(iter_files(location.root, "programs"))
+    if not any(n.endswith(".json") and not n.endswith("/parts.json") for n in programs):
+        raise BundleError(f"no saved program in {location.root} (run `layerpass precompile` first)")
+    return artifacts + programs
+
+
+def export_bundle(location: CacheLocation, names: list[str], path: str, secret: bytes | None) -> BundleReport:
+    """Write the cache files ``names`` (``bundle_names`` of one model, or ``all_names``) to the
+    tar ``path``, each member sealed."""
     secret = _require_secret(secret, "cache export")
     report = BundleReport()
     tmp = f"{path}.tmp-{os.getpid()}"
     with tarfile.open(tmp, "w") as tar:
-        for name in bundle_names(store):
-            with open(store.location.local(name), "rb") as f:
+        for name in names:
+            with open(location.local(name), "rb") as f:
                 sealed = seal(secret, name, f.read())
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(sealed), 0o600

@@ -297,7 +297,9 @@ class Regions:
             return self._compile(layer, args, kwargs)
         t0 = time.perf_counter()
         with self.store.hold(type(layer)) as lock:
-            if lock.waited and self._take_saved(type(layer), waited=True):
+            # look again under the lock: what a process that held it (or one sharing the dir or the
+            # remote store) saved since this class was first loaded
+            if self._take_saved(type(layer), waited=lock.waited):
                 if self.run is not None:
                     self.run.wall_s += time.perf_counter() - t0
                 region = self._find(layer, args, kwargs)

@@ -141,9 +141,8 @@ class ProgramStore:
             self._fallback(f"the cache dir {self.cache_dir} is not trusted (see the warning)")
             return []
         folder = os.path.join(self.dir, class_key(cls))
+        self._fetch_remote(cls)  # what the remote store has and this dir lacks (another rank may be fetching too)
         names = sorted(n for n in _listdir(folder) if n.endswith(".json"))
-        if not [n for n in names if os.path.join(folder, n) not in self._seen] and self._fetch_remote(cls):
-            names = sorted(n for n in _listdir(folder) if n.endswith(".json"))
         if not names:
             self._fallback(self._why_missing())
             return []

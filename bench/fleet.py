@@ -202,11 +202,11 @@ def bench(model: str, layers: int, world: int) -> list[dict[str, Any]]:
         _measure(rows, f"A: cold TP={world}, shared cache dir" + (" + Redis" if remote else ""),
                  lambda: launch(model, layers, shared, world=world, env=env, remote_cache=remote))
         bundle = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "bundle.tar")
-        exported = subprocess.run([sys.executable, "-m", "layerpass", "cache", "export", "--model", model, "--layers",
-                                   str(layers), "-o", bundle, "--cache-dir", shared[0].layerpass],
+        exported = subprocess.run([sys.executable, "-m", "layerpass", "cache", "export", "--all", "-o", bundle,
+                                   "--cache-dir", shared[0].layerpass],
                                   env={**os.environ, **env}, capture_output=True, text=True)
         with machine("b-empty") as b:
-            _measure(rows, f"B: first call TP={world}, nothing shared", lambda: launch(model, layers, b, world=world, env=env))
+            _measure(rows, f"B: first call TP={world}, own empty cache dir", lambda: launch(model, layers, b, world=world, env=env))
         if remote is not None:
             with machine("b-redis") as b:
                 _measure(rows, f"B: first call TP={world}, via Redis",

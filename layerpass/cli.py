@@ -331,13 +331,20 @@ def cmd_cache(args: argparse.Namespace, sub: Subcommand) -> int:
 
     try:
         if args.action == "export":
+            from layerpass.backend.bundle import all_names, bundle_names
             from layerpass.precompile import program_store
 
-            if args.model is None or args.layers is None or args.output is None:
-                sub.parser.error("cache export needs --model, --layers and -o/--output")
-            _check_model(sub, args.model, args.layers)
-            store = program_store(args.model, args.layers, CompilationConfig(cache_dir=args.cache_dir))
-            report = export_bundle(store, args.output, cache_secret())
+            if args.output is None or not (args.all or (args.model is not None and args.layers is not None)):
+                sub.parser.error("cache export needs -o/--output and either --model and --layers, or --all")
+            config = CompilationConfig(cache_dir=args.cache_dir)
+            if args.all:
+                location = CacheLocation(config.cache_dir)  # type: ignore[arg-type]
+                names = all_names(location)
+            else:
+                _check_model(sub, args.model, args.layers)
+                store = program_store(args.model, args.layers, config)
+                location, names = store.location, bundle_names(store)
+            report = export_bundle(location, names, args.output, cache_secret())
             print(f"layerpass cache export: {report.files} files ({report.bytes / 1e6:.1f} MB) -> {args.output}")
             return 0
         if args.bundle is None:
@@ -362,6 +369,8 @@ def _cache(subparsers: Any) -> Subcommand:
     c.option("bundle", nargs="?", default=None, help="import: the bundle file")
     c.option("--model", default=None, help="export: zoo model name or hf-config:PATH")
     c.option("--layers", type=int, default=None, help="export: decoder layers")
+    c.option("--all", action="store_true",
+             help="export: every entry of the cache dir (e.g. a tensor-parallel model's, keyed by its shards)")
     c.option("-o", "--output", default=None, help="export: the bundle file to write")
     c.option("--cache-dir", default=None, help="the cache dir (default $LAYERPASS_CACHE_DIR or ~/.cache/layerpass)")
     return c

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from layerpass.backend.bundle import BundleError, bundle_names, export_bundle, import_bundle
+from layerpass.backend.bundle import BundleError, all_names, bundle_names, export_bundle, import_bundle
 from layerpass.backend.cache_location import CacheLocation, iter_files
 from layerpass.backend.private_files import atomic_write
 from layerpass.backend.remote_store import seal
@@ -51,7 +51,7 @@ def test_export_then_import_copies_exactly_the_models_files(tmp_path):
     assert not any(n.startswith("artifacts/cc") for n in names)  # not called by the model's programs
     assert names.index(f"{PROGRAM}/r0.bin") < names.index(f"{PROGRAM}/r0.json")  # a header after its payload
     assert all(n.startswith("artifacts/") for n in names[:4])  # pieces before the programs calling them
-    report = export_bundle(store, str(tmp_path / "b.tar"), SECRET)
+    report = export_bundle(store.location, names, str(tmp_path / "b.tar"), SECRET)
     assert report.files == len(names) == 9
     imported = import_bundle(str(tmp_path / "b.tar"), CacheLocation(str(tmp_path / "b")), SECRET)
     assert imported.files == 9 and not imported.refused
@@ -65,8 +65,8 @@ def test_export_then_import_copies_exactly_the_models_files(tmp_path):
 def test_without_a_secret_nothing_is_exported_or_imported(tmp_path):
     store = fake_store(str(tmp_path / "a"))
     with pytest.raises(BundleError, match="LAYERPASS_CACHE_SECRET"):
-        export_bundle(store, str(tmp_path / "b.tar"), None)
-    export_bundle(store, str(tmp_path / "b.tar"), SECRET)
+        export_bundle(store.location, bundle_names(store), str(tmp_path / "b.tar"), None)
+    export_bundle(store.location, bundle_names(store), str(tmp_path / "b.tar"), SECRET)
     with pytest.raises(BundleError, match="LAYERPASS_CACHE_SECRET"):
         import_bundle(str(tmp_path / "b.tar"), CacheLocation(str(tmp_path / "b")), b"")
 
@@ -95,7 +95,7 @@ def _rewrite(src: str, dst: str, edit) -> None:
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "rename", "another secret"])
 def test_a_damaged_member_is_refused_and_never_written(tmp_path, damage, caplog):
     store = fake_store(str(tmp_path / "a"))
-    export_bundle(store, str(tmp_path / "b.tar"), SECRET)
+    export_bundle(store.location, bundle_names(store), str(tmp_path / "b.tar"), SECRET)
     target = f"{PROGRAM}/r1.bin"
 
     def edit(name, data):
@@ -137,3 +137,14 @@ def test_not_a_tar_is_a_clear_error(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(BundleError, match="not a layerpass bundle"):
         import_bundle(str(tmp_path / "x.tar"), CacheLocation(str(tmp_path / "c")), SECRET)
+
+
+def test_all_exports_every_complete_entry(tmp_path):
+    store = fake_store(str(tmp_path / "a"))
+    os.makedirs(tmp_path / "a" / "artifacts" / "dd" / ("dd" * 32))  # an entry without meta.json: incomplete
+    atomic_write(str(tmp_path / "a" / "artifacts" / "dd" / ("dd" * 32) / "artifact.bin"), b"half")
+    names = all_names(store.location)
+    assert any(n.startswith("artifacts/cc") for n in names) and not any(n.startswith("artifacts/dd") for n in names)
+    assert len(names) == len(bundle_names(store)) + 2
+    with pytest.raises(BundleError, match="no saved program"):
+        all_names(CacheLocation(str(tmp_path / "none")))

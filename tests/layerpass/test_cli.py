@@ -43,7 +43,7 @@ def _error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     (["precompile", "gpt5", "--layers", "2"], "unknown model 'gpt5'; a zoo name"),
     (["precompile", "llama", "--layers", "0"], "--layers must be >= 1"),
     (["precompile", "llama"], "--layers"),
-    (["cache", "export", "--model", "llama"], "cache export needs --model, --layers and -o/--output"),
+    (["cache", "export", "--model", "llama"], "cache export needs -o/--output and either --model and --layers, or --all"),
     (["cache", "import"], "cache import needs the bundle file"),
     (["cache", "prune"], "invalid choice"),
 ])
