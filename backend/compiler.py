@@ -144,6 +144,10 @@ class LayerCompiler:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> PiecewiseProgram:
         try:
             program = self.backend.compile_graph(gm, example_inputs, whole_layer=True)
+        except torch._dynamo.exc.RestartAnalysis:
+            # Dynamo's request to trace again (e.g. a float it made dynamic must be specialised:
+            # TensorifyScalarRestartAnalysis), not a failure of this backend
+            raise
         except BaseException as e:
             self.failure = e
             raise

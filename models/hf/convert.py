@@ -103,13 +103,14 @@ def from_transformers(hf_model: nn.Module, *, cache_config: CacheConfig | None =
     hf_model.eval()
     with layer_registry_scope(registry if registry is not None else LayerRegistry(label=architecture)) as reg:
         walker.convert_children(base, hf_model.base_model_prefix)
-        lm_head = ParallelLMHead(hf_config.vocab_size, head.in_features, bias=head.bias is not None, params_dtype=dtype,
+        vocab_size = head.out_features  # the head's own (a composite config, as Fuyu's, keeps it in text_config)
+        lm_head = ParallelLMHead(vocab_size, head.in_features, bias=head.bias is not None, params_dtype=dtype,
                                  prefix=head_name)
         if tied and walker.converted_embedding is not None:
             lm_head.weight = walker.converted_embedding.weight  # same padded shard: keep them one tensor
         else:
             load_vocab(lm_head, head.weight, head.bias)
-        setattr(hf_model, head_name, TransformersLMHead(lm_head, LogitsProcessor(hf_config.vocab_size, prefix="logits_processor")))
+        setattr(hf_model, head_name, TransformersLMHead(lm_head, LogitsProcessor(vocab_size, prefix="logits_processor")))
         _run_base_model_undecorated(base)
         bypass_kernel_routing(base)  # kernels' per-instance routing: its local-class wrappers cannot be saved
         model = TransformersForCausalLM(hf_model, head_name, architecture)

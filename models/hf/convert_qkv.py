@@ -12,20 +12,32 @@ from .loading import load_linear
 from .tp_plan import check_divisible
 
 QKV_NAMES = ["q_proj", "k_proj", "v_proj"]
+# the attention output projection's usual names (it reads the attention output, not hidden_states)
+OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
+
+
+def _other_readers_of_hidden(module: nn.Module, hidden: int) -> list[str]:
+    """Linears of ``module`` besides q/k/v and its output projection that take ``hidden``-wide
+    input: they read ``hidden_states`` (a gated attention's ``gate_proj``: AFMoE, Laguna, ...),
+    which packing would replace by the packed projections."""
+    return [name for name, child in module.named_children()
+            if isinstance(child, nn.Linear) and name not in QKV_NAMES and name not in OUTPUT_NAMES
+            and child.in_features == hidden]
 
 
 def convert_attention_qkv(conv: Conversion, module: nn.Module, path: str) -> nn.Module | None:
     """``TransformersAttention`` over one packed ``qkv_proj`` where the three linears' layout packs
-    (one head size, GQA group sizes, one plan style, biases on all or none); else one parallel
-    linear each and the module kept (None)."""
+    (one head size, GQA group sizes, one plan style, biases on all or none) and nothing else in the
+    module reads ``hidden_states``; else one parallel linear each and the module kept (None)."""
     q, k, v = (module._modules[n] for n in QKV_NAMES)
     head_dim = getattr(module, "head_dim", None)
     gather = conv.plan.packed_gather(path, QKV_NAMES)
     biases = [x.bias is not None for x in (q, k, v)]
     if (gather is None or not isinstance(head_dim, int) or len({q.in_features, k.in_features, v.in_features}) != 1
             or len(set(biases)) != 1 or q.out_features % head_dim or k.out_features % head_dim
-            or k.out_features != v.out_features or (q.out_features // head_dim) % (k.out_features // head_dim)):
-        conv.convert_children(module, path)  # not a layout we pack: one linear each
+            or k.out_features != v.out_features or (q.out_features // head_dim) % (k.out_features // head_dim)
+            or _other_readers_of_hidden(module, q.in_features)):
+        conv.convert_children(module, path)  # not a layout we pack (or hidden_states read elsewhere): one linear each
         return None
     heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
     check_divisible(kv_heads, f"{path}: number of KV heads")

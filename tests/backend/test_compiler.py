@@ -237,3 +237,22 @@ def test_unbacked_symbols_made_inside_a_piece(path: str) -> None:
             torch.testing.assert_close(compiled(x), model(x))
     if path == "regions":
         assert layerpass.last_compile_report().trace == "regions"
+
+
+def test_a_restart_request_is_not_a_backend_failure() -> None:
+    """Issue 29 (family sweep: Aria, FlexOlmo after other families in one process): Dynamo asks
+    the backend's caller to trace again (``TensorifyScalarRestartAnalysis``, a float it made
+    dynamic); a region trace took that for a layerpass failure and crashed. It passes through,
+    unrecorded, so Dynamo restarts."""
+    from layerpass.backend.compiler import LayerpassBackend
+
+    backend = LayerpassBackend(CompilationConfig(disable_cache=True))
+
+    def restart(gm, example_inputs, whole_layer=False):
+        raise torch._dynamo.exc.TensorifyScalarRestartAnalysis()
+
+    backend.compile_graph = restart
+    compiler = backend.for_layer()
+    with pytest.raises(torch._dynamo.exc.RestartAnalysis):
+        compiler(None, [])
+    assert compiler.failure is None

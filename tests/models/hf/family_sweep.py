@@ -32,7 +32,7 @@ ADMIT_AT = (0, 0)  # both prompts at once: every step has 2+ tokens, so one regi
 @dataclass
 class Outcome:
     model_type: str
-    kind: str  # "equal", "refused", "skipped", "crash", "differs"
+    kind: str  # "equal", "refused", "skipped", "crash", "differs", "not regions"
     why: str = ""
     seconds: float = 0.0
 
@@ -111,12 +111,13 @@ def sweep_family(model_type: str, cache_dir: str) -> Outcome:
     try:
         compiled = layerpass.compile(model, CompilationConfig(cache_dir=cache_dir))
         got = hc.generate_cb(model, ps, ADMIT_AT, NEW_TOKENS, fn=compiled)
-        trace = layerpass.last_compile_report().trace
+        report = layerpass.last_compile_report()
     except Exception as e:
         return Outcome(model_type, "crash", f"layerpass.compile: {_first_line(e)}", time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
-    if trace != "regions":
-        return Outcome(model_type, "crash", f"compiled as {trace!r}, not regions", seconds)
+    if report.trace != "regions":
+        why = "; ".join(n for n in report.notes if "traced" in n or "cannot" in n)[:300]
+        return Outcome(model_type, "not regions", f"compiled as {report.trace!r} ({why})", seconds)
     if got != want:
         return Outcome(model_type, "differs", f"greedy tokens {got} != HF generate() {want}", seconds)
     return Outcome(model_type, "equal", "", seconds)

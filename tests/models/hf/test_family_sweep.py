@@ -22,7 +22,12 @@ from tests.helpers import backend as bh  # noqa: E402
 from tests.models.hf import family_sweep as fs  # noqa: E402
 
 # model_type -> the crash, as the sweep found it on transformers 5.25 (issue 29)
-KNOWN_CRASHES: dict[str, str] = {}
+KNOWN_CRASHES: dict[str, str] = {
+    "deepseek_v4": "Dynamo (region trace): PendingUnbackedSymbolNotFound when the compressor reads "
+                   "position_ids.shape[1] (its [1, T] token dim marked unbacked)",
+    "doge": "not regions: DogeDecoderLayer branches on the token count (u0 > 2048), a graph break, so "
+            "layerpass.compile falls back to the whole model (documented fallback, no crash)",
+}
 
 _CACHE_DIR: list[str] = []
 
