@@ -11,7 +11,7 @@ TORCH_SPEC := torch==2.13.0
 CONSTRAINTS := -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: test bench test-newest install-test install-bench clean
+.PHONY: test test-sweep bench test-newest install-test install-bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ install-bench: $(VENV)/.torch
 
 test: install-test
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# every Hugging Face *ForCausalLM family through layerpass.compile (CI runs a fixed sample; this is ~1 h on 2 cores)
+test-sweep: install-test
+	LAYERPASS_TEST_SWEEP=all $(PY) -m pytest -q -n 2 -m slow tests/models/hf/test_family_sweep.py
 
 bench: install-bench
 	$(PY) -m layerpass bench
