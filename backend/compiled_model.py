@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .aot import has_aot_api
+from layerpass.torch_compat import aot_api_missing
+
 from .compiler import LayerpassBackend, mark_token_dims
 from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
@@ -44,6 +45,7 @@ class CompiledModel(nn.Module):
         self.regions: Regions | None = None
         self.compiled: Any = None
         self.trace_note = ""
+        self.warm_start_off = ""  # the whole-model report's warm_start when it is off for a reason
         self.num_calls = 0
         self._region_calls_with_new = 0
         # one call at a time: regions route the shared layer modules, and a first call traces
@@ -53,8 +55,9 @@ class CompiledModel(nn.Module):
         container = find_layer_container(model)
         if container is None:
             self._whole_model("no repeated layers (no ModuleList of two or more modules)")
-        elif not has_aot_api():
-            self._whole_model(f"torch {torch.__version__} cannot trace a layer ahead of time (no aot_compile)")
+        elif (missing := aot_api_missing()) is not None:
+            self.warm_start_off = f"off: {missing}"
+            self._whole_model(f"{missing}, so it cannot trace a layer ahead of time")
         else:
             self.regions = Regions(container, self.backend, None, config.dynamic_tokens)
 
@@ -102,6 +105,8 @@ class CompiledModel(nn.Module):
         if self.backend.num_calls > calls and self.backend.last_report is not None:
             report = self.backend.last_report
             report.notes.append(f"whole model traced: {self.trace_note}")
+            if self.warm_start_off:
+                report.warm_start = self.warm_start_off
             # Dynamo's share: the traced call's wall time less the backend's (and one run of the program)
             report.dynamo_s = max(0.0, wall - report.compile_s)
             report.total_s = report.dynamo_s + report.compile_s

@@ -23,7 +23,7 @@ from torch import nn
 
 from layerpass.backend import guard_pickling
 from layerpass.backend.guard_pickling import applies, saveable_guards
-from layerpass.backend.aot import has_aot_api
+from layerpass.torch_compat import has_aot_api
 
 pytestmark = pytest.mark.skipif(not has_aot_api() or not applies(),
                                 reason="needs torch's aot_compile and its guard-state pickler (torch 2.10+)")
