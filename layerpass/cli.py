@@ -1,9 +1,12 @@
-"""The ``layerpass`` command line: ``layerpass bench``, ``layerpass step-time`` and ``layerpass doctor``.
+"""The ``layerpass`` command line: ``layerpass bench``, ``step-time``, ``gpu-check`` and ``doctor``.
 
 - ``bench``: compile-time sweep (models x layer counts x modes, a fresh process per cold/warm
   measurement); prints a Markdown table, writes ``results.json`` and PNG plots.
 - ``step-time``: steady-state step time of eager, ``layerpass.compile`` and plain Inductor,
   interleaved in one process (``bench/step_time.py``, with its own options).
+- ``gpu-check``: every Triton kernel against torch, each fusion's matches, compile cold/warm and
+  the steady-state step on a GPU (``bench/gpu_check.py``, with its own options; ``--device cpu``
+  anywhere).
 - ``doctor``: compiles a zoo model and explains pieces that are equal except for constants;
   exits 1 when it finds such avoidable uniqueness (a CI guard).
 
@@ -272,7 +275,7 @@ def _doctor(subparsers: Any) -> Subcommand:
 def cmd_step_time(args: argparse.Namespace, _: Subcommand) -> int:
     from layerpass.bench import step_time
 
-    return step_time.main(args.step_time_args)
+    return step_time.main(args.passed_args)
 
 
 def _step_time(subparsers: Any) -> Subcommand:
@@ -283,11 +286,30 @@ def _step_time(subparsers: Any) -> Subcommand:
         cmd_step_time)
 
 
+def cmd_gpu_check(args: argparse.Namespace, _: Subcommand) -> int:
+    from layerpass.bench import gpu_check
+
+    return gpu_check.main(args.passed_args)
+
+
+def _gpu_check(subparsers: Any) -> Subcommand:
+    # the options are gpu_check's own (``layerpass gpu-check --help`` prints them): passed on whole
+    return Subcommand(subparsers.add_parser(
+        "gpu-check", add_help=False,
+        help="Triton kernels vs torch, fusions, compile cold/warm and the step on a GPU (--device cpu anywhere)"),
+        cmd_gpu_check)
+
+
+# subcommands whose own parser reads the rest of the command line
+PASS_THROUGH = ("step-time", "gpu-check")
+
+
 def build_cli() -> tuple[argparse.ArgumentParser, dict[str, Subcommand]]:
     """The ``layerpass`` parser and its subcommands by name (kept here, not read back from argparse)."""
     parser = argparse.ArgumentParser(prog="layerpass", description="layerpass: compile-time benchmarks and diagnostics")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{bench,step-time,doctor}")
-    return parser, {"bench": _bench(subparsers), "step-time": _step_time(subparsers), "doctor": _doctor(subparsers)}
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{bench,step-time,gpu-check,doctor}")
+    return parser, {"bench": _bench(subparsers), "step-time": _step_time(subparsers),
+                    "gpu-check": _gpu_check(subparsers), "doctor": _doctor(subparsers)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, subcommands = build_cli()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "step-time":
-        args.step_time_args = rest  # step_time's own parser reads (and reports) them
+    if args.command in PASS_THROUGH:
+        args.passed_args = rest  # the subcommand's own parser reads (and reports) them
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     command = subcommands[args.command]

@@ -8,10 +8,16 @@ Everything else behaves the same on every supported torch. Two things differ:
   | --- | --- | --- | --- |
   | 2.14 | ``register_custom_class`` (``register_opaque_type`` logs that it is deprecated) | ``"constant"`` (``"value"`` logs that it is deprecated) | any class |
   | 2.12, 2.13 | ``register_opaque_type`` | ``"value"`` | any class |
-  | 2.11 | ``register_opaque_type`` | ``"value"`` | an instance of ``torch._opaque_base.OpaqueBaseMeta`` (2.11 checks it for every type; 2.12 only for reference types) |
+  | 2.11 | ``register_opaque_type`` | ``"value"`` | an instance of ``torch._opaque_base.OpaqueBaseMeta`` (2.11 checks it for every type; 2.12 only for reference types), with ``members={"value": USE_REAL}`` |
   | older, or no ``hoist`` | none: layer names stay ``str`` | | |
 
-  ``torch._opaque_base`` is imported on 2.11 only: on 2.14 importing it logs a deprecation.
+  ``torch._opaque_base`` is imported on 2.11 only: on 2.14 importing it logs a deprecation. 2.11
+  hands fake kernels a ``FakeScriptObject`` in place of a value-type object (2.12 on: the object
+  itself), so the one attribute they read, ``LayerName.value``, is declared a member.
+- **``torch.compile`` for a region** (``compile_for_regions``): 2.11 gives a compiled function its
+  ``aot_compile`` only under ``torch._dynamo.config.enable_aot_compile`` (on by default from 2.12),
+  and has no ``isolate_recompiles`` (an in-memory region then shares Dynamo's cache entries of the
+  layer's ``forward`` with the other regions of that class; their guards still decide).
 - **The AOT precompile** the regions and the warm start use (``torch.compile(...).aot_compile``,
   ``torch.compiler.load_compiled_function``): every supported torch has it; where a torch does not,
   ``layerpass.compile`` compiles the whole model and the report's ``warm_start`` says
@@ -23,8 +29,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -51,9 +57,10 @@ class OpaqueApi:
     register: Callable[..., None]  # torch's registration function
     typ: str  # its name for a value-like (constant) type
     metaclass: type  # what a registered class must be an instance of
+    members: dict[str, Any] = field(default_factory=dict)  # attributes fake kernels read (2.11)
 
     def __call__(self, cls: type) -> None:
-        self.register(cls, typ=self.typ, hoist=True)
+        self.register(cls, typ=self.typ, hoist=True, **({"members": self.members} if self.members else {}))
 
 
 def opaque_api(version: tuple[int, int] = TORCH_VERSION) -> OpaqueApi | None:
@@ -69,12 +76,11 @@ def opaque_api(version: tuple[int, int] = TORCH_VERSION) -> OpaqueApi | None:
         typ = "value"
     if register is None or "hoist" not in inspect.signature(register).parameters:
         return None
-    metaclass: type = type
     if version < (2, 12):
         from torch._opaque_base import OpaqueBaseMeta
 
-        metaclass = OpaqueBaseMeta
-    return OpaqueApi(register, typ, metaclass)
+        return OpaqueApi(register, typ, OpaqueBaseMeta, {"value": opaque_object.MemberType.USE_REAL})
+    return OpaqueApi(register, typ, type)
 
 
 _OPAQUE_API = opaque_api()
@@ -120,3 +126,14 @@ def has_aot_api() -> bool:
     """Whether this torch can trace a layer ahead of time and save and load the traced program."""
     return aot_api_missing() is None
 
+
+
+def compile_for_regions(fn: Callable[..., Any], **options: Any) -> Any:
+    """``torch.compile(fn, **options)`` with ``.aot_compile`` on every supported torch;
+    ``isolate_recompiles`` is dropped where this torch lacks it (module docstring)."""
+    if "isolate_recompiles" in options and "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+        options.pop("isolate_recompiles")
+    if getattr(torch._dynamo.config, "enable_aot_compile", True) is False:
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            return torch.compile(fn, **options)
+    return torch.compile(fn, **options)
