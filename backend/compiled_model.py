@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerpass.torch_compat import aot_api_missing
+from layerpass.torch_compat import aot_api_missing, region_per_layer
 
 from .compiler import LayerpassBackend, mark_token_dims
 from .config import CompilationConfig
@@ -152,6 +152,8 @@ class CompiledModel(nn.Module):
             new.discard(id(region))
         report.total_s = run.wall_s if run.new_regions else 0.0
         report.notes.extend(run.notes)
+        if (why := region_per_layer()) is not None:
+            report.notes.append(why)
         return report
 
     @property

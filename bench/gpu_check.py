@@ -141,6 +141,11 @@ def kernel_env(device: str) -> Iterator[None]:
 def check_kernels(plan: Plan, clock: Clock) -> list[Row]:
     from .kernels import DTYPES, _as_float, build_cases, time_ms
 
+    from layerpass.ops.triton import interpreter_unusable
+
+    unusable = interpreter_unusable() if plan.device == "cpu" else None
+    if unusable:
+        return [Row("kernel", f"all ({dtype})", "skipped", why=unusable) for dtype in KERNEL_DTYPES]
     rows: list[Row] = []
     no_fp8 = fp8_unavailable(plan.device)
     with kernel_env(plan.device):

@@ -18,6 +18,11 @@ Everything else behaves the same on every supported torch. Two things differ:
   ``aot_compile`` only under ``torch._dynamo.config.enable_aot_compile`` (on by default from 2.12),
   and has no ``isolate_recompiles`` (an in-memory region then shares Dynamo's cache entries of the
   layer's ``forward`` with the other regions of that class; their guards still decide).
+- **One region per layer on 2.11** (``region_per_layer``): 2.11's Dynamo guards on the ``str`` a
+  ``LayerName`` is built from inside ``forward`` (2.13 hoists it without a guard), so no two
+  layers pass each other's region guards: each decoder layer is traced once, into its own region;
+  identical pieces still compile once (the piece hash) and the warm start still loads. The report's
+  notes say so. (Measured on 2.11 and 2.13; 2.12 is assumed to behave as 2.13.)
 - **The AOT precompile** the regions and the warm start use (``torch.compile(...).aot_compile``,
   ``torch.compiler.load_compiled_function``): every supported torch has it; where a torch does not,
   ``layerpass.compile`` compiles the whole model and the report's ``warm_start`` says
@@ -137,3 +142,11 @@ def compile_for_regions(fn: Callable[..., Any], **options: Any) -> Any:
         with torch._dynamo.config.patch(enable_aot_compile=True):
             return torch.compile(fn, **options)
     return torch.compile(fn, **options)
+
+
+def region_per_layer() -> str | None:
+    """Why every decoder layer is its own region on this torch (None: layers share regions)."""
+    if TORCH_VERSION < (2, 12):
+        return (f"torch {TORCH_MAJOR_MINOR}: Dynamo guards on the str each LayerName is built from, so every "
+                "decoder layer is its own region (traced once each; identical pieces still compile once)")
+    return None

@@ -92,3 +92,10 @@ def test_a_torch_without_the_aot_loader_says_what_it_lacks(monkeypatch: pytest.M
     missing = torch_compat.aot_api_missing()
     assert missing == f"torch {torch_compat.TORCH_MAJOR_MINOR} lacks torch.compiler.load_compiled_function"
     assert not torch_compat.has_aot_api()
+
+
+def test_region_per_layer_only_where_dynamo_guards_the_name_string() -> None:
+    why = torch_compat.region_per_layer()
+    assert (why is None) == (torch_compat.TORCH_VERSION >= (2, 12))
+    if why is not None:
+        assert why.startswith(f"torch {torch_compat.TORCH_MAJOR_MINOR}: ") and "own region" in why
