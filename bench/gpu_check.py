@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -321,7 +320,7 @@ def cudagraph_skips() -> int:
 def check_steps(plan: Plan, clock: Clock) -> list[Row]:
     from .case import build_case
     from .kernels import DTYPES
-    from .measure import synced
+    from .measure import _timed_steps, synced
 
     rows: list[Row] = []
     sync = synced(plan.device)
@@ -358,15 +357,7 @@ def check_steps(plan: Plan, clock: Clock) -> list[Row]:
                 fns[mode], skips[mode] = fn, cudagraph_skips() - before
             except Exception as e:
                 by_mode[mode] = Row("step", check, "FAIL", why=short(e))
-        times: dict[str, list[float]] = {m: [] for m in fns}
-        for _ in range(plan.repeats):
-            for mode, fn in fns.items():
-                sync()
-                t = time.perf_counter()
-                step.run(fn)
-                sync()
-                times[mode].append((time.perf_counter() - t) * 1e3)
-        ms = {m: statistics.median(t) for m, t in times.items()}
+        ms = {m: median for m, (median, _) in _timed_steps(step, fns, plan.repeats, plan.device).items()}
         ref = outs.get("eager")
         for mode in fns:
             err = float((outs[mode].float() - ref.float()).abs().max()) if ref is not None else float("nan")

@@ -272,32 +272,15 @@ def _doctor(subparsers: Any) -> Subcommand:
     return d
 
 
-def cmd_step_time(args: argparse.Namespace, _: Subcommand) -> int:
-    from layerpass.bench import step_time
+def _pass_through(subparsers: Any, name: str, module: str, help: str) -> Subcommand:
+    """A subcommand whose options are ``layerpass.bench.<module>``'s own (``layerpass <name> --help``
+    prints them): the rest of the command line is passed on whole to its ``main``."""
+    def run(args: argparse.Namespace, _: Subcommand) -> int:
+        import importlib
 
-    return step_time.main(args.passed_args)
+        return importlib.import_module(f"layerpass.bench.{module}").main(args.passed_args)
 
-
-def _step_time(subparsers: Any) -> Subcommand:
-    # the options are step_time's own (``layerpass step-time --help`` prints them): passed on whole
-    return Subcommand(subparsers.add_parser(
-        "step-time", add_help=False,
-        help="steady-state step time: eager vs layerpass.compile vs plain Inductor, interleaved in one process"),
-        cmd_step_time)
-
-
-def cmd_gpu_check(args: argparse.Namespace, _: Subcommand) -> int:
-    from layerpass.bench import gpu_check
-
-    return gpu_check.main(args.passed_args)
-
-
-def _gpu_check(subparsers: Any) -> Subcommand:
-    # the options are gpu_check's own (``layerpass gpu-check --help`` prints them): passed on whole
-    return Subcommand(subparsers.add_parser(
-        "gpu-check", add_help=False,
-        help="Triton kernels vs torch, fusions, compile cold/warm and the step on a GPU (--device cpu anywhere)"),
-        cmd_gpu_check)
+    return Subcommand(subparsers.add_parser(name, add_help=False, help=help), run)
 
 
 # subcommands whose own parser reads the rest of the command line
@@ -308,8 +291,12 @@ def build_cli() -> tuple[argparse.ArgumentParser, dict[str, Subcommand]]:
     """The ``layerpass`` parser and its subcommands by name (kept here, not read back from argparse)."""
     parser = argparse.ArgumentParser(prog="layerpass", description="layerpass: compile-time benchmarks and diagnostics")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{bench,step-time,gpu-check,doctor}")
-    return parser, {"bench": _bench(subparsers), "step-time": _step_time(subparsers),
-                    "gpu-check": _gpu_check(subparsers), "doctor": _doctor(subparsers)}
+    step_time = _pass_through(subparsers, "step-time", "step_time", "steady-state step time: eager vs "
+                              "layerpass.compile vs plain Inductor, interleaved in one process")
+    gpu_check = _pass_through(subparsers, "gpu-check", "gpu_check", "Triton kernels vs torch, fusions, compile "
+                              "cold/warm and the step on a GPU (--device cpu anywhere)")
+    return parser, {"bench": _bench(subparsers), "step-time": step_time, "gpu-check": gpu_check,
+                    "doctor": _doctor(subparsers)}
 
 
 def build_parser() -> argparse.ArgumentParser:
