@@ -11,7 +11,7 @@ TORCH_SPEC := torch==2.13.0
 CONSTRAINTS := -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: test test-sweep bench test-newest install-test install-bench clean
+.PHONY: test test-sweep bench test-newest test-torch install-test install-bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +48,22 @@ test-newest: | $(NEWEST)/bin/python
 		-e ".[test,transformers,triton,fleet]" build
 	$(NEWEST)/bin/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
+# `make test-torch TORCH=2.14.1`: the fast suite on another supported torch (2.11 to 2.14), in its
+# own venv, with everything else at constraints.txt's versions except what each torch release pins
+# itself: the triton it was built with (2.14: triton~=3.8, 2.11: ==3.6) and setuptools (2.11: <82;
+# the package build needs >=77, so that floor is asked for instead).
+TORCH ?= 2.14.1
+TORCH_VENV ?= .venv-torch-$(TORCH)
+
+$(TORCH_VENV)/bin/python:
+	$(PYTHON) -m venv $(TORCH_VENV)
+
+test-torch: | $(TORCH_VENV)/bin/python
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	grep -Ev '^(triton|setuptools)==' constraints.txt > $(TORCH_VENV)/constraints.txt
+	$(TORCH_VENV)/bin/python -m pip install -q -c $(TORCH_VENV)/constraints.txt "torch==$(TORCH)" \
+		"setuptools>=77" -e ".[test,transformers,triton]" build
+	$(TORCH_VENV)/bin/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(NEWEST) build dist *.egg-info bench-results
+	rm -rf $(VENV) $(NEWEST) .venv-torch-* build dist *.egg-info bench-results

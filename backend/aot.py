@@ -20,16 +20,6 @@ from torch import nn
 from .program import PiecewiseProgram, loading_programs
 
 
-def has_aot_api() -> bool:
-    """Whether this torch can save and load a traced program (``aot_compile``, torch 2.10+)."""
-    try:
-        from torch._dynamo.aot_compile import AOTCompiledFunction  # noqa: F401
-        from torch._dynamo.aot_compile_types import SerializableCallable  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch.compiler, "load_compiled_function")
-
-
 def save(aot: Any, path: str, external_data: dict[str, Any]) -> None:
     """Write the traced function ``aot`` to ``path`` (torch writes a temporary file and renames it);
     ``external_data`` are the objects saved by reference, supplied again to ``load``."""

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .aot import has_aot_api
+from layerpass.torch_compat import aot_api_missing, region_per_layer
+
 from .compiler import LayerpassBackend, mark_token_dims, own_aliases
 from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
@@ -44,6 +45,7 @@ class CompiledModel(nn.Module):
         self.regions: Regions | None = None
         self.compiled: Any = None
         self.trace_note = ""
+        self.warm_start_off = ""  # the whole-model report's warm_start when it is off for a reason
         self.num_calls = 0
         self._region_calls_with_new = 0
         self._reported_eager: set[int] = set()  # layers whose eager fallback a published report named
@@ -54,8 +56,9 @@ class CompiledModel(nn.Module):
         container = find_layer_container(model)
         if container is None:
             self._whole_model("no repeated layers (no ModuleList of two or more modules)")
-        elif not has_aot_api():
-            self._whole_model(f"torch {torch.__version__} cannot trace a layer ahead of time (no aot_compile)")
+        elif (missing := aot_api_missing()) is not None:
+            self.warm_start_off = f"off: {missing}"
+            self._whole_model(f"{missing}, so it cannot trace a layer ahead of time")
         else:
             self.regions = Regions(container, self.backend, None, config.dynamic_tokens, root=model)
 
@@ -104,6 +107,8 @@ class CompiledModel(nn.Module):
         if self.backend.num_calls > calls and self.backend.last_report is not None:
             report = self.backend.last_report
             report.notes.append(f"whole model traced: {self.trace_note}")
+            if self.warm_start_off:
+                report.warm_start = self.warm_start_off
             # Dynamo's share: the traced call's wall time less the backend's (and one run of the program)
             report.dynamo_s = max(0.0, wall - report.compile_s)
             report.total_s = report.dynamo_s + report.compile_s
@@ -151,6 +156,8 @@ class CompiledModel(nn.Module):
         report.total_s = run.wall_s if run.new_regions else 0.0
         report.notes.extend(run.notes)
         report.eager_layers = dict(sorted(run.eager_layers.items()))
+        if (why := region_per_layer()) is not None:
+            report.notes.append(why)
         return report
 
     @property

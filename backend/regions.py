@@ -33,6 +33,8 @@ import torch
 from torch.utils import _pytree as pytree  # no public pytree in torch 2.13 (torch.utils.pytree is newer)
 from torch import nn
 
+from layerpass.torch_compat import compile_for_regions
+
 from .compiler import LayerpassBackend
 from .guard_pickling import saveable_guards
 from .isa_probe import wait_for_cpu_isa_probe
@@ -371,7 +373,7 @@ class Regions:
         ``(None, why)`` if torch cannot build a saveable program of this frame."""
         recorder = GuardRecorder()
         compiler = self.backend.for_layer()
-        fn = torch.compile(forward, backend=compiler, fullgraph=True, options={"guard_filter_fn": recorder})
+        fn = compile_for_regions(forward, backend=compiler, fullgraph=True, options={"guard_filter_fn": recorder})
         try:
             with recording_traced_code() as codes, saveable_guards():
                 aot = fn.aot_compile(((layer, *args), kwargs))
@@ -395,7 +397,7 @@ class Regions:
                          kwargs: dict[str, Any], not_saveable: str) -> Region:
         """Dynamo's ordinary compile of the forward (its guards kept in memory, none dropped)."""
         compiler = self.backend.for_layer()
-        fn = torch.compile(forward, backend=compiler, fullgraph=True, isolate_recompiles=True)
+        fn = compile_for_regions(forward, backend=compiler, fullgraph=True, isolate_recompiles=True)
         fn(layer, *args, **kwargs)  # traces and compiles (the output of these copies is dropped)
         if not compiler.programs:
             raise RuntimeError(f"layerpass: Dynamo ran {type(layer).__qualname__}.forward without calling the backend")

@@ -15,12 +15,40 @@ NUM_DECODES = 2
 PREFILL_LENS = (3, 5)
 
 
-def build_case(model_name: str, layers: int) -> tuple[Any, Any]:
-    """(model, step): the zoo model with ``layers`` decoder layers and the fixed step for it."""
+def build_case(model_name: str, layers: int, *, device: str = "cpu", dtype: Any = None,
+               num_decodes: int = NUM_DECODES, prefill_lens: tuple[int, ...] = PREFILL_LENS) -> tuple[Any, Any]:
+    """(model, step): the zoo model with ``layers`` decoder layers and the fixed step for it, in
+    ``dtype`` (default: the model's) on ``device`` (the step's history is prefilled on CPU first)."""
     from layerpass.models import build_model, make_step
 
-    model = build_model(model_name, num_layers=layers)
-    return model, make_step(model, num_decodes=NUM_DECODES, prefill_lens=list(PREFILL_LENS))
+    model = build_model(model_name, num_layers=layers, **({} if dtype is None else {"dtype": dtype}))
+    step = make_step(model, num_decodes=num_decodes, prefill_lens=list(prefill_lens))
+    if device != "cpu":
+        to_device(model, step, device)
+    return model, step
+
+
+def to_device(model: Any, step: Any, device: str) -> None:
+    """Move a zoo model (parameters, buffers and the plain tensor attributes ops read: KV caches,
+    rotary tables, FP8 scales) and its step (inputs, batch metadata) to ``device``, in place."""
+    import torch
+
+    from layerpass.models.step import STATE_ATTR
+    from layerpass.ops import build_batch_metadata
+
+    for module in model.modules():
+        if isinstance(getattr(module, STATE_ATTR, None), torch.Tensor):
+            raise ValueError(f"{type(module).__name__} keeps recurrent state ({STATE_ATTR}); the step's state snapshot "
+                             f"stays on CPU, so a model with recurrent layers runs on CPU only here")
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(module, name, value.to(device))
+    model.to(device)
+    requests = step.requests
+    step.input_ids, step.positions = step.input_ids.to(device), step.positions.to(device)
+    step.metadata = build_batch_metadata([len(r.tokens) for r in requests], [len(r.history) for r in requests],
+                                         [r.blocks for r in requests], model.cache_config.block_size,
+                                         state_indices=[r.state_slot for r in requests], device=device)
 
 
 @dataclass

@@ -135,7 +135,47 @@ def build_cases(device: str, dtype: torch.dtype, tiny: bool) -> list[Case]:
     cases.append(Case("moe_experts", f"T={mt} H={mh} I={mi} E={e} k={topk}",
                       lambda: fused_experts_ref(hs, w13, w2, weights, ids),
                       lambda: moe.fused_experts_triton(hs, w13, w2, weights, ids)))
+    cases.append(_linear_attention_case(device, dtype, tiny, randn))
     return cases
+
+
+def _linear_attention_case(device: str, dtype: torch.dtype, tiny: bool, randn: Callable[..., torch.Tensor]) -> Case:
+    """Lightning-style linear attention (decode recurrence + chunked prefill) through the op's CUDA
+    kernel; each side starts from its own copy of the same recurrent state."""
+    from torch import nn
+
+    from layerpass.ops import LayerRegistry, build_batch_metadata, encode_layer_name, set_forward_context
+    from layerpass.ops.linear_attention import linear_attention_ref
+    from layerpass.ops.triton import linear_attention
+
+    heads, dk, dv = (2, 16, 16) if tiny else (16, 128, 128)
+    q_lens = [1] * (2 if tiny else 32) + [9 if tiny else 1024]
+    ctx = [3] * (len(q_lens) - 1) + [0]
+    md = build_batch_metadata(q_lens, ctx, [[r] for r in range(len(q_lens))], 4096,
+                              state_indices=list(range(len(q_lens))), device=device)
+    t = md.num_tokens
+    q, k, v = randn(t, heads, dk, scale=dk**-0.5), randn(t, heads, dk), randn(t, heads, dv)
+    state = randn(len(q_lens), heads, dk, dv)
+    slopes = torch.linspace(0.02, 0.6, heads, device=device)
+
+    class LinearAttnLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.state_cache, self.slopes = state.clone(), slopes
+
+    layer = LinearAttnLayer()
+    registry = LayerRegistry("linear_attention")
+    registry.register("linear_attn", layer)
+
+    def triton_la() -> torch.Tensor:
+        layer.state_cache.copy_(state)
+        out = torch.empty(q.shape[:2] + (dv,), dtype=q.dtype, device=q.device)
+        with set_forward_context(md, registry):
+            linear_attention.linear_attention_triton(q, k, v, out, encode_layer_name("linear_attn"))
+        return out
+
+    return Case("linear_attention", f"{len(q_lens)} reqs, {t} tokens, {heads} heads of {dk}",
+                lambda: linear_attention_ref(q, k, v, state.clone(), slopes, md).to(q.dtype), triton_la)
 
 
 def time_ms(fn: Callable[[], Any], device: str) -> float:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .case import build_case
+from .kernels import DTYPES
 from .runner import emit_result
 
 MODES = ("layerpass", "layerpass-str", "inductor", "regional")
@@ -173,21 +174,34 @@ def _import_inductor() -> float:
     return time.perf_counter() - t
 
 
-def _timed_steps(step: Any, fns: dict[str, Callable[..., Any]], repeats: int) -> dict[str, tuple[float, float]]:
+def synced(device: str) -> Callable[[], None]:
+    """What ends a timed region on ``device``: waiting for its queued work (nothing on CPU)."""
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def _timed_steps(step: Any, fns: dict[str, Callable[..., Any]], repeats: int,
+                 device: str = "cpu") -> dict[str, tuple[float, float]]:
     """(median, min) milliseconds per step of each fn, interleaved so load drift hits all alike.
 
     The min is reported too: on a shared machine it is the figure least disturbed by other load."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    sync = synced(device)
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             t = time.perf_counter()
             step.run(fn)
+            sync()
             times[name].append((time.perf_counter() - t) * 1e3)
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
-def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int = 20) -> dict[str, Any]:
-    """Run one measurement in this process and return its row fragment (see bench/README.md)."""
+def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int = 20, device: str = "cpu",
+            dtype: Any = None) -> dict[str, Any]:
+    """Run one measurement in this process and return its row fragment (see bench/README.md);
+    ``device`` / ``dtype`` (default: the model's): where and in what the model runs."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     if phase not in PHASES:
@@ -204,7 +218,7 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
     stage = "build"
     try:
         with torch.no_grad():
-            model, step = build_case(model_name, layers)
+            model, step = build_case(model_name, layers, device=device, dtype=dtype)
             ref = step.run(model)
             stage = "compile"
             row["inductor_import_s"] = _import_inductor()
@@ -216,6 +230,7 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
             t = time.perf_counter()
             compiled = _build_compiled(model, mode, clock)
             out = step.run(compiled)
+            synced(device)()
             first = time.perf_counter() - t
             row["first_call_s"] = first
             if mode.startswith("layerpass"):
@@ -227,7 +242,7 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
             row["ref_max_abs"] = float(ref.float().abs().max())
             if phase == "cold":
                 stage = "steady-state"
-                ms = _timed_steps(step, {"compiled": compiled, "eager": model}, repeats)
+                ms = _timed_steps(step, {"compiled": compiled, "eager": model}, repeats, device)
                 row.update({"step_ms_compiled": ms["compiled"][0], "step_ms_eager": ms["eager"][0],
                             "step_ms_compiled_min": ms["compiled"][1], "step_ms_eager_min": ms["eager"][1],
                             "repeats": repeats})
@@ -248,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--phase", required=True, choices=PHASES)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (eager and compiled alike)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="the model's dtype (default: the zoo model's)")
     p.add_argument("--import", dest="imports", action="append", default=[],
                    help="module to import first (registers extra zoo models)")
     p.add_argument("--out", help="write the row here as JSON (also printed on stdout)")
@@ -259,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     for name in args.imports:
         importlib.import_module(name)
-    row = measure(args.model, args.layers, args.mode, args.phase, repeats=args.repeats)
+    row = measure(args.model, args.layers, args.mode, args.phase, repeats=args.repeats, device=args.device,
+                  dtype=None if args.dtype is None else DTYPES[args.dtype])
     row["pid"] = os.getpid()
     if args.out:
         with open(args.out, "w") as f:

@@ -1,9 +1,12 @@
-"""The ``layerpass`` command line: ``bench``, ``step-time``, ``doctor``, ``precompile`` and ``cache``.
+"""The ``layerpass`` command line: ``bench``, ``step-time``, ``gpu-check``, ``doctor``, ``precompile`` and ``cache``.
 
 - ``bench``: compile-time sweep (models x layer counts x modes, a fresh process per cold/warm
   measurement); prints a Markdown table, writes ``results.json`` and PNG plots.
 - ``step-time``: steady-state step time of eager, ``layerpass.compile`` and plain Inductor,
   interleaved in one process (``bench/step_time.py``, with its own options).
+- ``gpu-check``: every Triton kernel against torch, each fusion's matches, compile cold/warm and
+  the steady-state step on a GPU (``bench/gpu_check.py``, with its own options; ``--device cpu``
+  anywhere).
 - ``doctor``: compiles a zoo model and explains pieces that are equal except for constants;
   exits 1 when it finds such avoidable uniqueness (a CI guard).
 - ``precompile``: fills a cache (the local dir, and the remote store if one is set) without
@@ -376,34 +379,39 @@ def _cache(subparsers: Any) -> Subcommand:
     return c
 
 
-def cmd_step_time(args: argparse.Namespace, _: Subcommand) -> int:
-    from layerpass.bench import step_time
+def _pass_through(subparsers: Any, name: str, module: str, help: str) -> Subcommand:
+    """A subcommand whose options are ``layerpass.bench.<module>``'s own (``layerpass <name> --help``
+    prints them): the rest of the command line is passed on whole to its ``main``."""
+    def run(args: argparse.Namespace, _: Subcommand) -> int:
+        import importlib
 
-    return step_time.main(args.step_time_args)
+        return importlib.import_module(f"layerpass.bench.{module}").main(args.passed_args)
+
+    return Subcommand(subparsers.add_parser(name, add_help=False, help=help), run)
 
 
-def _step_time(subparsers: Any) -> Subcommand:
-    # the options are step_time's own (``layerpass step-time --help`` prints them): passed on whole
-    return Subcommand(subparsers.add_parser(
-        "step-time", add_help=False,
-        help="steady-state step time: eager vs layerpass.compile vs plain Inductor, interleaved in one process"),
-        cmd_step_time)
+# subcommands whose own parser reads the rest of the command line
+PASS_THROUGH = ("step-time", "gpu-check")
 
 
 def build_cli() -> tuple[argparse.ArgumentParser, dict[str, Subcommand]]:
     """The ``layerpass`` parser and its subcommands by name (kept here, not read back from argparse)."""
     parser = argparse.ArgumentParser(prog="layerpass", description="layerpass: compile-time benchmarks and diagnostics")
     subparsers = parser.add_subparsers(dest="command", required=True,
-                                       metavar="{bench,step-time,doctor,precompile,cache}")
-    return parser, {"bench": _bench(subparsers), "step-time": _step_time(subparsers), "doctor": _doctor(subparsers),
-                    "precompile": _precompile(subparsers), "cache": _cache(subparsers)}
+                                       metavar="{bench,step-time,gpu-check,doctor,precompile,cache}")
+    step_time = _pass_through(subparsers, "step-time", "step_time", "steady-state step time: eager vs "
+                              "layerpass.compile vs plain Inductor, interleaved in one process")
+    gpu_check = _pass_through(subparsers, "gpu-check", "gpu_check", "Triton kernels vs torch, fusions, compile "
+                              "cold/warm and the step on a GPU (--device cpu anywhere)")
+    return parser, {"bench": _bench(subparsers), "step-time": step_time, "gpu-check": gpu_check,
+                    "doctor": _doctor(subparsers), "precompile": _precompile(subparsers), "cache": _cache(subparsers)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, subcommands = build_cli()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "step-time":
-        args.step_time_args = rest  # step_time's own parser reads (and reports) them
+    if args.command in PASS_THROUGH:
+        args.passed_args = rest  # the subcommand's own parser reads (and reports) them
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     command = subcommands[args.command]

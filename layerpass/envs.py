@@ -19,17 +19,18 @@ built from it (a layer-name argument is typed ``LayerName`` or ``str``). Changin
 environment variable after ``layerpass`` is imported has no effect: set it before the
 process starts (tests that need the other setting run a subprocess).
 
-- ``HAS_OPAQUE_TYPE``: this torch has ``torch._library.opaque_object.register_opaque_type``
-  with a ``hoist`` parameter (torch 2.11+).
+- ``HAS_OPAQUE_TYPE``: this torch can register a hoisted opaque type (torch 2.11+; how, per
+  version, is ``layerpass/torch_compat.py``'s business).
 - ``LAYERNAME_ENV_ON``: the variable's value (unset means on).
 - ``USE_LAYERNAME = HAS_OPAQUE_TYPE and LAYERNAME_ENV_ON``.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
+
+from layerpass.torch_compat import HAS_OPAQUE_TYPE
 
 ENV_VAR = "VLLM_USE_LAYERNAME"
 _TRUE = ("1", "true", "yes", "on")
@@ -51,15 +52,6 @@ def parse_bool_env(name: str, value: str | None, default: bool) -> bool:
     )
 
 
-def _has_opaque_type() -> bool:
-    try:
-        from torch._library.opaque_object import register_opaque_type
-    except ImportError:
-        return False
-    return "hoist" in inspect.signature(register_opaque_type).parameters
-
-
-HAS_OPAQUE_TYPE: bool = _has_opaque_type()
 LAYERNAME_ENV_ON: bool = parse_bool_env(ENV_VAR, os.environ.get(ENV_VAR), default=True)
 USE_LAYERNAME: bool = HAS_OPAQUE_TYPE and LAYERNAME_ENV_ON
 

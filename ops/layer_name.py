@@ -1,7 +1,7 @@
 """``LayerName``: a layer's identity as a hoisted opaque value.
 
-Registered with ``register_opaque_type(..., typ="value", hoist=True)``, torch.compile
-lifts every ``LayerName`` reaching a custom op to a graph *input* instead of baking a
+Registered as a hoisted opaque constant type (``layerpass/torch_compat.py`` knows how each torch
+spells it), torch.compile lifts every ``LayerName`` reaching a custom op to a graph *input* instead of baking a
 string constant into the graph, so N identical layers trace to N identical pieces.
 
 Design choice (torch 2.13): a ``LayerName`` stored as a module attribute is still
@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Union
 
 from layerpass.envs import HAS_OPAQUE_TYPE, USE_LAYERNAME
+from layerpass.torch_compat import LAYER_NAME_METACLASS, register_layer_name
 
 
-class LayerName:
+class LayerName(metaclass=LAYER_NAME_METACLASS):
     """Value-type wrapper of a layer's registered prefix (e.g. ``model.layers.3.self_attn.attn``)."""
 
     __slots__ = ("value", "__weakref__")  # proxy tracing (make_fx / AOT) keeps weak refs to inputs
@@ -41,9 +42,7 @@ class LayerName:
 
 
 if HAS_OPAQUE_TYPE:
-    from torch._library.opaque_object import register_opaque_type
-
-    register_opaque_type(LayerName, typ="value", hoist=True)
+    register_layer_name(LayerName)
 
 if TYPE_CHECKING:
     LayerNameType = Union[str, LayerName]

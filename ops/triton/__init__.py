@@ -44,6 +44,25 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _release(package: str) -> tuple[int, ...]:
+    import importlib.metadata
+    import re
+
+    return tuple(int(n) for n in re.findall(r"\d+", importlib.metadata.version(package))[:2])
+
+
+def interpreter_unusable() -> str | None:
+    """Why the Triton interpreter (``TRITON_INTERPRET=1``, the CPU runs of the kernels) cannot run
+    them here, or None. Compiled kernels on a GPU are not affected."""
+    if not triton_available():
+        return "triton is not installed (optional extra: pip install 'layerpass[triton]')"
+    triton, numpy = _release("triton"), _release("numpy")
+    if triton < (3, 7) and numpy >= (2, 4):  # its loop bounds go through int(1-element array)
+        return (f"the Triton {'.'.join(map(str, triton))} interpreter fails under numpy {'.'.join(map(str, numpy))} "
+                "(numpy 2.4 refuses int() of a 1-element array); use numpy<2.4 with it, or triton>=3.7")
+    return None
+
+
 def triton_kernel(op_name: str) -> Callable[..., Any]:
     """The Triton wrapper serving ``layerpass::<op_name>`` (imports its module, hence triton)."""
     if op_name not in TRITON_KERNELS:

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layerpass.backend.aot import ArgBinder, has_aot_api
+from layerpass.backend.aot import ArgBinder
 
 
 def _plain(self, x, y=2):  # noqa: ANN001, ANN202
@@ -82,8 +82,3 @@ def test_hf_style_forward_binds_without_inspect(monkeypatch) -> None:
                      "kwargs": {"position_embeddings": (1, 2)}}
     assert wrapper.bind("layer", ("h",), {"mask": None}) == {"self": "layer", "args": ("h",), "kwargs": {"mask": None}}
     assert calls == []
-
-
-def test_this_torch_has_the_aot_api() -> None:
-    """torch 2.13 (pinned) saves and loads traced programs; a torch without it is refused regions."""
-    assert has_aot_api()

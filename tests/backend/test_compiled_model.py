@@ -81,10 +81,12 @@ def test_model_without_repeated_layers_compiles_whole() -> None:
 
 
 def test_torch_without_the_aot_api_compiles_whole_and_says_why() -> None:
-    with mock.patch.object(cm, "has_aot_api", lambda: False):
+    lacks = "torch 2.10 lacks torch.compiler.load_compiled_function"
+    with mock.patch.object(cm, "aot_api_missing", lambda: lacks):
         report = run_compiled(bh.Stack(3).eval(), torch.randn(5, 8), "no-aot")
     assert report.trace == "whole-model"
-    assert any("aot_compile" in n for n in report.notes), report.notes
+    assert report.warm_start == f"off: {lacks}"
+    assert any(lacks in n for n in report.notes), report.notes
 
 
 class Breaks(nn.Module):

@@ -200,6 +200,7 @@ def test_through_the_real_backend() -> None:
 
 # ---------------------------------------------------------------- the regions path (layerpass.compile)
 @needs_layername
+@bh.shared_regions
 def test_regions_are_diagnosed_per_layer_group() -> None:
     """Broken blocks bake their name in: each is a region and a compile of its own (a finding); the
     healthy block's region differs in structure. A healthy stack is one region, and OK."""

@@ -62,6 +62,7 @@ def test_region_traces_do_not_grow_with_depth(layers: int) -> None:
     assert [p.source for p in report.pieces] == ["compiled"] + ["shared"] * (layers - 1)
 
 
+@bh.shared_regions
 def test_zoo_region_count_is_independent_of_depth() -> None:
     two, eight = bh.compiled_zoo("llama", 2), bh.compiled_zoo("llama", 8)
     for c in (two, eight):

@@ -60,6 +60,12 @@ def load_interpreted(name: str) -> ModuleType:
     triton = pytest.importorskip("triton", reason="triton is not installed (optional extra: pip install 'layerpass[triton]')")
     from triton.runtime.interpreter import InterpretedFunction
 
+    from layerpass.ops.triton import interpreter_unusable
+
+    unusable = interpreter_unusable()
+    if unusable:
+        pytest.skip(unusable, allow_module_level=True)
+
     with interpreter_env():
         module = importlib.import_module(f"{KERNEL_PACKAGE}.{name}")
     kernels = [v for v in vars(module).values() if isinstance(v, triton.runtime.JITFunction)]

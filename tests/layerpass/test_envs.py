@@ -8,7 +8,6 @@ must happen at ``import layerpass``, in a subprocess.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 import subprocess
 import sys
@@ -16,12 +15,12 @@ import textwrap
 from types import ModuleType
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import layerpass
 from layerpass import envs as config
+from layerpass import torch_compat
 
 ON = ["1", "true", "yes", "on"]
 OFF = ["0", "false", "no", "off"]
@@ -73,19 +72,15 @@ def test_module_constants_for_each_value(monkeypatch: pytest.MonkeyPatch, value:
     assert cfg.USE_LAYERNAME is (cfg.HAS_OPAQUE_TYPE and env_on)
 
 
-def test_has_opaque_type_matches_this_torch() -> None:
-    """torch 2.11+ has ``register_opaque_type(..., hoist=...)``; the check inspects the signature."""
-    from torch._library.opaque_object import register_opaque_type  # noqa: PLC0415
-
-    assert config.HAS_OPAQUE_TYPE == ("hoist" in inspect.signature(register_opaque_type).parameters)
-    if torch.__version__ >= "2.11":
-        assert config.HAS_OPAQUE_TYPE
+def test_has_opaque_type_is_torch_compat_s() -> None:
+    """The switch's torch half comes from ``torch_compat`` (tested there); the package re-exports both."""
+    assert config.HAS_OPAQUE_TYPE is torch_compat.HAS_OPAQUE_TYPE
     assert layerpass.HAS_OPAQUE_TYPE is config.HAS_OPAQUE_TYPE and layerpass.USE_LAYERNAME is config.USE_LAYERNAME
 
 
-def test_old_torch_falls_back_to_str(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the opaque-object module (torch < 2.11) the switch is off even when asked on."""
-    monkeypatch.setitem(sys.modules, "torch._library.opaque_object", None)  # makes the import fail
+def test_torch_without_opaque_types_falls_back_to_str(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without hoistable opaque types (torch < 2.11) the switch is off even when asked on."""
+    monkeypatch.setattr(torch_compat, "HAS_OPAQUE_TYPE", False)
     cfg = fresh_config(monkeypatch, "1")
     assert cfg.HAS_OPAQUE_TYPE is False and cfg.LAYERNAME_ENV_ON is True and cfg.USE_LAYERNAME is False
 

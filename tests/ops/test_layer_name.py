@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch._library import opaque_object
 
 import layerpass.ops  # noqa: F401  (registers the ops)
 from layerpass.envs import HAS_OPAQUE_TYPE, USE_LAYERNAME
+from layerpass.torch_compat import is_hoisted_constant
 from layerpass.ops import LayerName, LayerNameType, encode_layer_name, op_overload, resolve_layer_name
 from layerpass.ops.library import schema_of
 
@@ -57,8 +57,7 @@ def test_rejects_non_str(bad) -> None:
 
 @pytest.mark.skipif(not HAS_OPAQUE_TYPE, reason="torch without hoistable opaque types")
 def test_registered_as_hoisted_value_type() -> None:
-    assert opaque_object.is_opaque_value_type(LayerName)
-    assert opaque_object.should_hoist(LayerName)
+    assert is_hoisted_constant(LayerName)
 
 
 def test_encode_and_resolve() -> None:

@@ -18,7 +18,8 @@ import pytest
 
 from layerpass.ops import OPS, op_overload
 from layerpass.ops.library import schema_of
-from layerpass.ops.triton import TRITON_KERNELS, register_triton_kernels, triton_available, triton_kernel
+from layerpass.ops.triton import (TRITON_KERNELS, interpreter_unusable, register_triton_kernels, triton_available,
+                                  triton_kernel)
 
 
 def _run(code: str, env: dict[str, str] | None = None) -> str:
@@ -42,6 +43,7 @@ def test_every_kernel_serves_a_registered_op_with_its_signature() -> None:
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed (optional extra: pip install 'layerpass[triton]')")
+@pytest.mark.skipif(interpreter_unusable() is not None, reason=str(interpreter_unusable()))
 def test_ops_dispatch_to_the_triton_kernels() -> None:
     out = _run(
         """
