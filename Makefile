@@ -62,7 +62,7 @@ test-torch: | $(TORCH_VENV)/bin/python
 	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
 	grep -Ev '^(triton|setuptools)==' constraints.txt > $(TORCH_VENV)/constraints.txt
 	$(TORCH_VENV)/bin/python -m pip install -q -c $(TORCH_VENV)/constraints.txt "torch==$(TORCH)" \
-		"setuptools>=77" -e ".[test,transformers,triton]" build
+		"setuptools>=77" -e ".[test,transformers,triton,fleet]" build
 	$(TORCH_VENV)/bin/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 clean:
