@@ -39,10 +39,12 @@ from layerpass.passes.pass_manager import PassManager
 
 from .cache import ArtifactCache, cache_key
 from .config import CompilationConfig
+from .isa_probe import inductor_isa_config, wait_for_cpu_isa_probe
 from .piece_hash import PieceSignature, piece_signature
 from .program import PieceCall, PieceRunner, PiecewiseProgram
 from .report import CompileReport, PieceInfo, publish
 from .split import SplitResult, split_graph
+from .timeline import span
 from .trace_deps import traced_code_of_this_trace
 
 logger = logging.getLogger("layerpass")
@@ -281,7 +283,8 @@ class LayerpassBackend:
                        static: bool = False) -> tuple[Any, dict[str, Any]]:
         # a static variant specialises on the real args; otherwise reuse Dynamo's symbolic shapes
         dynamic_shapes = "from_example_inputs" if static else "from_tracing_context"
-        with self.pass_manager.piece(name, context) as run:
+        wait_for_cpu_isa_probe()  # the first piece's codegen needs its answer; it ran during Dynamo's trace
+        with span(f"compile piece {name}"), inductor_isa_config(), self.pass_manager.piece(name, context) as run:
             artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes=dynamic_shapes,
                                                           options=self._inductor_options())
         return artifact, run.as_dict()

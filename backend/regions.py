@@ -38,6 +38,7 @@ from .guard_pickling import saveable_guards
 from .isa_probe import wait_for_cpu_isa_probe
 from .region import Region
 from .signature import layer_signature
+from .timeline import span
 from .trace_deps import GuardRecorder, record_deps, recording_traced_code
 from .warm_start import ProgramStore
 
@@ -210,7 +211,8 @@ class Regions:
         if self.store is not None and type(layer) not in self.loaded_classes:
             self.loaded_classes.add(type(layer))
             t0 = time.perf_counter()
-            loaded = self.store.load(type(layer))
+            with span(f"load programs {type(layer).__qualname__}"):
+                loaded = self.store.load(type(layer))
             for region in loaded:
                 self.regions.append(region)
                 if self.run is not None:
@@ -242,7 +244,7 @@ class Regions:
                 self.run.wall_s += time.perf_counter() - t0
 
     def _compile(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Region:
-        wait_for_cpu_isa_probe()  # before the clock: Inductor start-up, not tracing
+        # (Inductor's CPU ISA probe is waited for by the backend, after Dynamo's trace: they overlap)
         t0 = time.perf_counter()
         # trace on fresh copies: the caller's tensors are neither marked nor aliased by the trace
         example_args, example_kwargs = pytree.tree_map_only(torch.Tensor, _fresh_copy, (args, kwargs))
@@ -252,9 +254,10 @@ class Regions:
         # the trace must not see the routing attribute (it would reach this object's state)
         routed = vars(layer).pop("forward", None)
         try:
-            region, not_saveable = self._trace_ahead_of_time(layer, forward, example_args, example_kwargs)
-            if region is None:
-                region = self._trace_in_memory(layer, forward, example_args, example_kwargs, not_saveable)
+            with span(f"trace {type(layer).__qualname__} (Dynamo, then its pieces' compile)"):
+                region, not_saveable = self._trace_ahead_of_time(layer, forward, example_args, example_kwargs)
+                if region is None:
+                    region = self._trace_in_memory(layer, forward, example_args, example_kwargs, not_saveable)
         finally:
             if routed is not None:
                 layer.forward = routed
@@ -265,7 +268,8 @@ class Regions:
             self.run.new_regions.append(region)
             self.run.wall_s += wall
         if self.store is not None:
-            self.store.save(region)
+            with span(f"save program {type(layer).__qualname__}"):
+                self.store.save(region)
         return region
 
     def _trace_ahead_of_time(self, layer: nn.Module, forward: Any, args: tuple[Any, ...],

@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from .timeline import Span, format_timeline
+
 logger = logging.getLogger("layerpass")
 
 
@@ -46,6 +48,9 @@ class CompileReport:
     warm_start: str = "off"  # "loaded" (no Dynamo), "saved", "fallback: <why>", "off" (disabled)
     pieces: list[PieceInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # where the call went (layerpass.compile): ISA probe, model key, Dynamo, each piece's compile, saves,
+    # loads, in seconds from the compile call (first call) or the call; ``format_timeline()`` prints it
+    timeline: list[Span] = field(default_factory=list)
 
     def add_piece(self, info: PieceInfo, stats: dict[str, Any], first_here: bool) -> None:
         """Count one piece of a compiled graph: its fusions per use, and what obtaining it cost
@@ -91,6 +96,10 @@ class CompileReport:
             for name, t in other.pass_time_s.items():
                 _add(self.pass_time_s, name, t)
         self.num_unique_pieces = len({p.key for p in self.pieces if p.kind == "compiled"})
+
+    def format_timeline(self) -> str:
+        """The timeline as text, one span a line, by start time."""
+        return format_timeline(self.timeline)
 
     def summary(self) -> str:
         return (
