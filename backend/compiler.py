@@ -160,6 +160,8 @@ class LayerpassBackend:
     def compile_graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any], whole_layer: bool = False) -> PiecewiseProgram:
         t_enter = time.perf_counter()
         self.num_calls += 1
+        # Dynamo has traced: now Inductor (a piece's compile or load) needs the ISA probe's answer
+        wait_for_cpu_isa_probe()
         cfg = self.config
         # Dynamo's own time is measured by whoever drives it (layerpass.compile); 0 under a bare torch.compile
         report = CompileReport(split=cfg.split, recompiles=self.num_calls - 1)
@@ -283,7 +285,7 @@ class LayerpassBackend:
                        static: bool = False) -> tuple[Any, dict[str, Any]]:
         # a static variant specialises on the real args; otherwise reuse Dynamo's symbolic shapes
         dynamic_shapes = "from_example_inputs" if static else "from_tracing_context"
-        wait_for_cpu_isa_probe()  # the first piece's codegen needs its answer; it ran during Dynamo's trace
+        wait_for_cpu_isa_probe()  # (a static variant compiled at run time, after no other piece)
         with span(f"compile piece {name}"), inductor_isa_config(), self.pass_manager.piece(name, context) as run:
             artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes=dynamic_shapes,
                                                           options=self._inductor_options())

@@ -61,14 +61,20 @@ def inductor_isa_config() -> contextlib.AbstractContextManager[None]:
 
 
 def probe_cpu_isa_in_background(model: nn.Module, cache_dir: str | None) -> None:
-    """Start Inductor's CPU vector-ISA probe now, in a thread, for a model with CPU weights; or,
-    if ``cache_dir`` holds this machine's answer and it says every ISA passed, take that instead
-    (``isa_answer``: no test builds, no child processes). A probe run here saves its answer there.
+    """Start Inductor's CPU vector-ISA probe now, in a thread, for a model with CPU weights; if
+    ``cache_dir`` holds this machine's answer and it says every ISA passed, the thread takes that
+    instead (``isa_answer``: no test builds and child processes but the one check an ISA class makes
+    of itself). A probe run here saves its answer there. The thread also computes Inductor's hash of
+    its own sources (``torch_key``, about a second once per process: every piece's compile and load
+    needs it), so that overlaps too.
 
-    The probe (``pick_vec_isa``: small test builds, each loaded in a child process) costs about a
-    second once per process, and the first compiled or loaded CPU piece waits for it. Started here it
-    overlaps with the rest of the first call (imports, model key, loading programs) instead of adding
-    to it. Its result is cached by Inductor; a failure here only means the piece probes again."""
+    The probe (``pick_vec_isa``: small test builds, each loaded in a child process) costs one to
+    several seconds once per process, and the first compiled or loaded CPU piece waits for it.
+    Started here it overlaps with the rest of the first call (Dynamo, the model key, loading
+    programs) instead of adding to it. Its result is cached by Inductor; a failure here only means
+    the piece probes again. (The saved answer's switch, set in this thread, is Inductor's global
+    config for a moment: the main thread reads it only in Inductor's work, which waits for this
+    thread first.)"""
     if not any(p.device.type == "cpu" for p in model.parameters()):
         return
 
@@ -77,20 +83,26 @@ def probe_cpu_isa_in_background(model: nn.Module, cache_dir: str | None) -> None
     if cpu_vec_isa.valid_vec_isa_list.cache_info().currsize:  # this process has probed already
         return
     persist = cache_dir is not None and not user_decided()
+    saved = persist and saved_all_valid(cache_dir)
     start = time.perf_counter()
-    if persist and saved_all_valid(cache_dir):
-        with contextlib.suppress(Exception), assume_valid(True):
-            cpu_vec_isa.pick_vec_isa()  # fills Inductor's per-process ISA list without probing
-            _assumed[:] = [True]
-            _probe_span[:] = ["isa probe (this machine's saved answer)", start, time.perf_counter()]
-            return
 
     def probe() -> None:
         with contextlib.suppress(Exception):
-            cpu_vec_isa.pick_vec_isa()
-            if persist:
-                save_answer(cache_dir)
-        _probe_span[:] = ["isa probe (background thread)", start, time.perf_counter()]
+            if saved:
+                with assume_valid(True):
+                    cpu_vec_isa.pick_vec_isa()  # fills Inductor's per-process ISA list without probing
+                _assumed[:] = [True]
+            else:
+                cpu_vec_isa.pick_vec_isa()
+                if persist:
+                    save_answer(cache_dir)
+        with contextlib.suppress(Exception):
+            from torch._inductor.codecache import torch_key
+
+            torch_key()
+        what = "this machine's saved answer" if saved else "probe"
+        _probe_span[:] = [f"isa probe (background thread: {what}; Inductor's source hash)", start, time.perf_counter()]
+
     thread = threading.Thread(target=probe, name="layerpass-isa-probe", daemon=True)
     thread.start()
     _isa_probe.append(thread)
