@@ -25,7 +25,7 @@ from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
 from .regions import Regions, RegionsRun, find_layer_container
 from .report import CompileReport, publish
-from .timeline import Timeline, recording, span
+from .timeline import Timeline, span
 from .warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
@@ -53,7 +53,7 @@ class CompiledModel(nn.Module):
         self._warned_training = False
         # the compile call's own work, put on the first call's timeline (it starts at the compile call)
         self._first_timeline = Timeline(self._created)
-        with recording(self._first_timeline), span("start the ISA probe (or read its saved answer)"):
+        with self._first_timeline, span("start the ISA probe (or read its saved answer)"):
             probe_cpu_isa_in_background(model, None if config.disable_cache else str(config.cache_dir))
         start = time.perf_counter()
         container = find_layer_container(model)
@@ -76,7 +76,7 @@ class CompiledModel(nn.Module):
         with self._lock:
             self.num_calls += 1
             timeline = self._first_timeline if self.num_calls == 1 else Timeline(time.perf_counter())
-            with recording(timeline):
+            with timeline:
                 if self.regions is not None and self.regions.failed is None and not self._training():
                     return self._run_regions(args, kwargs, timeline)
                 if self.compiled is None:  # regions are inference-only: training compiles the whole model

@@ -23,21 +23,27 @@ import os
 import platform
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 logger = logging.getLogger("layerpass")
 
 FORMAT = 1
 
 
-def _candidates() -> list[str] | None:
-    """The ISAs Inductor's probe would test on this CPU (each with its compiler flags); None off x86."""
+def candidate_isas() -> list[Any] | None:
+    """The ISAs (Inductor's ``VecISA`` objects) its probe tests on this CPU, best first; None off x86."""
     from torch._inductor import cpu_vec_isa
 
     if platform.machine() not in ("x86_64", "AMD64") or sys.platform not in ("linux", "win32"):
         return None
     flags = cpu_vec_isa.x86_isa_checker()  # the same filter as Inductor's valid_vec_isa_list
-    return [f"{isa} [{isa.build_arch_flags()}]" for isa in cpu_vec_isa.supported_vec_isa_list
-            if all(flag in flags for flag in str(isa).split())]
+    return [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(flag in flags for flag in str(isa).split())]
+
+
+def _candidates() -> list[str] | None:
+    """The candidates as saved: each ISA with its compiler flags."""
+    isas = candidate_isas()
+    return None if isas is None else [f"{isa} [{isa.build_arch_flags()}]" for isa in isas]
 
 
 def _key(candidates: list[str]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from .isa_answer import assume_valid, save_answer, saved_all_valid, user_decided
+from .isa_answer import assume_valid, candidate_isas, save_answer, saved_all_valid, user_decided
 from .timeline import add_span, span
 
 _isa_probe: list[threading.Thread] = []
@@ -60,13 +60,45 @@ def inductor_isa_config() -> contextlib.AbstractContextManager[None]:
     return assume_valid(bool(_assumed))
 
 
+PROBE_SPAN = "Inductor start-up in the background: ISA probe, source hash, system key"
+
+
+def _check_each_isa_in_a_thread() -> list[threading.Thread]:
+    """Start each candidate ISA's check (``bool(isa)``: its test builds and child process) in a thread
+    of its own. The checks are independent (a file lock and build dir per ISA; Inductor caches each
+    answer per ISA object), so the probe takes its slowest check, not their sum; ``pick_vec_isa``
+    then reads the cached answers, in Inductor's order, and picks what it always would."""
+    checks = []
+    for isa in candidate_isas() or []:
+        check = threading.Thread(target=_check, args=(isa,), name=f"layerpass-isa-check-{isa}", daemon=True)
+        check.start()
+        checks.append(check)
+    return checks
+
+
+def _check(isa: Any) -> None:
+    with contextlib.suppress(Exception):  # a failing check is Inductor's to report when it probes itself
+        bool(isa)
+
+
+def _warm_inductor_keys(compiling: bool) -> None:
+    """Inductor's per-process keys: the hash of its own sources (``torch_key``: every piece's compile
+    and load needs it) and, for a compile, the system key (``get_system``, Triton's source hash
+    included when Triton is installed); up to a second or so each, cached by Inductor."""
+    with contextlib.suppress(Exception):
+        from torch._inductor.codecache import CacheBase, torch_key
+
+        torch_key()
+        if compiling:
+            CacheBase.get_system()
+
+
 def probe_cpu_isa_in_background(model: nn.Module, cache_dir: str | None) -> None:
     """Start Inductor's CPU vector-ISA probe now, in a thread, for a model with CPU weights; if
     ``cache_dir`` holds this machine's answer and it says every ISA passed, the thread takes that
     instead (``isa_answer``: no test builds and child processes but the one check an ISA class makes
-    of itself). A probe run here saves its answer there. The thread also computes Inductor's hash of
-    its own sources (``torch_key``, about a second once per process: every piece's compile and load
-    needs it), so that overlaps too.
+    of itself). A probe run here checks the ISAs in parallel and saves its answer there. The thread
+    also computes Inductor's per-process keys (``_warm_inductor_keys``), so those overlap too.
 
     The probe (``pick_vec_isa``: small test builds, each loaded in a child process) costs one to
     several seconds once per process, and the first compiled or loaded CPU piece waits for it.
@@ -87,21 +119,23 @@ def probe_cpu_isa_in_background(model: nn.Module, cache_dir: str | None) -> None
     start = time.perf_counter()
 
     def probe() -> None:
+        checks = [] if saved else _check_each_isa_in_a_thread()
+        # Python work, while the checks' builds and child processes run; a process with a saved answer
+        # most likely loads its pieces, which needs only the first key
+        _warm_inductor_keys(compiling=not saved)
+        for check in checks:
+            check.join()
         with contextlib.suppress(Exception):
             if saved:
                 with assume_valid(True):
                     cpu_vec_isa.pick_vec_isa()  # fills Inductor's per-process ISA list without probing
                 _assumed[:] = [True]
             else:
-                cpu_vec_isa.pick_vec_isa()
+                cpu_vec_isa.pick_vec_isa()  # reads the checks' answers (each cached by Inductor)
                 if persist:
                     save_answer(cache_dir)
-        with contextlib.suppress(Exception):
-            from torch._inductor.codecache import torch_key
-
-            torch_key()
         what = "this machine's saved answer" if saved else "probe"
-        _probe_span[:] = [f"isa probe (background thread: {what}; Inductor's source hash)", start, time.perf_counter()]
+        _probe_span[:] = [f"{PROBE_SPAN} ({what})", start, time.perf_counter()]
 
     thread = threading.Thread(target=probe, name="layerpass-isa-probe", daemon=True)
     thread.start()

@@ -1,7 +1,7 @@
 """Where a compiled call's time goes: named spans (ISA probe, Dynamo, each piece's compile, saves,
 loads) on one clock, for ``CompileReport.timeline``.
 
-``CompiledModel`` opens a ``Timeline`` per call (``recording``); the code that does the work marks
+``CompiledModel`` opens a ``Timeline`` per call (``with timeline:``); the code that does the work marks
 its spans with ``span(what)``, which costs nothing when no timeline is being recorded (a bare
 ``torch.compile(model, backend="layerpass")``). Times are seconds from the timeline's origin: the
 ``layerpass.compile`` call for a model's first call, the call itself afterwards.
@@ -31,11 +31,20 @@ class Span:
 
 
 class Timeline:
-    """The spans of one compiled call, in the order they ended (nested spans end first)."""
+    """The spans of one compiled call, in the order they ended (nested spans end first); ``with
+    timeline:`` makes it the one ``span`` records into, for the block."""
 
     def __init__(self, origin: float) -> None:
         self.origin = origin  # a time.perf_counter() value
         self.spans: list[Span] = []
+        self._tokens: list[contextvars.Token[Timeline | None]] = []
+
+    def __enter__(self) -> Timeline:
+        self._tokens.append(_current.set(self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._tokens.pop())
 
     def add(self, what: str, start: float, end: float) -> None:
         """Record a span given as two ``time.perf_counter()`` values."""
@@ -43,16 +52,6 @@ class Timeline:
 
 
 _current: contextvars.ContextVar[Timeline | None] = contextvars.ContextVar("layerpass_timeline", default=None)
-
-
-@contextlib.contextmanager
-def recording(timeline: Timeline) -> Iterator[Timeline]:
-    """Make ``timeline`` the one ``span`` records into, for this block."""
-    token = _current.set(timeline)
-    try:
-        yield timeline
-    finally:
-        _current.reset(token)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from layerpass.backend.timeline import Timeline, add_span, as_records, format_timeline, recording, span
+from layerpass.backend.timeline import Timeline, add_span, as_records, format_timeline, span
 
 
 def test_spans_are_recorded_only_while_recording() -> None:
@@ -13,7 +13,7 @@ def test_spans_are_recorded_only_while_recording() -> None:
         pass
     origin = time.perf_counter()
     timeline = Timeline(origin)
-    with recording(timeline):
+    with timeline:
         with span("outer"):
             with span("inner"):
                 time.sleep(0.01)
