@@ -60,7 +60,7 @@ def inductor_isa_config() -> contextlib.AbstractContextManager[None]:
     return assume_valid(bool(_assumed))
 
 
-PROBE_SPAN = "Inductor start-up in the background: ISA probe, source hash, system key"
+PROBE_SPAN = "Inductor's CPU ISA probe, in the background"
 
 
 def _check_each_isa_in_a_thread() -> list[threading.Thread]:
@@ -81,24 +81,13 @@ def _check(isa: Any) -> None:
         bool(isa)
 
 
-def _warm_inductor_keys(compiling: bool) -> None:
-    """Inductor's per-process keys: the hash of its own sources (``torch_key``: every piece's compile
-    and load needs it) and, for a compile, the system key (``get_system``, Triton's source hash
-    included when Triton is installed); up to a second or so each, cached by Inductor."""
-    with contextlib.suppress(Exception):
-        from torch._inductor.codecache import CacheBase, torch_key
-
-        torch_key()
-        if compiling:
-            CacheBase.get_system()
-
-
 def probe_cpu_isa_in_background(model: nn.Module, cache_dir: str | None) -> None:
     """Start Inductor's CPU vector-ISA probe now, in a thread, for a model with CPU weights; if
     ``cache_dir`` holds this machine's answer and it says every ISA passed, the thread takes that
     instead (``isa_answer``: no test builds and child processes but the one check an ISA class makes
-    of itself). A probe run here checks the ISAs in parallel and saves its answer there. The thread
-    also computes Inductor's per-process keys (``_warm_inductor_keys``), so those overlap too.
+    of itself). A probe run here checks the ISAs in parallel and saves its answer there. (Inductor's
+    per-process source hashes are left to the main thread: computed here they would take the GIL
+    from Dynamo's trace, measured 4x slower so.)
 
     The probe (``pick_vec_isa``: small test builds, each loaded in a child process) costs one to
     several seconds once per process, and the first compiled or loaded CPU piece waits for it.
@@ -119,11 +108,8 @@ def probe_cpu_isa_in_background(model: nn.Module, cache_dir: str | None) -> None
     start = time.perf_counter()
 
     def probe() -> None:
-        checks = [] if saved else _check_each_isa_in_a_thread()
-        # Python work, while the checks' builds and child processes run; a process with a saved answer
-        # most likely loads its pieces, which needs only the first key
-        _warm_inductor_keys(compiling=not saved)
-        for check in checks:
+        # (only the checks' builds and child processes: Python work here would take the GIL from Dynamo)
+        for check in [] if saved else _check_each_isa_in_a_thread():
             check.join()
         with contextlib.suppress(Exception):
             if saved:
