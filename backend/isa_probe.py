@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from .isa_answer import assume_valid, candidate_isas, save_answer, saved_all_valid, user_decided
+from .isa_answer import assume_valid, save_answer, saved_all_valid, user_decided
 from .timeline import add_span, span
 
 _isa_probe: list[threading.Thread] = []
@@ -63,31 +63,13 @@ def inductor_isa_config() -> contextlib.AbstractContextManager[None]:
 PROBE_SPAN = "Inductor's CPU ISA probe, in the background"
 
 
-def _check_each_isa_in_a_thread() -> list[threading.Thread]:
-    """Start each candidate ISA's check (``bool(isa)``: its test builds and child process) in a thread
-    of its own. The checks are independent (a file lock and build dir per ISA; Inductor caches each
-    answer per ISA object), so the probe takes its slowest check, not their sum; ``pick_vec_isa``
-    then reads the cached answers, in Inductor's order, and picks what it always would."""
-    checks = []
-    for isa in candidate_isas() or []:
-        check = threading.Thread(target=_check, args=(isa,), name=f"layerpass-isa-check-{isa}", daemon=True)
-        check.start()
-        checks.append(check)
-    return checks
-
-
-def _check(isa: Any) -> None:
-    with contextlib.suppress(Exception):  # a failing check is Inductor's to report when it probes itself
-        bool(isa)
-
-
 def probe_cpu_isa_in_background(model: nn.Module, cache_dir: str | None) -> None:
     """Start Inductor's CPU vector-ISA probe now, in a thread, for a model with CPU weights; if
     ``cache_dir`` holds this machine's answer and it says every ISA passed, the thread takes that
     instead (``isa_answer``: no test builds and child processes but the one check an ISA class makes
-    of itself). A probe run here checks the ISAs in parallel and saves its answer there. (Inductor's
-    per-process source hashes are left to the main thread: computed here they would take the GIL
-    from Dynamo's trace, measured 4x slower so.)
+    of itself). A probe run here saves its answer there. Measured on a loaded 2-core machine, and so
+    left out: checking the ISAs in parallel (their compilers took the cores from Dynamo's trace, 4x
+    slower) and Inductor's per-process source hashes beside it (they took the GIL from it).
 
     The probe (``pick_vec_isa``: small test builds, each loaded in a child process) costs one to
     several seconds once per process, and the first compiled or loaded CPU piece waits for it.
@@ -108,16 +90,13 @@ def probe_cpu_isa_in_background(model: nn.Module, cache_dir: str | None) -> None
     start = time.perf_counter()
 
     def probe() -> None:
-        # (only the checks' builds and child processes: Python work here would take the GIL from Dynamo)
-        for check in [] if saved else _check_each_isa_in_a_thread():
-            check.join()
         with contextlib.suppress(Exception):
             if saved:
                 with assume_valid(True):
                     cpu_vec_isa.pick_vec_isa()  # fills Inductor's per-process ISA list without probing
                 _assumed[:] = [True]
             else:
-                cpu_vec_isa.pick_vec_isa()  # reads the checks' answers (each cached by Inductor)
+                cpu_vec_isa.pick_vec_isa()
                 if persist:
                     save_answer(cache_dir)
         what = "this machine's saved answer" if saved else "probe"
