@@ -26,6 +26,7 @@ from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
 from .regions import Regions, RegionsRun, find_layer_container, token_dims
 from .report import CompileReport, publish
+from .timeline import Timeline, span
 from .warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
@@ -39,6 +40,7 @@ class CompiledModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: CompilationConfig) -> None:
         super().__init__()
+        self._created = time.perf_counter()  # the first call's timeline starts at the compile call
         self.model = model
         self.config = config
         self.backend = LayerpassBackend(config, publish_reports=False)
@@ -52,7 +54,11 @@ class CompiledModel(nn.Module):
         # one call at a time: regions route the shared layer modules, and a first call traces
         self._lock = threading.RLock()
         self._warned_training = False
-        probe_cpu_isa_in_background(model)
+        # the compile call's own work, put on the first call's timeline (it starts at the compile call)
+        self._first_timeline = Timeline(self._created)
+        with self._first_timeline, span("start the ISA probe (or read its saved answer)"):
+            probe_cpu_isa_in_background(model, None if config.disable_cache else str(config.cache_dir))
+        start = time.perf_counter()
         container = find_layer_container(model)
         if container is None:
             self._whole_model("no repeated layers (no ModuleList of two or more modules)")
@@ -61,6 +67,7 @@ class CompiledModel(nn.Module):
             self._whole_model(f"{missing}, so it cannot trace a layer ahead of time")
         else:
             self.regions = Regions(container, self.backend, None, config.dynamic_tokens, root=model)
+        self._first_timeline.add("find the layers, their structure signatures", start, time.perf_counter())
 
     def _whole_model(self, why: str) -> None:
         self.trace_note = why
@@ -72,11 +79,13 @@ class CompiledModel(nn.Module):
         check_model_inputs(self.model, args, kwargs)
         with self._lock:
             self.num_calls += 1
-            if self.regions is not None and self.regions.failed is None and not self._training():
-                return self._run_regions(args, kwargs)
-            if self.compiled is None:  # regions are inference-only: training compiles the whole model
-                self._whole_model("the model is in training mode (regions are inference-only)")
-            return self._run_whole_model(args, kwargs)
+            timeline = self._first_timeline if self.num_calls == 1 else Timeline(time.perf_counter())
+            with timeline:
+                if self.regions is not None and self.regions.failed is None and not self._training():
+                    return self._run_regions(args, kwargs, timeline)
+                if self.compiled is None:  # regions are inference-only: training compiles the whole model
+                    self._whole_model("the model is in training mode (regions are inference-only)")
+                return self._run_whole_model(args, kwargs, timeline)
 
     def _training(self) -> bool:
         if not self.model.training:
@@ -88,14 +97,15 @@ class CompiledModel(nn.Module):
                            "for the region path")
         return True
 
-    def _run_whole_model(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run_whole_model(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeline: Timeline) -> Any:
         if self.config.dynamic_tokens and not self.model.training:
             # (training-mode ops such as dropout guard on the token count: left to Dynamo's dynamism)
             args, kwargs = own_aliases(args, kwargs)  # marked, never the caller's tensors
             mark_token_dims([*args, *kwargs.values()])
         calls, t0 = self.backend.num_calls, time.perf_counter()
         out = self.compiled(*args, **kwargs)
-        wall = time.perf_counter() - t0
+        end = time.perf_counter()
+        wall = end - t0
         if self.backend.num_calls == 0:
             # Dynamo gave up before reaching the backend (e.g. its recompile limit for this
             # forward's code object): the model ran eagerly. Say so instead of pretending.
@@ -112,22 +122,27 @@ class CompiledModel(nn.Module):
             # Dynamo's share: the traced call's wall time less the backend's (and one run of the program)
             report.dynamo_s = max(0.0, wall - report.compile_s)
             report.total_s = report.dynamo_s + report.compile_s
+            timeline.add("whole model: Dynamo, its pieces' compile, one run", t0, end)
+            report.timeline = timeline.spans
         return out
 
-    def _run_regions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run_regions(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeline: Timeline) -> Any:
         assert self.regions is not None
         if self.regions.store is None and not self.config.disable_cache:
             # keyed at the first call, so passes added after compile() (add_pass) are in the key
-            self.regions.store = ProgramStore(self.backend.location, self.model, self.backend.key_parts())
+            with span("model key (warm-start store)"):
+                self.regions.store = ProgramStore(self.backend.location, self.model, self.backend.key_parts())
         notes = self.regions.begin_step()
         tokens = _token_count(args, kwargs)
+        start = time.perf_counter()
         with self.regions.installed(tokens) as run:
             out = self.model(*args, **kwargs)
+        timeline.add("the model's call (its layers' regions: traced, loaded or run)", start, time.perf_counter())
         run.notes.extend(notes)
         if self.regions.failed is not None:
             # this step ran that layer (and the ones after it) eagerly; from the next step on, whole model
             logger.warning("layerpass: %s; compiling the whole model instead", self.regions.failed)
-            report = self._regions_report(run)
+            report = self._regions_report(run, timeline)
             report.trace = "eager (this step; whole-model from the next)"
             report.notes.append(self.regions.failed)
             publish(report)
@@ -137,10 +152,10 @@ class CompiledModel(nn.Module):
             self._reported_eager |= run.eager_layers.keys()
             if run.new_regions:
                 self._region_calls_with_new += 1
-            publish(self._regions_report(run))
+            publish(self._regions_report(run, timeline))
         return out
 
-    def _regions_report(self, run: RegionsRun) -> CompileReport:
+    def _regions_report(self, run: RegionsRun, timeline: Timeline) -> CompileReport:
         """This call's report: each layer's use of its region merged in, what obtaining a region
         cost counted at its first use in the call that traced or loaded it."""
         assert self.regions is not None
@@ -158,6 +173,7 @@ class CompiledModel(nn.Module):
         report.eager_layers = dict(sorted(run.eager_layers.items()))
         if (why := region_per_layer()) is not None:
             report.notes.append(why)
+        report.timeline = timeline.spans
         return report
 
     @property

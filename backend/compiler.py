@@ -42,10 +42,12 @@ from layerpass.passes.pass_manager import PassManager
 from .cache import ArtifactCache, cache_key
 from .cache_location import CacheLocation, open_remote_store
 from .config import CompilationConfig
+from .isa_probe import inductor_isa_config, wait_for_cpu_isa_probe
 from .piece_hash import PieceSignature, piece_signature
 from .program import PieceCall, PieceRunner, PiecewiseProgram
 from .report import CompileReport, PieceInfo, publish
 from .split import SplitResult, split_graph
+from .timeline import span
 from .trace_deps import traced_code_of_this_trace
 
 logger = logging.getLogger("layerpass")
@@ -201,6 +203,8 @@ class LayerpassBackend:
         self.num_calls += 1
         if not whole_layer:
             self._count_frame()
+        # Dynamo has traced: now Inductor (a piece's compile or load) needs the ISA probe's answer
+        wait_for_cpu_isa_probe()
         cfg = self.config
         # Dynamo's own time is measured by whoever drives it (layerpass.compile); 0 under a bare torch.compile
         report = CompileReport(split=cfg.split, recompiles=self.num_recompiles,
@@ -356,7 +360,8 @@ class LayerpassBackend:
                        static: bool = False) -> tuple[Any, dict[str, Any]]:
         # a static variant specialises on the real args; otherwise reuse Dynamo's symbolic shapes
         dynamic_shapes = "from_example_inputs" if static else "from_tracing_context"
-        with self.pass_manager.piece(name, context) as run:
+        wait_for_cpu_isa_probe()  # (a static variant compiled at run time, after no other piece)
+        with span(f"compile piece {name}"), inductor_isa_config(), self.pass_manager.piece(name, context) as run:
             artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes=dynamic_shapes,
                                                           options=self._inductor_options())
         return artifact, run.as_dict()

@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch._dynamo.aot_compile_types import SerializableCallable
 
 from .report import CompileReport
+from .timeline import span
 
 FORMAT_VERSION = 2  # 2: sizes kept for re-splitting, PieceCall.num_args
 
@@ -141,7 +142,8 @@ class PiecewiseProgram(SerializableCallable):
         with ``backend``, which also compiles any static-size variant later."""
         if self.split_gm is None:
             assert self.graph is not None
-            self.split_gm, self._report = backend.install_saved(self.graph, self.pieces, self.state)
+            with span("load pieces (a saved program's artifacts)"):
+                self.split_gm, self._report = backend.install_saved(self.graph, self.pieces, self.state)
 
     def __call__(self, *args: Any) -> Any:
         if self.split_gm is None:

@@ -40,6 +40,7 @@ from .guard_pickling import saveable_guards
 from .isa_probe import wait_for_cpu_isa_probe
 from .region import Region
 from .signature import layer_signature
+from .timeline import span
 from .trace_deps import GuardRecorder, record_deps, recording_traced_code
 from .warm_start import ProgramStore
 
@@ -281,7 +282,8 @@ class Regions:
             return last
         if self.store is not None and type(layer) not in self.loaded_classes:
             t0 = time.perf_counter()
-            self._take_saved(type(layer))
+            with span(f"load programs {type(layer).__qualname__}"):
+                self._take_saved(type(layer))
             if self.run is not None:
                 self.run.wall_s += time.perf_counter() - t0
         for region in self.regions:
@@ -341,7 +343,7 @@ class Regions:
                 self.run.wall_s += time.perf_counter() - t0
 
     def _compile(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Region:
-        wait_for_cpu_isa_probe()  # before the clock: Inductor start-up, not tracing
+        # (Inductor's CPU ISA probe is waited for by the backend, after Dynamo's trace: they overlap)
         t0 = time.perf_counter()
         # trace on fresh copies: the caller's tensors are neither marked nor aliased by the trace
         example_args, example_kwargs = pytree.tree_map_only(torch.Tensor, _fresh_copy, (args, kwargs))
@@ -351,9 +353,10 @@ class Regions:
         # the trace must not see the routing attribute (it would reach this object's state)
         routed = vars(layer).pop("forward", None)
         try:
-            region, not_saveable = self._trace_ahead_of_time(layer, forward, example_args, example_kwargs)
-            if region is None:
-                region = self._trace_in_memory(layer, forward, example_args, example_kwargs, not_saveable)
+            with span(f"trace {type(layer).__qualname__} (Dynamo, then its pieces' compile)"):
+                region, not_saveable = self._trace_ahead_of_time(layer, forward, example_args, example_kwargs)
+                if region is None:
+                    region = self._trace_in_memory(layer, forward, example_args, example_kwargs, not_saveable)
         finally:
             if routed is not None:
                 layer.forward = routed
@@ -364,7 +367,8 @@ class Regions:
             self.run.new_regions.append(region)
             self.run.wall_s += wall
         if self.store is not None:
-            self.store.save(region)
+            with span(f"save program {type(layer).__qualname__}"):
+                self.store.save(region)
         return region
 
     def _trace_ahead_of_time(self, layer: nn.Module, forward: Any, args: tuple[Any, ...],

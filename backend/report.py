@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from .timeline import Span, format_timeline
+
 logger = logging.getLogger("layerpass")
 
 
@@ -54,6 +56,9 @@ class CompileReport:
     eager_layers: dict[int, str] = field(default_factory=dict)  # layer -> why it runs eagerly (on_compile_error="eager")
     pieces: list[PieceInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # where the call went (layerpass.compile): ISA probe, model key, Dynamo, each piece's compile, saves,
+    # loads, in seconds from the compile call (first call) or the call; ``format_timeline()`` prints it
+    timeline: list[Span] = field(default_factory=list)
 
     def add_piece(self, info: PieceInfo, stats: dict[str, Any], first_here: bool) -> None:
         """Count one piece of a compiled graph: its fusions per use, and what obtaining it cost
@@ -108,6 +113,10 @@ class CompileReport:
             if p.source in ("cache", "remote"):
                 self.pieces[i] = dataclasses.replace(p, source="waited")
         self.num_waited = len({p.key for p in self.pieces if p.source == "waited"})
+
+    def format_timeline(self) -> str:
+        """The timeline as text, one span a line, by start time."""
+        return format_timeline(self.timeline)
 
     def summary(self) -> str:
         return (

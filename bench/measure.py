@@ -46,7 +46,13 @@ class _CompileClock:
         self.dynamo_s = 0.0
         self.compile_s = 0.0
         self.frames = 0
+        self.origin = time.perf_counter()  # reset to the compile call by the caller
+        self.spans: list[dict[str, Any]] = []  # the same records as a layerpass report's timeline
         torch._dynamo.callback.on_compile_start(self._on_start)
+
+    def _span(self, what: str, start: float, end: float) -> None:
+        self.spans.append({"what": what, "start_s": start - self.origin, "end_s": end - self.origin,
+                           "duration_s": end - start})
 
     def _on_start(self, *_args: Any) -> None:
         self.start = time.perf_counter()
@@ -56,11 +62,14 @@ class _CompileClock:
             enter = time.perf_counter()
             if self.start:
                 self.dynamo_s += enter - self.start
+                self._span("Dynamo", self.start, enter)
             try:
                 return backend(gm, example_inputs)
             finally:
-                self.compile_s += time.perf_counter() - enter
+                done = time.perf_counter()
+                self.compile_s += done - enter
                 self.frames += 1
+                self._span("Inductor compile (its ISA probe included)", enter, done)
 
         return timed
 
@@ -100,6 +109,7 @@ def _layerpass_stats(before: int) -> dict[str, Any]:
     ``trace``, ``num_regions`` and ``warm_start`` are read with ``getattr``: a backend without them
     gives ``None``."""
     from layerpass.backend.report import compile_reports
+    from layerpass.backend.timeline import as_records
 
     reports = compile_reports(since=before)
     if not reports:
@@ -123,6 +133,7 @@ def _layerpass_stats(before: int) -> dict[str, Any]:
         "cache_hits": sum(r.num_cache_hits for r in reports),
         "fusion_matches": matches,
         "pass_failures": [f for r in reports for f in r.pass_failures],
+        "timeline": as_records(getattr(reports[0], "timeline", [])),  # the first call's
     }
 
 
@@ -183,18 +194,12 @@ def synced(device: str) -> Callable[[], None]:
 
 def _timed_steps(step: Any, fns: dict[str, Callable[..., Any]], repeats: int,
                  device: str = "cpu") -> dict[str, tuple[float, float]]:
-    """(median, min) milliseconds per step of each fn, interleaved so load drift hits all alike.
+    """(median, min) milliseconds per step of each fn, by ``layerpass step-time``'s method
+    (``step_time.interleaved_ms``: one step each in turn, the device synced around each). The min
+    is reported too: on a shared machine it is the figure least disturbed by other load."""
+    from .step_time import interleaved_ms
 
-    The min is reported too: on a shared machine it is the figure least disturbed by other load."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    sync = synced(device)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            t = time.perf_counter()
-            step.run(fn)
-            sync()
-            times[name].append((time.perf_counter() - t) * 1e3)
+    times = interleaved_ms(step, fns, repeats, sync=synced(device))
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
@@ -227,7 +232,7 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
             # "first call": from the compile call (a backend may load a saved program there) to the
             # end of the first compiled step; imports (Inductor's included, above, in every mode), model
             # build and the eager reference are outside
-            t = time.perf_counter()
+            t = clock.origin = time.perf_counter()
             compiled = _build_compiled(model, mode, clock)
             out = step.run(compiled)
             synced(device)()
@@ -236,7 +241,8 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
             if mode.startswith("layerpass"):
                 row.update(_layerpass_stats(before))
             else:
-                row.update({"dynamo_s": clock.dynamo_s, "compile_s": clock.compile_s, "graphs": clock.frames})
+                row.update({"dynamo_s": clock.dynamo_s, "compile_s": clock.compile_s, "graphs": clock.frames,
+                            "timeline": clock.spans})
             stage = "check"
             row["max_abs_err"] = float((out.float() - ref.float()).abs().max())
             row["ref_max_abs"] = float(ref.float().abs().max())

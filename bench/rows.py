@@ -14,11 +14,13 @@ from .schema import empty_row
 _COLD_FIELDS = ("dynamo_s", "compile_s", "first_call_s", "pieces", "unique_pieces", "compiled_pieces", "fusion_matches",
                 "max_abs_err", "ref_max_abs", "step_ms_compiled", "step_ms_eager", "step_ms_compiled_min",
                 "step_ms_eager_min", "repeats", "trace", "num_regions", "inductor_import_s")
+# row field <- cold process field
+_COLD_RENAMED = {"cold_timeline": "timeline"}
 # row field <- warm process field
 _WARM_FIELDS = {"warm_wall_s": "wall_s", "warm_start_s": "first_call_s", "warm_compile_s": "compile_s",
                 "warm_compiled_pieces": "compiled_pieces", "warm_cache_hits": "cache_hits",
                 "warm_max_abs_err": "max_abs_err", "warm_dynamo_s": "dynamo_s", "warm_warm_start": "warm_start",
-                "warm_inductor_import_s": "inductor_import_s"}
+                "warm_inductor_import_s": "inductor_import_s", "warm_timeline": "timeline"}
 
 
 def fusion_total(matches: dict[str, int]) -> int:
@@ -36,6 +38,8 @@ def merge(model: str, layers: int, mode: str, cold: dict[str, Any], warm: dict[s
     row["cold_wall_s"] = cold.get("wall_s")
     for k in _COLD_FIELDS:
         row[k] = cold.get(k)
+    for k, cold_key in _COLD_RENAMED.items():
+        row[k] = cold.get(cold_key)
     row["cold_warm_start"] = cold.get("warm_start")
     if row["fusion_matches"] is not None:
         row["fusion_matches_total"] = fusion_total(row["fusion_matches"])

@@ -18,6 +18,7 @@ _OPT_NUM = (int, float, type(None))
 _OPT_INT = (int, type(None))
 _OPT_STR = (str, type(None))
 _OPT_DICT = (dict, type(None))
+_OPT_LIST = (list, type(None))
 # Every row has exactly these keys; ``None`` where a figure was not measured (see bench/README.md).
 ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "model": (str,), "layers": (int,), "mode": (str,), "status": (str,), "reason": _OPT_STR,
@@ -33,7 +34,9 @@ ROW_FIELDS: dict[str, tuple[type, ...]] = {
     "step_ms_compiled_min": _OPT_NUM, "step_ms_eager_min": _OPT_NUM, "repeats": _OPT_INT,
     "cold_wall_s": _OPT_NUM, "warm_wall_s": _OPT_NUM, "timeout_s": _OPT_NUM,
     "inductor_import_s": _OPT_NUM, "warm_inductor_import_s": _OPT_NUM,
+    "cold_timeline": _OPT_LIST, "warm_timeline": _OPT_LIST,
 }
+SPAN_FIELDS = {"what": (str,), "start_s": (int, float), "end_s": (int, float), "duration_s": (int, float)}
 DOC_FIELDS = ("schema_version", "created", "machine", "config", "wall_s", "rows", "ratios")
 # figures an ``ok`` or ``mismatch`` row must have: it ran, cold and warm
 _MEASURED = ("first_call_s", "max_abs_err", "step_ms_compiled", "step_ms_eager", "warm_start_s")
@@ -82,6 +85,12 @@ def validate_row(row: Any) -> None:
     if fm is not None and not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                   for k, v in fm.items()):
         raise ValueError(f"fusion_matches must map pass name -> int, got {fm!r}")
+    for k in ("cold_timeline", "warm_timeline"):
+        for span in row[k] or []:
+            if not isinstance(span, dict) or set(span) != set(SPAN_FIELDS) or not all(
+                    isinstance(span[f], t) and not isinstance(span[f], bool) for f, t in SPAN_FIELDS.items()):
+                raise ValueError(f"results row field {k!r}: each span must be an object with exactly "
+                                 f"{', '.join(SPAN_FIELDS)} (what: str, the rest numbers), got {span!r}")
     for k in _NON_NEGATIVE:
         if row[k] is not None and row[k] < 0:
             raise ValueError(f"results row field {k!r} must be >= 0, got {row[k]}")

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -55,6 +56,24 @@ class Row:
         return self.layerpass_ms / self.inductor_ms
 
 
+def interleaved_ms(step: Any, fns: dict[str, Callable[..., Any]], repeats: int,
+                   sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Milliseconds of each of ``fns``' steps: the fns take turns, one ``step.run(fn)`` each, for
+    ``repeats`` rounds, so drift in the machine's load hits them alike; ``sync`` (a device's
+    synchronize) is waited for before and after each step. The one step-time method:
+    ``layerpass step-time``, the sweep's step column and ``gpu-check`` (``bench/measure.py``) all
+    time with it and report the median."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            step.run(fn)
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def measure(name: str, layers: int, batches: Sequence[str], repeats: int, log: Callable[[str], None]) -> list[Row]:
     import layerpass
     from layerpass.models import build_model, make_step
@@ -76,13 +95,7 @@ def measure(name: str, layers: int, batches: Sequence[str], repeats: int, log: C
                 t0 = time.perf_counter()
                 outs[mode] = step.run(fn)  # compiles (first call), then the timed loop below
                 log(f"  {name} x{layers} {batch}: {mode} first call {time.perf_counter() - t0:.1f} s")
-            times: dict[str, list[float]] = {m: [] for m in compiled}
-            for _ in range(repeats):
-                for mode, fn in compiled.items():
-                    t0 = time.perf_counter()
-                    step.run(fn)
-                    times[mode].append(time.perf_counter() - t0)
-            ms = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+            ms = {m: statistics.median(t) for m, t in interleaved_ms(step, compiled, repeats).items()}
             err = (outs["layerpass"].float() - outs["eager"].float()).abs().max().item()
             rows.append(Row(name, layers, batch, ms["eager"], ms["layerpass"], ms["inductor"], err))
         finally:

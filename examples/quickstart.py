@@ -10,7 +10,7 @@ compiled = layerpass.compile(model, layerpass.CompilationConfig(disable_cache=Tr
 with torch.no_grad():
     eager, fused = step.run(model), step.run(compiled)          # run(fn) sets the forward context
 report = layerpass.last_compile_report()
-print(report.summary())                      # 8 pieces (2 unique, 2 compiled, 0 from cache) ...
-print(report.trace, report.num_regions)      # regions 2: each distinct layer traced once
+print(report.summary())                      # 8 pieces (1 unique, 1 compiled, 0 from cache) ...
+print(report.trace, report.num_regions)      # regions 1: each distinct layer traced once
 print("fusions:", report.matches)           # attention+quant, norm+quant, act+quant on every layer
 print("max |eager - compiled| =", (eager - fused).abs().max().item())

@@ -106,7 +106,11 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, prefix=f"{prefix}.norm")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
+        hidden_states = self.embed_tokens(input_ids)
+        # the first layer gets a zero residual, not None: fused_add_rms_norm(x, 0) is exactly
+        # (rms_norm(x), x), and every layer then takes the same arguments, so layerpass.compile
+        # traces and compiles one region for all of them instead of one for the first and one for the rest
+        residual = torch.zeros_like(hidden_states)
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)

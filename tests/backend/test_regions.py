@@ -68,8 +68,39 @@ def test_zoo_region_count_is_independent_of_depth() -> None:
     for c in (two, eight):
         bh.assert_matches(c.out, c.ref, "llama regions")
         assert c.report.trace == "regions"
-    if layerpass.USE_LAYERNAME:  # the first layer (no residual yet) and the rest
-        assert two.report.num_regions == eight.report.num_regions == 2
+    if layerpass.USE_LAYERNAME:  # the first layer gets a zero residual: every layer takes one region
+        assert two.report.num_regions == eight.report.num_regions == 1
+
+
+
+def test_a_first_layer_given_no_residual_is_a_region_of_its_own() -> None:
+    """vLLM's convention (the first layer gets ``residual=None``) computes the same thing by
+    another branch: ``None``-ness is a guard, so that layer gets its own region, never the others'."""
+    from layerpass.models import build_model, make_step
+
+    model = build_model("llama", num_layers=3).eval()
+    inner = model.model
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, residual = inner.embed_tokens(input_ids), None
+        for layer in inner.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        return inner.norm(hidden, residual)[0]
+
+    step = make_step(model, **bh.STANDARD_STEP)
+    with torch.no_grad():
+        ref = step.run(model)  # the zoo's zero residual
+        inner.forward = forward
+        none_ref = step.run(model)
+        compiled = layerpass.compile(model, CompilationConfig(cache_dir=bh.fresh_cache_dir("none-residual")))
+        out = step.run(compiled)
+    torch.testing.assert_close(none_ref, ref, atol=0, rtol=0)  # the zero residual is exact
+    bh.assert_matches(out, none_ref, "llama, first layer given None")
+    report = layerpass.last_compile_report()
+    if layerpass.USE_LAYERNAME:
+        assert report.num_regions == 2 and report.num_unique_pieces == 2, report.summary()
+        keys = [p.key for p in report.pieces]
+        assert keys[0] != keys[1] == keys[2], keys
 
 
 # ---------------------------------------------------------------- layers that must not share

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from layerpass.backend.isa_probe import PROBE_SPAN
 from tests.helpers import backend as bh
 
 MODEL_SOURCE = '''
@@ -67,7 +68,7 @@ with torch.no_grad():
 r = layerpass.last_compile_report()
 emit({{"err": (out - ref).abs().max().item(), "warm_start": r.warm_start, "dynamo_s": r.dynamo_s,
        "num_compiled": r.num_compiled, "num_regions": r.num_regions, "trace": r.trace,
-       "recompiles": compiled.recompiles}})
+       "recompiles": compiled.recompiles, "timeline": [s.what for s in r.timeline]}})
 """
 
 
@@ -108,6 +109,14 @@ def test_warm_start_traces_nothing(model_dir: Path) -> None:
     warm = assert_ok(run(model_dir, cache, forbid_tracing=True))
     assert warm["warm_start"] == "loaded" and warm["num_compiled"] == 0 and warm["dynamo_s"] == 0.0, warm
     assert warm["num_regions"] == cold["num_regions"] == 1
+    # the timeline says where each first call went
+    assert {"trace Block (Dynamo, then its pieces' compile)", "compile piece submod_0", "save program Block",
+            PROBE_SPAN + " (probe)"} <= set(cold["timeline"]), cold["timeline"]
+    assert "load pieces (a saved program's artifacts)" not in cold["timeline"]
+    assert {"load programs Block", "load pieces (a saved program's artifacts)"} <= set(warm["timeline"]), warm
+    assert not any(s.startswith(("trace ", "compile piece", "save program")) for s in warm["timeline"]), warm
+    # the cold process saved this machine's ISA probe answer: the warm one takes it instead of probing
+    assert PROBE_SPAN + " (this machine's saved answer)" in warm["timeline"], warm
 
 
 @pytest.mark.slow

@@ -32,9 +32,11 @@ def valid_row() -> dict[str, Any]:
     cold = {"status": "ok", "wall_s": 3.0, "dynamo_s": 1.0, "compile_s": 2.0, "first_call_s": 3.1, "max_abs_err": 0.0,
             "ref_max_abs": 2.0, "step_ms_compiled": 1.0, "step_ms_eager": 2.0, "step_ms_compiled_min": 0.9,
             "step_ms_eager_min": 1.8, "repeats": 5, "pieces": 4, "unique_pieces": 4, "compiled_pieces": 4,
-            "fusion_matches": {"fuse_norm_quant": 2}, "trace": "regions", "num_regions": 2, "warm_start": "saved"}
+            "fusion_matches": {"fuse_norm_quant": 2}, "trace": "regions", "num_regions": 2, "warm_start": "saved",
+            "timeline": [{"what": "trace DecoderLayer", "start_s": 0.1, "end_s": 3.0, "duration_s": 2.9}]}
     warm = {"status": "ok", "wall_s": 1.0, "first_call_s": 0.5, "compile_s": 0.3, "dynamo_s": 0.0, "max_abs_err": 0.0,
-            "compiled_pieces": 0, "cache_hits": 4, "warm_start": "loaded"}
+            "compiled_pieces": 0, "cache_hits": 4, "warm_start": "loaded",
+            "timeline": [{"what": "load pieces", "start_s": 0.2, "end_s": 0.4, "duration_s": 0.2}]}
     return merge("llama", 2, "layerpass", cold, warm, 0.05, 60.0)
 
 

@@ -26,7 +26,12 @@ def test_layerpass_stats_read_the_report_fields_defensively(monkeypatch) -> None
     monkeypatch.setattr(report, "compile_reports", lambda since=None: [_report()])  # a backend without the new fields
     stats = measure._layerpass_stats(0)
     assert (stats["trace"], stats["num_regions"], stats["warm_start"]) == (None, None, None)
-    assert stats["dynamo_s"] == 1.0 and stats["total_s"] == 3.0
+    assert stats["dynamo_s"] == 1.0 and stats["total_s"] == 3.0 and stats["timeline"] == []
+    from layerpass.backend.timeline import Span
+
+    monkeypatch.setattr(report, "compile_reports", lambda since=None: [_report(timeline=[Span("compile piece x", 1.0, 3.0)])])
+    assert measure._layerpass_stats(0)["timeline"] == [{"what": "compile piece x", "start_s": 1.0, "end_s": 3.0,
+                                                         "duration_s": 2.0}]
     monkeypatch.setattr(report, "compile_reports",
                         lambda since=None: [_report(trace="regions", num_regions=2, warm_start="loaded")])
     assert measure._layerpass_stats(0)["trace"] == "regions" and measure._layerpass_stats(0)["num_regions"] == 2

@@ -69,6 +69,7 @@ def test_merged_rows_validate_and_status_follows_the_measurements(cold, warm, mo
         assert row["warm_start_s"] == warm["first_call_s"] and row["warm_cache_hits"] == warm["cache_hits"]
         assert row["warm_dynamo_s"] == warm["dynamo_s"] and row["warm_warm_start"] == warm["warm_start"]
         assert row["warm_wall_s"] == warm["wall_s"] and row["cold_wall_s"] == cold["wall_s"]
+        assert row["cold_timeline"] == cold.get("timeline") and row["warm_timeline"] == warm.get("timeline")
         assert row["step_speedup"] == pytest.approx(cold["step_ms_eager"] / cold["step_ms_compiled"])
         if "fusion_matches" in cold:
             fm = cold["fusion_matches"]  # clean-up passes are not fusions

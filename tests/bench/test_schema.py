@@ -32,6 +32,8 @@ def test_corrupted_rows_are_rejected_naming_the_field(field, how) -> None:
     ({"status": "failed", "reason": None}, "reason"), ({"first_call_s": None}, "lacks"),
     ({"fusion_matches": {"x": "1"}}, "fusion_matches"), ({"compile_s": -1.0}, "compile_s"),
     ({"pieces": True}, "pieces"), ({"num_regions": -1}, "num_regions"), ({"warm_dynamo_s": -0.5}, "warm_dynamo_s"),
+    ({"cold_timeline": [{"what": "x", "start_s": 0.0}]}, "cold_timeline"),
+    ({"warm_timeline": [{"what": 1, "start_s": 0.0, "end_s": 1.0, "duration_s": 1.0}]}, "warm_timeline"),
 ])
 def test_semantic_checks(change: dict, message: str) -> None:
     row = valid_row()

@@ -36,3 +36,18 @@ def test_a_small_run_prints_a_complete_table(tmp_path, capsys) -> None:
     assert len(rows) == 1 and rows[0]["max_abs_err"] < 1e-3
     assert all(rows[0][k] > 0 for k in ("eager_ms", "layerpass_ms", "inductor_ms"))
     assert "layerpass / inductor" in capsys.readouterr().out
+
+
+def test_the_one_step_method_takes_turns() -> None:
+    """``interleaved_ms`` (also the sweep's step column): one step of each fn in turn, every round."""
+    from layerpass.bench.step_time import interleaved_ms
+
+    order = []
+
+    class Step:
+        def run(self, fn):
+            order.append(fn())
+
+    times = interleaved_ms(Step(), {"a": lambda: "a", "b": lambda: "b"}, 3)
+    assert order == ["a", "b"] * 3
+    assert sorted(times) == ["a", "b"] and all(len(v) == 3 and min(v) >= 0 for v in times.values())

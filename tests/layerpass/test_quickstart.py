@@ -20,7 +20,7 @@ def test_quickstart_runs_as_documented() -> None:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert re.search(r"8 pieces \(2 unique, 2 compiled, 0 from cache\)", out), out
-    assert "regions 2" in out, out
+    assert re.search(r"8 pieces \(1 unique, 1 compiled, 0 from cache\)", out), out
+    assert "regions 1" in out, out
     err = float(re.search(r"max \|eager - compiled\| = (\S+)", out).group(1))
     assert err < 1e-3, out
