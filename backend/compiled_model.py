@@ -24,7 +24,8 @@ from layerpass.torch_compat import aot_api_missing, region_per_layer
 from .compiler import LayerpassBackend, mark_token_dims, own_aliases
 from .config import CompilationConfig
 from .isa_probe import probe_cpu_isa_in_background
-from .regions import Regions, RegionsRun, find_layer_container, token_dims
+from .regions import Regions, RegionsRun, find_layer_container
+from .token_dims import token_dims
 from .report import CompileReport, publish
 from .timeline import Timeline, span
 from .warm_start import ProgramStore

@@ -48,6 +48,7 @@ from .program import PieceCall, PieceRunner, PiecewiseProgram
 from .report import CompileReport, PieceInfo, publish
 from .split import SplitResult, split_graph
 from .timeline import span
+from .token_dims import token_dims
 from .trace_deps import traced_code_of_this_trace
 
 logger = logging.getLogger("layerpass")
@@ -103,12 +104,11 @@ def own_aliases(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[An
 
 
 def mark_token_dims(values: Sequence[Any]) -> None:
-    """Mark dim 0 (tokens) of every tensor in ``values`` in a token layout (``regions.token_dims``)
+    """Mark dim 0 (tokens) of every tensor in ``values`` in a token layout (``token_dims.token_dims``)
     dynamic before a compiled call.
 
     Unbacked, not just dynamic: a backed size is specialised on 0/1, so a one-token step
     would recompile."""
-    from .regions import token_dims  # (regions imports this module)
 
     for a in values:
         if isinstance(a, torch.Tensor) and token_dims(a, None):

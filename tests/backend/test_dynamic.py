@@ -139,7 +139,7 @@ def test_image_batch_is_not_a_token_count(repeated: bool) -> None:
 
 
 def test_token_dims_rule() -> None:
-    from layerpass.backend.regions import token_dims
+    from layerpass.backend.token_dims import token_dims
 
     assert token_dims(torch.zeros(6), None) == [0] and token_dims(torch.zeros(6, 8), None) == [0]
     assert token_dims(torch.zeros(1, 5, 8), 5) == [1]  # HF's [1, T, H]
