@@ -12,7 +12,7 @@ Sections, each a group of rows:
   bf16 and fp16 (the ``+fp8`` cases only where the chip has FP8: sm_89 or newer, or the
   interpreter), with torch and Triton times on CUDA;
 - ``fusion``: each fusion's matches on the device, from the cold ``layerpass.compile`` of
-  llama-fp8 and moe-fp8 (ok when it covers every layer of a model);
+  llama-fp8, moe and moe-fp8 (ok when it covers every layer of a model);
 - ``compile``: ``layerpass.compile`` and plain Inductor, cold and warm (fresh processes on new
   caches, ``bench/runner.py``), for llama-fp8 at 8 layers and Llama-3.2-1B widths
   (``bench/configs/llama-3.2-1b.json``);
@@ -40,7 +40,7 @@ import torch
 
 CONFIG_1B = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "llama-3.2-1b.json")
 KERNEL_DTYPES = ("bf16", "fp16")
-FUSION_MODELS = ("llama-fp8", "moe-fp8")
+FUSION_MODELS = ("llama-fp8", "moe", "moe-fp8")  # moe: the shared-expert fusion; moe-fp8: its quantised input
 FP8_MIN_CAPABILITY = (8, 9)  # e4m3 on Ada / Hopper and newer
 
 

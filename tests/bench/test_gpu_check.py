@@ -26,7 +26,7 @@ def test_cpu_run_fills_every_row_or_says_why(tmp_path) -> None:
     rows = doc["rows"]
     table = (out / "gpu_check.md").read_text()
     assert proc.stdout.strip() == table.strip()
-    assert table.count("\n| ") == len(rows) + 1  # the header row, then one line per row
+    assert table.count("\n| ") == len(rows) + 2  # the header and its rule, then one line per row
     for r in rows:
         assert r["status"] in ("ok", "skipped"), r
         assert (r["result"] if r["status"] == "ok" else r["why"]), r  # filled, or why not
