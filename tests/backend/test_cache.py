@@ -24,9 +24,15 @@ from tests.helpers import backend as bh
 from layerpass.backend.cache import ArtifactCache
 
 
+# the hybrid model's two layers are two distinct pieces (linear and softmax attention): two entries
+MODEL = "bailing-hybrid"
+
+
 @pytest.fixture(scope="module")
 def cold() -> bh.Compiled:
-    return bh.compile_zoo("llama", 2)
+    c = bh.compile_zoo(MODEL, 2)
+    assert c.report.num_unique_pieces >= 2
+    return c
 
 
 def entries(cache_dir: str) -> list[str]:
@@ -50,7 +56,7 @@ def test_cold_compile_fills_the_cache(cold: bh.Compiled) -> None:
 
 @pytest.mark.slow
 def test_warm_start_in_a_fresh_process_compiles_nothing(cold: bh.Compiled) -> None:
-    res = bh.run_python(bh.compile_zoo_body("llama", 2, cold.cache_dir), what="warm start").result
+    res = bh.run_python(bh.compile_zoo_body(MODEL, 2, cold.cache_dir), what="warm start").result
     r = res["report"]
     keys = [p["key"] for p in r["pieces"]]
     assert keys == [p.key for p in cold.report.pieces], "a fresh process hashed the same model differently"
@@ -76,7 +82,7 @@ def test_corrupted_entries_are_detected_logged_and_recompiled(cold: bh.Compiled)
         f.seek(os.path.getsize(art) // 3)
         f.write(b"\xde\xad\xbe\xef" * 8)
 
-    proc = bh.run_python(bh.compile_zoo_body("llama", 2, broken_dir), what="compile over a corrupted cache")
+    proc = bh.run_python(bh.compile_zoo_body(MODEL, 2, broken_dir), what="compile over a corrupted cache")
     r = proc.result["report"]
     for entry in (truncated, garbled):
         assert os.path.basename(entry) in proc.stderr and "unusable" in proc.stderr, proc.stderr[-3000:]

@@ -161,7 +161,7 @@ def _doctor_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 def test_cli_doctor_moe_with_the_switch_off_exits_nonzero() -> None:
     proc = _doctor_cli("--model", "moe", "--layers", "3", "--no-compile", env={"VLLM_USE_LAYERNAME": "0"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "'model.layers.2.mlp.experts' (vs 'model.layers.1.mlp.experts') passed to layerpass.moe_forward" in proc.stdout
+    assert "'model.layers.1.mlp.experts' (vs 'model.layers.0.mlp.experts') passed to layerpass.moe_forward" in proc.stdout
     assert "VLLM_USE_LAYERNAME is off" in proc.stdout
 
 

@@ -236,7 +236,7 @@ def test_precompile_fills_a_cache_the_next_process_only_loads(tmp_path):
         proc = run_cli(["precompile", MODEL, "--layers", "2", "--cache-dir", dirs[0].layerpass],
                        env=bh.subprocess_env(TORCHINDUCTOR_CACHE_DIR=dirs[0].inductor))
         assert proc.returncode == 0, proc.stderr
-        assert "layerpass precompile: llama, 2 layers" in proc.stdout and "'compiled': 2" in proc.stdout, proc.stdout
+        assert "layerpass precompile: llama, 2 layers" in proc.stdout and "'compiled': 0" not in proc.stdout, proc.stdout
         served = launch(MODEL, 2, dirs, world=1, env=ENV, reference=True)
     [rank] = served.ranks
     assert rank["warm_start"] == "loaded" and rank["pieces"]["compiled"] == 0 and rank["dynamo_s"] == 0

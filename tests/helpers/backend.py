@@ -36,8 +36,6 @@ import pytest
 import torch
 from torch import fx, nn
 
-from layerpass.torch_compat import region_per_layer
-
 # the repository root: subprocesses import the helpers as ``tests.helpers``
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULT_PREFIX = "LAYERPASS-TEST-RESULT:"
@@ -47,7 +45,13 @@ ATOL = RTOL = 1e-4
 STANDARD_STEP = {"num_decodes": 2, "prefill_lens": [3, 5]}  # 12 tokens, decode-first
 # Tests that count regions (one per distinct layer): torch 2.11 gives every layer its own
 # (``torch_compat.region_per_layer`` says why, and the report's notes too).
-shared_regions = pytest.mark.skipif(region_per_layer() is not None, reason=str(region_per_layer()))
+def shared_regions(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Skip a test that counts regions where torch gives every layer its own (imported here, not at
+    the top: importing the helpers must not import layerpass)."""
+    from layerpass.torch_compat import region_per_layer
+
+    why = region_per_layer()
+    return pytest.mark.skipif(why is not None, reason=str(why))(test)
 
 
 SESSION_ENV = "LAYERPASS_TEST_INDUCTOR_DIR"  # inherited by subprocesses: they reuse the session's dir

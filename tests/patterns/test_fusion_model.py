@@ -61,7 +61,8 @@ def test_no_unfused_quant_left(fused2, unfused2) -> None:
     producers = (ATTN, lp.rms_norm.default, lp.fused_add_rms_norm.default, lp.silu_and_mul.default)
     # the same check on the unfused compile finds every chain (so it can fail)
     found = {p: sum(len(fh.quants_fed_by(g, p)) for g in unfused2.graphs) for p in producers}
-    assert found == {ATTN: 2, lp.rms_norm.default: 1, lp.fused_add_rms_norm.default: 3, lp.silu_and_mul.default: 2}
+    # one piece serves both layers (the first layer's residual is a zero): its norms are both fused_add_rms_norm
+    assert found == {ATTN: 1, lp.rms_norm.default: 0, lp.fused_add_rms_norm.default: 2, lp.silu_and_mul.default: 1}
     for g in fused2.graphs:
         counts = fh.op_counts(g)
         assert not fh.has_auto_functionalized(g)
