@@ -159,7 +159,7 @@ while len(glob.glob(os.path.join(barrier, "ready-*"))) < 2:
     if time.time() > deadline:
         raise SystemExit("the other writer never started")
     time.sleep(0.05)
-c = bh.compile_zoo("llama", 2, cache_dir={cache_dir!r})
+c = bh.compile_zoo("bailing-hybrid", 2, cache_dir={cache_dir!r})
 emit({{"report": bh.report_dict(c.report), "out": c.out.tolist(), "ref": c.ref.tolist(), "t": time.time()}})
 """
 
