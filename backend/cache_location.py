@@ -66,15 +66,20 @@ class CacheLocation:
         return self.locks.hold(key, what)
 
     # -- the remote store -------------------------------------------------------------
+    def live_remote(self) -> object | None:
+        """The remote store, unless there is none or it went unavailable (a fault already warned of)."""
+        return self.remote if self.remote is not None and getattr(self.remote, "available", True) else None
+
     def fetch(self, names: list[str], entry_dir: str | None = None) -> bool:
         """Copy ``names`` from the remote store into the local dir: all of them or none. With
         ``entry_dir`` (a name prefix), they appear there together (one rename of a dir);
         otherwise one by one in the given order (the file that marks an entry last)."""
-        if self.remote is None or not getattr(self.remote, "available", True):
+        remote = self.live_remote()
+        if remote is None:
             return False
         blobs = []
         for name in names:
-            data = self.remote.get(name)
+            data = remote.get(name)
             if data is None:
                 return False
             blobs.append((name, data))
@@ -106,7 +111,8 @@ class CacheLocation:
 
     def publish(self, names: list[str]) -> None:
         """Put the local files ``names`` into the remote store (best effort, in order)."""
-        if self.remote is None or not getattr(self.remote, "available", True):
+        remote = self.live_remote()
+        if remote is None:
             return
         for name in names:
             try:
@@ -114,13 +120,12 @@ class CacheLocation:
                     data = f.read()
             except OSError:
                 return
-            if not self.remote.put(name, data):
+            if not remote.put(name, data):
                 return
 
     def remote_names(self, prefix: str) -> list[str]:
-        if self.remote is None or not getattr(self.remote, "available", True):
-            return []
-        return list(self.remote.names(prefix))
+        remote = self.live_remote()
+        return [] if remote is None else list(remote.names(prefix))
 
 
 def iter_files(root: str, prefix: str) -> Iterator[str]:

@@ -25,6 +25,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from .private_files import atomic_write
+
 logger = logging.getLogger("layerpass")
 
 FORMAT = 1
@@ -93,11 +95,7 @@ def save_answer(cache_dir: str) -> None:
         passed = {str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()}
         valid = [c for c in candidates if c.split(" [")[0] in passed]
         path = _path(cache_dir, _key(candidates))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"candidates": candidates, "valid": valid}, f)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"candidates": candidates, "valid": valid}).encode())  # 0600, like the cache
     except Exception as e:  # noqa: BLE001 - the next process probes again
         logger.info("layerpass: could not save the CPU ISA probe's answer in %s (%s: %s)", cache_dir, type(e).__name__, e)
 

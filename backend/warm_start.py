@@ -222,7 +222,8 @@ class ProgramStore:
                         olds.append(json.load(f))
         if not olds:
             for name in self.location.remote_names(f"programs/{prefix}"):
-                data = self.location.remote.get(name) if name.endswith("/parts.json") else None  # type: ignore[union-attr]
+                remote = self.location.live_remote()
+                data = remote.get(name) if remote is not None and name.endswith("/parts.json") else None  # type: ignore[attr-defined]
                 with contextlib.suppress(ValueError):
                     olds.append(json.loads(data or b"null"))
         changed = [[k for k, v in self.parts.items() if old.get(k) != v] for old in olds if isinstance(old, dict)]
