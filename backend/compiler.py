@@ -35,14 +35,14 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-import layerpass
+from layerpass import envs, version
 from layerpass.passes.base import PieceContext
-from layerpass.passes.pass_manager import PassManager
 
 from .cache import ArtifactCache, cache_key
 from .cache_location import CacheLocation, open_remote_store
 from .config import CompilationConfig
 from .isa_probe import inductor_isa_config, wait_for_cpu_isa_probe
+from .pass_list import pass_manager_for
 from .piece_hash import PieceSignature, piece_signature
 from .program import PieceCall, PieceRunner, PiecewiseProgram
 from .report import CompileReport, PieceInfo, publish
@@ -171,7 +171,7 @@ class LayerpassBackend:
             except (AttributeError, RuntimeError):
                 raise ValueError(f"splitting op {name!r} is not a registered torch op; register it before "
                                  f"compiling, or drop it from CompilationConfig.splitting_ops") from None
-        self.pass_manager = PassManager.from_config(self.config)
+        self.pass_manager = pass_manager_for(self.config)
         remote = None if self.config.disable_cache else open_remote_store(self.config.remote_cache)
         self.location = CacheLocation(self.config.cache_dir, remote, self.config.lock_timeout_s)  # type: ignore[arg-type]
         self.cache = ArtifactCache(self.location)
@@ -191,8 +191,8 @@ class LayerpassBackend:
 
     def key_parts(self) -> dict[str, Any]:
         """Everything besides the piece's own structure that its compiled code depends on."""
-        return dict(layerpass=layerpass.__version__, torch=torch.__version__, config=self.config.fingerprint(),
-                    passes=self.pass_manager.uuid(), use_layername=layerpass.USE_LAYERNAME)
+        return dict(layerpass=version.__version__, torch=torch.__version__, config=self.config.fingerprint(),
+                    passes=self.pass_manager.uuid(), use_layername=envs.USE_LAYERNAME)
 
     # -- the backend ----------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> PiecewiseProgram:

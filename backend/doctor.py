@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-import layerpass
+from layerpass import envs
 
+from .compiled_model import compile as layerpass_compile
 from .doctor_findings import Finding, PieceRecord, find_avoidable
 from .doctor_regions import RegionsDiagnosis, read_regions_report
 
@@ -146,7 +147,7 @@ def _regions(model: nn.Module, example: Example, config: Any) -> RegionsDiagnosi
     from layerpass.backend.report import compile_reports, num_compile_reports
 
     mark = num_compile_reports()
-    _run_example(example, layerpass.compile(model, config))
+    _run_example(example, layerpass_compile(model, config))
     reports = compile_reports(since=mark)
     if not reports:
         raise RuntimeError("doctor: layerpass.compile published no report for the example")
@@ -196,4 +197,4 @@ def diagnose(model: nn.Module, example: Example, *, compile: bool = True, config
         raise RuntimeError("doctor: the example never reached the compiler (no graph was captured)")
     pieces = _prefixed(graphs)
     regions = _regions(model, example, config) if compile else None
-    return DoctorReport(pieces, find_avoidable(pieces, model), compile, layerpass.USE_LAYERNAME, regions)
+    return DoctorReport(pieces, find_avoidable(pieces, model), compile, envs.USE_LAYERNAME, regions)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import layerpass
+from layerpass import envs
 from layerpass.ops.library import op_name
 
 
@@ -80,10 +80,10 @@ def _advice(diffs: list[ConstantDiff]) -> str:
     if not diffs:
         return "make these values identical across layers or pass them as inputs"
     if any(d.is_layer_name for d in diffs):
-        if not layerpass.HAS_OPAQUE_TYPE:
+        if not envs.HAS_OPAQUE_TYPE:
             return (f"this torch ({torch.__version__}) has no hoisted opaque types, so layer names stay str "
                     "constants; torch>=2.11 shares one compile across layers")
-        if not layerpass.USE_LAYERNAME:
+        if not envs.USE_LAYERNAME:
             return "VLLM_USE_LAYERNAME is off, so layer names are str constants: turn it on (unset it or set 1)"
         return ("pass a LayerName instead (layerpass.ops.encode_layer_name(prefix) inside forward, "
                 "the op's argument typed LayerNameType)")

@@ -1,41 +1,21 @@
 """Checks on a step's inputs before Dynamo sees them (``layerpass.compile``'s entry).
 
-What a valid step is, and the checks themselves (eager and inside compiled programs), are in
-``ops/step_inputs.py``; this module binds a model's call to them and finds the model's position
-bound, ``max_position``: the smallest ``RotaryEmbedding.max_position`` (its cos/sin cache length)
-and the ``max_position`` of the model's layerpass ``config`` (a Hugging Face conversion's
-``max_position_embeddings``). Models with other inputs are not checked.
+What a valid step is, the checks themselves (eager and inside compiled programs) and the model's
+position bound (``max_position``) are in ``ops/step_inputs.py``; this module binds a model's call
+to them. Models with other inputs are not checked.
 """
 
 from __future__ import annotations
 
 import inspect
-import weakref
 from typing import Any
 
-import torch
 from torch import nn
 
-from layerpass.ops.step_inputs import check_step_inputs
+from layerpass.ops.step_inputs import check_step_inputs, max_position
 
 _STEP_PARAMS = ("input_ids", "positions")
 _signatures: dict[Any, inspect.Signature | None] = {}
-_rotary_bounds: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
-
-
-@torch.compiler.assume_constant_result
-def max_position(model: nn.Module) -> int | None:
-    """The model's position bound (module docstring), or None if it has none. The module walk for
-    its rotary embeddings runs once per model; the config is read on every call (it may be set
-    after the model is built, as ``from_transformers`` does). While Dynamo traces a forward it is
-    run, not traced, and its value is a constant of that trace."""
-    if model not in _rotary_bounds:
-        from layerpass.layers import RotaryEmbedding
-
-        _rotary_bounds[model] = min((m.max_position for m in model.modules() if isinstance(m, RotaryEmbedding)),
-                                    default=None)
-    bounds = [_rotary_bounds[model], getattr(getattr(model, "config", None), "max_position", None)]
-    return min((b for b in bounds if isinstance(b, int) and not isinstance(b, bool)), default=None)
 
 
 def _signature(model: nn.Module) -> inspect.Signature | None:

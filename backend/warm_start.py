@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import layerpass
+from layerpass import version
 
 from . import aot
 from .cache import file_sha256
@@ -87,7 +87,7 @@ def model_key_parts(model: nn.Module, key_parts: dict[str, Any]) -> dict[str, st
         **_config_parts(str(key_parts.get("config"))),
         "model code": code.hexdigest()[:24],
         "model config and structure": hashlib.sha256(f"{config!r}".encode() + structure.digest()).hexdigest()[:24],
-        "layerpass version": str(layerpass.__version__),
+        "layerpass version": str(version.__version__),
         "layerpass backend and ops source": program_source_hash(),
         "torch version": torch.__version__,
         "python version": sys.version.split()[0],

@@ -13,8 +13,7 @@ lazily so ``import layerpass`` stays cheap.
 from typing import Any
 
 from .envs import HAS_OPAQUE_TYPE, USE_LAYERNAME
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "compile": ("layerpass.backend.compiled_model", "compile"),

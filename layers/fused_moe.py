@@ -19,13 +19,9 @@ from layerpass.ops.moe_quant import moe_forward_fp8
 from layerpass.ops.quant import quantize_fp8, static_scaled_fp8_quant
 
 from .distributed import divide, get_tp_rank, get_tp_world_size, tensor_model_parallel_all_reduce
+from .linear_methods import Fp8Config
 from .pluggable import PluggableLayer
 from .weights import check_fp8_scales, guard_fp8_scales_on_load, init_normal, shard
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # avoids an import cycle
-    from .linear_methods import Fp8Config
 
 
 FP8_MOE_SCALES = ("w13_scale", "w2_scale", "input_scale")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from layerpass.ops.step_inputs import PositionBounded
+
 from .pluggable import PluggableLayer
 
 
@@ -17,8 +19,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool) -
 
 
 @PluggableLayer.register("rotary_embedding")
-class RotaryEmbedding(PluggableLayer):
-    """``forward(positions [T], q [T, Hq*D], k [T, Hkv*D]) -> (q, k)`` rotated on the first ``rotary_dim``."""
+class RotaryEmbedding(PluggableLayer, PositionBounded):
+    """``forward(positions [T], q [T, Hq*D], k [T, Hkv*D]) -> (q, k)`` rotated on the first ``rotary_dim``;
+    positions must be below ``max_position``, the cos/sin cache length (``PositionBounded``)."""
 
     def __init__(self, head_size: int, rotary_dim: int | None = None, max_position: int = 4096, base: float = 10000.0,
                  is_neox_style: bool = True, prefix: str = "") -> None:

@@ -25,6 +25,7 @@ from layerpass.layers import (
     SiluAndMul,
     VocabParallelEmbedding,
 )
+from layerpass.ops.step_inputs import check_step_inputs, max_position
 
 from .config import ModelConfig
 
@@ -135,7 +136,5 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # checked on every path: here in eager; compiled, by the op whose output the model goes on
         # with, on the real tensors (ops/step_inputs.py)
-        from layerpass.backend.inputs import check_step_inputs, max_position  # ValueError; no import cycle
-
         input_ids = check_step_inputs(input_ids, positions, max_position=max_position(self))
         return self.logits_processor(self.lm_head, self.model(input_ids, positions))

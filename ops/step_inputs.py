@@ -7,7 +7,9 @@ Face conversions) is called with one flat batch of tokens:
 - ``positions``: a 1-D integer tensor of the same length, on the same device;
 - ``num_tokens >= 1``: a 0-token batch is an error (``ValueError``), not an empty result; there
   is nothing to run, so the caller should skip the step.
-- every position in ``[0, max_position)``, the model's bound. Values are read only for CPU
+- every position in ``[0, max_position)``, the model's bound (``max_position(model)``: the smallest
+  ``max_position`` of its ``PositionBounded`` modules, a rotary embedding's cos/sin cache length,
+  and of its layerpass ``config``, a Hugging Face conversion's ``max_position_embeddings``). Values are read only for CPU
   tensors, where it is free; on any other device reading them would be a device sync per step,
   so the bound is checked on the step's host metadata instead (``BatchMetadata.host``: a
   request's positions run up to ``seq_len - 1``), when a forward context holds one.
@@ -26,13 +28,40 @@ tracing would make Dynamo run the forward eagerly from then on.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
+from torch import nn
 
 from .library import layerpass_op
 
 _INT_DTYPES = (torch.int32, torch.int64)
+
+
+class PositionBounded:
+    """A module whose ``max_position`` bounds the positions a step may use (a rotary embedding's
+    cos/sin cache has that many rows). The layer declares it by deriving from this class, so the
+    step checks here and the compiled model's entry check (``backend/inputs.py``) need no layer class."""
+
+    max_position: int
+
+
+_module_bounds: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+
+@torch.compiler.assume_constant_result
+def max_position(model: nn.Module) -> int | None:
+    """The model's position bound: the smallest ``max_position`` of its ``PositionBounded`` modules
+    and of its layerpass ``config``; None if it has none. The module walk runs once per model; the
+    config is read on every call (it may be set after the model is built, as ``from_transformers``
+    does). While Dynamo traces a forward it is run, not traced, and its value is a constant of that
+    trace."""
+    if model not in _module_bounds:
+        _module_bounds[model] = min((m.max_position for m in model.modules() if isinstance(m, PositionBounded)),
+                                    default=None)
+    bounds = [_module_bounds[model], getattr(getattr(model, "config", None), "max_position", None)]
+    return min((b for b in bounds if isinstance(b, int) and not isinstance(b, bool)), default=None)
 
 
 def _describe(x: Any) -> str:

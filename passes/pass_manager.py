@@ -1,5 +1,5 @@
-"""The pass manager: Inductor's ``post_grad_custom_post_pass`` for every layerpass piece,
-and the pass list (``configure``), written as code.
+"""The pass manager: Inductor's ``post_grad_custom_post_pass`` for every layerpass piece. Which
+passes it runs, in which order, is the backend's pass list (``backend/pass_list.py``).
 
 Each pass is timed; a pass that raises is skipped for that piece (its graph restored to what
 it was before the pass) with a warning naming it, and the compile goes on. With
@@ -18,62 +18,18 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from layerpass import envs
-from layerpass.patterns.act_quant import ActQuantFusionPass
-from layerpass.patterns.attn_quant import AttnQuantFusionPass
-from layerpass.patterns.moe_quant_input import MoEQuantInputFusionPass
-from layerpass.patterns.moe_shared import MoESharedFusionPass
-from layerpass.patterns.norm_quant import NormQuantFusionPass
 
 from .base import LayerpassPass, PieceContext, compiling_piece
-from .cleanup import DeadCodeEliminationPass
-from .fix_functionalization import FixFunctionalizationPass
-from .lowering import LoweringPass
-from .noop_elimination import NoOpEliminationPass
-
-if TYPE_CHECKING:
-    from layerpass.backend.config import CompilationConfig
 
 logger = logging.getLogger("layerpass")
-
-
-def configure(config: CompilationConfig) -> list[LayerpassPass]:
-    """The passes a ``CompilationConfig`` turns on, in the one fixed order:
-
-    1. no-op elimination (``eliminate_noops``): reshapes/views/slices that change nothing, so
-       the fusion patterns see the chains they are written for;
-    2. fusions, one module each in ``layerpass.patterns``: attention+quant (``fuse_attn_quant``),
-       norm+quant (``fuse_norm_quant``), act+quant (``fuse_act_quant``), MoE shared experts and
-       MoE quantised input (both ``fuse_moe``);
-    3. lowering (``custom_ops``): each lowerable layerpass op left unfused (norms, SiLU-and-mul,
-       FP8 quant and matmul, the fused norm/act+quant ops) is replaced by its native torch code,
-       which Inductor generates and fuses with its neighbours; omitted when ``custom_ops`` keeps
-       every op custom;
-    4. dead-code clean-up: the unfused producers the fusions left without users;
-    5. fix functionalization, always last: ``auto_functionalized`` back to in-place calls so
-       Inductor makes no copies.
-
-    Out-of-tree passes join with ``PassManager.add_pass``."""
-    lowered = config.lowered_ops()
-    switched: list[tuple[bool, Callable[[], LayerpassPass]]] = [
-        (config.eliminate_noops, NoOpEliminationPass),
-        (config.fuse_attn_quant, AttnQuantFusionPass),
-        (config.fuse_norm_quant, NormQuantFusionPass),
-        (config.fuse_act_quant, ActQuantFusionPass),
-        (config.fuse_moe, MoESharedFusionPass),
-        (config.fuse_moe, MoEQuantInputFusionPass),
-        (bool(lowered), lambda: LoweringPass(lowered)),
-        (True, DeadCodeEliminationPass),
-        (True, FixFunctionalizationPass),
-    ]
-    return [make() for on, make in switched if on]
 
 
 def _snapshot(graph: fx.Graph) -> fx.Graph:
@@ -113,16 +69,13 @@ _CURRENT_RUN: contextvars.ContextVar[PieceRun | None] = contextvars.ContextVar("
 
 
 class PassManager(CustomGraphPass):
-    """Runs ``passes`` in order on each piece's post-grad graph (see ``configure`` for the order)."""
+    """Runs ``passes`` in order on each piece's post-grad graph (the backend's list:
+    ``backend.pass_list.configure``)."""
 
     def __init__(self, passes: Sequence[LayerpassPass], config_fingerprint: str = "") -> None:
         self.passes = list(passes)
         self.config_fingerprint = config_fingerprint
         self._unwritable_dumps: set[str] = set()  # dump dirs already warned about
-
-    @classmethod
-    def from_config(cls, config: CompilationConfig) -> PassManager:
-        return cls(configure(config), config.fingerprint())
 
     def add_pass(self, pass_: LayerpassPass, *, before: str | None = None, after: str | None = None) -> None:
         """Insert ``pass_`` just before or after the pass called ``before``/``after`` (at most one),

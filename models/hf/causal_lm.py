@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from layerpass.layers import LogitsProcessor, ParallelLMHead
+from layerpass.ops.step_inputs import check_step_inputs, max_position
 
 
 class TransformersForCausalLM(nn.Module):
@@ -49,8 +50,6 @@ class TransformersForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # checked on every path: here in eager; compiled, by the op whose output the model goes on
         # with, on the real tensors (ops/step_inputs.py)
-        from layerpass.backend.inputs import check_step_inputs, max_position  # ValueError; no import cycle
-
         input_ids = check_step_inputs(input_ids, positions, max_position=max_position(self))
         out = self._hf_forward(self.hf, input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0),
                                use_cache=False)

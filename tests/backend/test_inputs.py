@@ -77,8 +77,8 @@ def test_valid_input_still_compiles_and_runs(compiled) -> None:
 def test_positions_outside_the_rotary_cache_are_refused(bad: int) -> None:
     """Before: eager raised an IndexError from the cos/sin cache; compiled, the process aborted on an
     Inductor bounds assert."""
-    from layerpass.backend.inputs import max_position
     from layerpass.models import make_step
+    from layerpass.ops.step_inputs import max_position
 
     model = build_model("llama", num_layers=2)
     assert max_position(model) == model.config.max_position == 4096
@@ -96,10 +96,9 @@ def test_positions_outside_the_rotary_cache_are_refused(bad: int) -> None:
 
 
 def test_max_position_is_the_smallest_bound() -> None:
-    from layerpass.backend.inputs import max_position
     from layerpass.layers import RotaryEmbedding
-
     from layerpass.ops import LayerRegistry, layer_registry_scope
+    from layerpass.ops.step_inputs import PositionBounded, max_position
 
     model = build_model("llama", num_layers=2, max_position=64)
     with layer_registry_scope(LayerRegistry()):
@@ -110,6 +109,13 @@ def test_max_position_is_the_smallest_bound() -> None:
     assert max_position(model) == 32, "the module walk runs once per model"
     assert max_position(build_model("llama", num_layers=2, max_position=64)) == 64
     assert max_position(bh.Stack(2)) is None
+
+    class Window(torch.nn.Module, PositionBounded):  # any module may declare a bound, not only the rotary one
+        max_position = 8
+
+    stack = bh.Stack(2)
+    stack.window = Window()
+    assert max_position(stack) == 8
     check_step_inputs(torch.arange(3), torch.tensor([0, 5, 10**6]), max_position=None)  # no bound: not checked
     check_step_inputs(torch.arange(3), torch.tensor([0, 5, 63]), max_position=64)
     # values on other devices are not read (on CUDA that would be a sync per step)

@@ -24,12 +24,12 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from layerpass.backend.config import CompilationConfig
+from layerpass.backend.pass_list import configure, pass_manager_for
 from layerpass.ops import FP8_DTYPE
 from layerpass.ops.library import op_name
 from layerpass.passes.cleanup import DeadCodeEliminationPass
 from layerpass.passes.fix_functionalization import FixFunctionalizationPass
 from layerpass.passes.lowering import ALWAYS_CUSTOM, LOWERABLE_OPS, LoweringPass, resolve_custom_ops
-from layerpass.passes.pass_manager import PassManager, configure
 from tests.helpers import backend as bh
 from tests.helpers import fusion as fh
 from tests.helpers.fp8 import assert_fp8_close
@@ -113,7 +113,7 @@ def test_uuid_covers_the_choice_and_the_native_code() -> None:
     hashed = default.hashed_modules()
     for module in ("layerpass.passes.lowering", "layerpass.passes.base", "layerpass.ops.norm", "layerpass.ops.quant"):
         assert module in hashed, module
-    uuids = {spec: PassManager.from_config(CompilationConfig(custom_ops=spec)).uuid()
+    uuids = {spec: pass_manager_for(CompilationConfig(custom_ops=spec)).uuid()
              for spec in [("none",), ("+rms_norm",), ("all", "-rms_norm"), ("all",)]}
     assert len(set(uuids.values())) == len(uuids)
 

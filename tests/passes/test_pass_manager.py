@@ -1,4 +1,4 @@
-"""Pass manager robustness: fixed order (``configure``), ``add_pass``, timing, a failing pass is
+"""Pass manager robustness: ``add_pass``, timing, a failing pass is
 skipped (graph restored) with a warning naming it, ``uuid()`` tracks passes and config,
 ``LAYERPASS_DEBUG_DUMP`` writes readable before/after Python (and an unwritable dir is warned about
 once, naming the variable). Unit cases run on small FX graphs (no Inductor); one integrated case
@@ -21,7 +21,8 @@ from torch import fx
 from layerpass.backend.config import CompilationConfig
 from layerpass.envs import DEBUG_DUMP_ENV
 from layerpass.passes.base import LayerpassPass
-from layerpass.passes.pass_manager import PassManager, configure
+from layerpass.backend.pass_list import pass_manager_for
+from layerpass.passes.pass_manager import PassManager
 from tests.helpers import backend as bh
 
 aten = torch.ops.aten
@@ -121,26 +122,8 @@ def test_pass_manager_uuid_covers_passes_and_config() -> None:
     assert Keyed("x").uuid() != Keyed("y").uuid()
 
 
-ORDER = ["noop_elimination", "fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "fuse_moe_quant_input",
-         "lowering", "dead_code_elimination", "fix_functionalization"]
-SWITCHES = {"eliminate_noops": ["noop_elimination"], "fuse_attn_quant": ["fuse_attn_quant"],
-            "fuse_norm_quant": ["fuse_norm_quant"], "fuse_act_quant": ["fuse_act_quant"],
-            "fuse_moe": ["fuse_moe", "fuse_moe_quant_input"]}
-
-
-def test_configure_order_and_switches() -> None:
-    assert [p.name for p in configure(CompilationConfig())] == ORDER
-    for switch, names in SWITCHES.items():
-        assert [p.name for p in configure(CompilationConfig(**{switch: False}))] == [n for n in ORDER if n not in names]
-    assert [p.name for p in configure(CompilationConfig(custom_ops=("all",)))] == [n for n in ORDER if n != "lowering"]
-    all_off = CompilationConfig(**{switch: False for switch in SWITCHES}, custom_ops=("all",))
-    assert [p.name for p in configure(all_off)] == ["dead_code_elimination", "fix_functionalization"]
-    pm = PassManager.from_config(CompilationConfig())
-    assert [p.name for p in pm.passes] == ORDER and pm.config_fingerprint == CompilationConfig().fingerprint()
-
-
 def test_add_pass_before_after_and_last() -> None:
-    pm = PassManager.from_config(CompilationConfig(fuse_moe=False))
+    pm = pass_manager_for(CompilationConfig(fuse_moe=False))
     log: list[str] = []
     pm.add_pass(RecordingPass("first", log), before="noop_elimination")
     pm.add_pass(RecordingPass("oot_fusion", log), after="fuse_act_quant")

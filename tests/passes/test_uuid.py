@@ -21,7 +21,7 @@ import torch
 
 import layerpass.patterns.act_quant
 from layerpass.backend.config import CompilationConfig
-from layerpass.passes.pass_manager import configure
+from layerpass.backend.pass_list import configure
 from layerpass.passes.pattern_pass import PatternPass
 from tests.helpers import backend as bh
 

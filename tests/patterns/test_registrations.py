@@ -21,7 +21,7 @@ def count_registrations() -> dict:
     from layerpass.backend.config import CompilationConfig
     from layerpass.ops.library import op_name
     from layerpass.passes.base import PieceContext
-    from layerpass.passes.pass_manager import configure
+    from layerpass.backend.pass_list import configure
 
     lp = torch.ops.layerpass
     out = {}
