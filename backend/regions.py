@@ -36,13 +36,13 @@ from torch import nn
 from layerpass.torch_compat import compile_for_regions
 
 from .compiler import LayerpassBackend
-from .guard_pickling import saveable_guards
 from .isa_probe import wait_for_cpu_isa_probe
 from .region import Region
 from .signature import layer_signature
 from .timeline import span
 from .token_dims import mark_token_dims_of
-from .trace_deps import GuardRecorder, record_deps, recording_traced_code
+from .torch_patches import dynamo_compile_lock, recording_traced_code, saveable_guards
+from .trace_deps import GuardRecorder, record_deps
 from .warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
@@ -379,7 +379,9 @@ class Regions:
         compiler = self.backend.for_layer()
         fn = compile_for_regions(forward, backend=compiler, fullgraph=True, options={"guard_filter_fn": recorder})
         try:
-            with recording_traced_code() as codes, saveable_guards():
+            # Dynamo is not thread-safe: trace as torch.compile does, under its compile lock (taken
+            # last: another thread's trace may run while this one's recording is open)
+            with recording_traced_code() as codes, saveable_guards(), dynamo_compile_lock():
                 aot = fn.aot_compile(((layer, *args), kwargs))
         except _GRAPH_BREAKS:
             raise  # the layer cannot be traced whole: the model goes whole-model

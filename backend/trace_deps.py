@@ -24,8 +24,9 @@ Two checks use them:
   load time; a monkeypatched helper, method or global makes the region stale, so it is traced again.
 
 Guards rooted at the layer (``self....``) are checked per layer call by ``check_locals``; the
-models seen so far have none. The torch internals this needs (the guard types torch cannot
-serialise, the hook on the traced code list) are in this one module.
+models seen so far have none. The code objects traced come from the hook on torch's traced-code
+list (``backend/torch_patches.recording_traced_code``); the guard types torch cannot serialise
+are read here.
 """
 
 from __future__ import annotations
@@ -410,26 +411,6 @@ class GuardRecorder:
                 self.dropped.append(g)
             keep.append(not drop)
         return keep
-
-
-@contextlib.contextmanager
-def recording_traced_code() -> Iterator[list[types.CodeType]]:
-    """Every code object ``aot_compile`` records as inlined (torch's ``SourceInfo.add_code``),
-    including those it skips silently because they have no module."""
-    from torch._dynamo.package import SourceInfo
-
-    codes: list[types.CodeType] = []
-    original = SourceInfo.add_code
-
-    def add_code(self: Any, code: types.CodeType) -> None:
-        codes.append(code)
-        original(self, code)
-
-    SourceInfo.add_code = add_code  # type: ignore[method-assign]
-    try:
-        yield codes
-    finally:
-        SourceInfo.add_code = original  # type: ignore[method-assign]
 
 
 def traced_code_of_this_trace() -> list[types.CodeType]:
