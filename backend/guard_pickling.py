@@ -24,7 +24,7 @@
    (parameters holding gradients) gets no warm start (``TypeError: assigned grad expected to be
    a Tensor or None but got grad of type _Missing``).
 
-Inside ``saveable_guards()``, and nothing else changes:
+Inside ``saveable_guards()`` (``backend/torch_patches.py``), and nothing else changes:
 
 1. dtypes, devices, layouts, memory formats and quantisation schemes are never missing: they are
    immutable values pickled by name; saving one where torch left ``_Missing`` adds and changes
@@ -41,25 +41,23 @@ Inside ``saveable_guards()``, and nothing else changes:
 
 Anything else a guard does not read is pickled as torch pickles it.
 
-Scope: the pickler's ``reducer_override`` is replaced while at least one ``saveable_guards()``
-block is open (a counter: blocks nest and may overlap across threads; another thread's
-``aot_compile`` meanwhile gets the fix too) and restored when the last one closes. Only
-``aot_compile`` runs that pickler (``AOTCompiledFunction.serialize`` copies the pickled bytes;
-loading unpickles, with ``rebuild_function`` / ``rebuild_method`` below), so wrapping the
-``aot_compile`` call is enough; wrapping serialise / deserialise too is harmless. On a torch
-without that pickler, or whose pickler no longer takes ``missing_values``, the block does nothing.
+Scope: ``backend/torch_patches.saveable_guards`` installs ``patched_reducer`` as the pickler's
+``reducer_override`` while at least one of its blocks is open (nestable, across threads) and puts
+torch's back when the last one closes. Only ``aot_compile`` runs that pickler
+(``AOTCompiledFunction.serialize`` copies the pickled bytes; loading unpickles, with
+``rebuild_function`` / ``rebuild_method`` below), so wrapping the ``aot_compile`` call is enough.
+On a torch without that pickler, or whose pickler no longer takes ``missing_values``
+(``pickler_class`` returns None), the block does nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import inspect
 import sys
-import threading
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,12 +65,7 @@ import torch
 # Immutable value types torch pickles by name: never "missing", whatever module attribute holds them.
 NEVER_MISSING: tuple[type, ...] = (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.qscheme)
 
-_lock = threading.Lock()
-_depth = 0
-_original: Callable[..., Any] | None = None
-
-
-def _pickler_class() -> type | None:
+def pickler_class() -> type | None:
     """torch's guard-state pickler, if it has the ``missing_values`` logic this module fixes."""
     try:
         from torch._dynamo.guards import GuardsStatePickler
@@ -89,7 +82,7 @@ def _pickler_class() -> type | None:
 
 def applies() -> bool:
     """Whether this torch has the pickler ``saveable_guards`` patches (otherwise it is a no-op)."""
-    return _pickler_class() is not None
+    return pickler_class() is not None
 
 
 def _found_by_name(fn: types.FunctionType) -> bool:
@@ -146,7 +139,10 @@ def _without_grad(pickler: Any, t: torch.Tensor, reduced: Any) -> Any:
     return reduced
 
 
-def _patched(original: Callable[..., Any]) -> Callable[..., Any]:
+def patched_reducer(original: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's ``reducer_override`` with the fixes of the module docstring (installed by
+    ``backend/torch_patches.saveable_guards``)."""
+
     @functools.wraps(original)
     def reducer_override(self: Any, obj: Any) -> Any:
         # torch's reducer_override returns NotImplemented for these (plain pickling by name) unless
@@ -173,30 +169,3 @@ def _patched(original: Callable[..., Any]) -> Callable[..., Any]:
 
     reducer_override.__layerpass_saveable_guards__ = True  # type: ignore[attr-defined]
     return reducer_override
-
-
-@contextlib.contextmanager
-def saveable_guards() -> Iterator[None]:
-    """Within the block, torch's guard-state pickler saves what the guards need to be rebuilt on
-    load (the three gaps in the module docstring). Wrap the ``aot_compile`` call with it."""
-    global _depth, _original
-    cls = _pickler_class()
-    if cls is None:
-        yield
-        return
-    with _lock:
-        if _depth == 0:
-            _original = cls.__dict__.get("reducer_override")
-            cls.reducer_override = _patched(cls.reducer_override)
-        _depth += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                if _original is not None:
-                    cls.reducer_override = _original
-                else:  # inherited (not defined on the class itself): drop the override
-                    del cls.reducer_override
-                _original = None

@@ -46,9 +46,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from layerpass.fingerprint import code_fingerprint
 from layerpass.ops.library import op_name
 
-from .trace_deps import stable_const_repr
 
 
 def _target_name(target: Any) -> str:
@@ -367,7 +367,7 @@ class _Hasher:
             else:
                 globals_.append((name, self.value(g, False)))
         closure = tuple(self.value(_cell_value(c), False) for c in fn.__closure__ or ())
-        out = (_code_digest(fn.__code__), self.value(fn.__defaults__, False), self.value(fn.__kwdefaults__, False),
+        out = (code_fingerprint(fn.__code__), self.value(fn.__defaults__, False), self.value(fn.__kwdefaults__, False),
                closure, tuple(globals_))
         self._code[id(fn)] = out
         return out
@@ -389,24 +389,6 @@ def _code_names(code: types.CodeType) -> set[str]:
         if isinstance(c, types.CodeType):
             names |= _code_names(c)
     return names
-
-
-def _const_repr(c: Any) -> str:
-    if isinstance(c, types.CodeType):
-        return _code_digest(c)
-    if isinstance(c, tuple):
-        return "(" + ",".join(_const_repr(x) for x in c) + ")"
-    return stable_const_repr(c)
-
-
-def _code_digest(code: types.CodeType) -> str:
-    h = hashlib.sha256()
-    h.update(code.co_code)
-    for part in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
-                 (code.co_argcount, code.co_kwonlyargcount, code.co_flags)):
-        h.update(repr(part).encode())
-    h.update(_const_repr(code.co_consts).encode())
-    return h.hexdigest()[:32]
 
 
 def piece_signature(gm: fx.GraphModule, example_args: Sequence[Any]) -> PieceSignature:

@@ -1,7 +1,7 @@
 """Regions: each distinct decoder layer is traced by Dynamo once, compiled once, called at every layer.
 
-``layerpass.compile`` finds the model's repeated layers (the children of its outermost
-``ModuleList`` of two or more modules) and, while the compiled model runs, routes each layer's
+``layerpass.compile`` finds the model's repeated layers (the children of the ``ModuleList``
+that ``backend/layer_container.py`` names) and, while the compiled model runs, routes each layer's
 call through ``Regions.call``. A *region* is one AOT-compiled program of the layer class's
 ``forward`` (``torch.compile(..., fullgraph=True).aot_compile``): the layer itself is an
 argument, so its weights are graph inputs and one program serves every layer that passes the
@@ -35,14 +35,15 @@ from torch import nn
 
 from layerpass.torch_compat import compile_for_regions
 
+from . import layer_container
 from .compiler import LayerpassBackend
-from .guard_pickling import saveable_guards
 from .isa_probe import wait_for_cpu_isa_probe
 from .region import Region
 from .signature import layer_signature
 from .timeline import span
 from .token_dims import mark_token_dims_of
-from .trace_deps import GuardRecorder, record_deps, recording_traced_code
+from .torch_patches import dynamo_compile_lock, recording_traced_code, saveable_guards
+from .trace_deps import GuardRecorder, record_deps
 from .warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
@@ -53,32 +54,16 @@ _STEP_TOKENS: contextvars.ContextVar[int | None] = contextvars.ContextVar("layer
 
 
 def find_layer_container(model: nn.Module) -> nn.ModuleList | None:
-    """The outermost ``ModuleList`` that holds two or more modules (the decoder layers); outermost,
-    so a layer's own list of heads or experts is never mistaken for it."""
-    found = _find_container_path(model)
+    """The decoder layers' ``ModuleList`` (``backend/layer_container.py``: the one rule, shared
+    with the split of a whole-model graph and the doctor)."""
+    found = layer_container.in_model(model)
     return None if found is None else found[1]
-
-
-def _find_container_path(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """``find_layer_container`` and its dotted path from ``model`` (``"model.layers"``)."""
-    for name, module in _breadth_first(model):
-        if isinstance(module, nn.ModuleList) and len(module) >= 2:
-            return name, module
-    return None
 
 
 def find_repeated_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers: the children of ``find_layer_container(model)`` (none without one)."""
     container = find_layer_container(model)
     return [] if container is None else list(container)
-
-
-def _breadth_first(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    queue = [("", model)]
-    while queue:
-        name, module = queue.pop(0)
-        yield name, module
-        queue.extend((f"{name}.{n}" if name else n, m) for n, m in module.named_children())
 
 
 @dataclass
@@ -101,7 +86,7 @@ class Regions:
         self.container = container
         # the model the container was found in, and where: a list replaced whole is followed
         self.root = root
-        found = None if root is None else _find_container_path(root)
+        found = None if root is None else layer_container.in_model(root)
         self._container_path = found[0] if found is not None and found[1] is container else None
         self._warned_no_container = False
         self.layers: list[nn.Module] = []
@@ -163,7 +148,7 @@ class Regions:
                 return
         except AttributeError:
             pass
-        found = _find_container_path(self.root)
+        found = layer_container.in_model(self.root)
         if found is None:
             if not self._warned_no_container:
                 self._warned_no_container = True
@@ -379,7 +364,9 @@ class Regions:
         compiler = self.backend.for_layer()
         fn = compile_for_regions(forward, backend=compiler, fullgraph=True, options={"guard_filter_fn": recorder})
         try:
-            with recording_traced_code() as codes, saveable_guards():
+            # Dynamo is not thread-safe: trace as torch.compile does, under its compile lock (taken
+            # last: another thread's trace may run while this one's recording is open)
+            with recording_traced_code() as codes, saveable_guards(), dynamo_compile_lock():
                 aot = fn.aot_compile(((layer, *args), kwargs))
         except _GRAPH_BREAKS:
             raise  # the layer cannot be traced whole: the model goes whole-model

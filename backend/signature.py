@@ -11,14 +11,14 @@ One walk over a module tree (classes, parameter/buffer metadata, Python attribut
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+from layerpass.fingerprint import class_source
 
 
 def describe(value: Any, *, values: bool) -> Any:
@@ -66,13 +66,6 @@ def layer_signature(layer: nn.Module) -> str:
     for line in module_lines(layer, values=False):
         h.update(line.encode())
     return h.hexdigest()[:32]
-
-
-def class_source(cls: type) -> str:
-    """``cls``'s source, or its qualified name when the source cannot be read."""
-    with contextlib.suppress(OSError, TypeError):
-        return inspect.getsource(cls)
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def class_key(cls: type) -> str:

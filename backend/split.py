@@ -1,8 +1,9 @@
 """Split a Dynamo graph into pieces with ``torch.fx.passes.split_module``.
 
-- ``"layers"``: one piece per repeated decoder layer (children of the model's outermost
-  repeated ``ModuleList``, found from each node's ``nn_module_stack``), plus a prologue and an
-  epilogue. Outermost: a layer's own list of heads or experts is never taken for the layers.
+- ``"layers"``: one piece per repeated decoder layer (children of the container
+  ``backend/layer_container.py`` reads from each node's ``nn_module_stack``: the rule regions
+  use), plus a prologue and an epilogue; a layer's own list of heads or experts is never taken
+  for the layers.
   With ``whole_layer=True`` (the graph is one decoder layer, a region of ``layerpass.compile``)
   the graph is one piece: nothing inside a layer is a layer.
 - ``"ops"``: cut around each splitting op; the op is a piece of its own that runs eagerly.
@@ -10,7 +11,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from torch import fx
@@ -18,7 +18,7 @@ from torch.fx.passes.split_module import split_module
 
 from layerpass.ops.library import op_name
 
-_INDEXED = re.compile(r"^(.*?)(?:\[(\d+)\]|\.(\d+))$")
+from . import layer_container
 
 
 @dataclass
@@ -29,33 +29,10 @@ class SplitResult:
     layer_container: str | None = None
 
 
-def _layer_paths(node: fx.Node) -> list[tuple[str, int]]:
-    out = []
-    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-        m = _INDEXED.match(path)
-        if m:
-            out.append((m.group(1), int(m.group(2) or m.group(3))))
-    return out
-
-
-def _inside(path: str, container: str) -> bool:
-    """``path`` is a module under ``container`` (e.g. ``layers.0.heads`` under ``layers``)."""
-    return len(path) > len(container) and path.startswith(container) and path[len(container)] in ".["
-
-
 def find_layer_container(gm: fx.GraphModule) -> str | None:
-    """The decoder layers' container: among the module paths whose indexed children cover two or
-    more distinct indices, the outermost ones (not under another such path, so nested lists of
-    heads or experts never win); of those, the one covering the most indices (then the shortest)."""
-    seen: dict[str, set[int]] = {}
-    for node in gm.graph.nodes:
-        for parent, idx in _layer_paths(node):
-            seen.setdefault(parent, set()).add(idx)
-    repeated = {path: idx for path, idx in seen.items() if len(idx) >= 2}
-    outer = [(path, idx) for path, idx in repeated.items() if not any(_inside(path, other) for other in repeated)]
-    if not outer:
-        return None
-    return max(outer, key=lambda kv: (len(kv[1]), -len(kv[0])))[0]
+    """The decoder layers' container path in ``gm`` (``backend/layer_container.py``: the one rule,
+    shared with regions and the doctor)."""
+    return layer_container.in_graph(gm)
 
 
 def split_whole(gm: fx.GraphModule) -> SplitResult:
@@ -69,7 +46,7 @@ def split_by_layers(gm: fx.GraphModule) -> SplitResult:
     compute = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     layer_of: dict[fx.Node, int | None] = {}
     for node in compute:
-        idx = [i for parent, i in _layer_paths(node) if parent == container]
+        idx = [i for parent, i in layer_container.indexed_paths(node) if parent == container]
         layer_of[node] = idx[0] if idx else None
     layer_nodes = [n for n in compute if layer_of[n] is not None]
     if container is None or not layer_nodes:

@@ -24,8 +24,9 @@ Two checks use them:
   load time; a monkeypatched helper, method or global makes the region stale, so it is traced again.
 
 Guards rooted at the layer (``self....``) are checked per layer call by ``check_locals``; the
-models seen so far have none. The torch internals this needs (the guard types torch cannot
-serialise, the hook on the traced code list) are in this one module.
+models seen so far have none. The code objects traced come from the hook on torch's traced-code
+list (``backend/torch_patches.recording_traced_code``); the guard types torch cannot serialise
+are read here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
-import hashlib
 import importlib
 import inspect
 import re
@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from layerpass.fingerprint import code_fingerprint, value_fingerprint
 
 # Guard types whose values are compared for equality (constants) or by type only; every other
 # dropped guard is an identity match (functions, modules, classes, builtins, objects).
@@ -55,72 +55,6 @@ def unsaveable_guard_types() -> tuple[str, ...]:
     from torch._dynamo.guards import CheckFunctionManager
 
     return tuple(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
-
-
-# -- fingerprints -----------------------------------------------------------------------------
-def stable_const_repr(const: Any) -> str:
-    """A code constant's repr, the same in every process: a set literal (``x in {"a", "b"}`` is a
-    frozenset constant) iterates in an order that follows the per-process str hash seed."""
-    if isinstance(const, frozenset):
-        return "frozenset(" + repr(sorted(stable_const_repr(x) for x in const)) + ")"
-    if isinstance(const, tuple):
-        return "(" + ",".join(stable_const_repr(x) for x in const) + ")"
-    return repr(const)
-
-
-def code_fingerprint(code: types.CodeType) -> str:
-    """The bytecode and what it names, nested code included; not its file or line numbers."""
-    h = hashlib.sha256()
-
-    def add(c: types.CodeType) -> None:
-        h.update(c.co_code)
-        h.update(repr((getattr(c, "co_qualname", c.co_name), c.co_names, c.co_varnames, c.co_freevars,
-                       c.co_cellvars, c.co_argcount, c.co_kwonlyargcount, c.co_flags)).encode())
-        for const in c.co_consts:
-            if isinstance(const, types.CodeType):
-                add(const)
-            else:
-                h.update(f"{type(const).__name__}:{stable_const_repr(const)}".encode())
-
-    add(code)
-    return h.hexdigest()[:24]
-
-
-def value_fingerprint(value: Any, _seen: frozenset[int] = frozenset()) -> str:
-    """What an object a guard matched is, in a form stable across processes (a function whose
-    closure holds itself, as transformers' checkpointing wrapper does, is named once)."""
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return f"{type(value).__name__}:{value!r}"
-    if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__}({','.join(value_fingerprint(v, _seen) for v in value)})"
-    if isinstance(value, (set, frozenset)):  # iteration order varies between processes (str hashing)
-        return f"{type(value).__name__}({','.join(sorted(value_fingerprint(v, _seen) for v in value))})"
-    if isinstance(value, dict):
-        items = sorted(((repr(k), value_fingerprint(v, _seen)) for k, v in value.items()))
-        return f"dict({','.join(f'{k}:{v}' for k, v in items)})"
-    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        return f"{type(value).__name__}:{value}"
-    if isinstance(value, types.ModuleType):
-        return f"module:{value.__name__}"
-    if isinstance(value, types.MethodType):
-        return f"method:{value_fingerprint(value.__func__, _seen)}"
-    if isinstance(value, types.FunctionType):
-        fn = value
-        parts = [f"function:{fn.__module__}.{fn.__qualname__}:{code_fingerprint(fn.__code__)}"]
-        if id(fn) in _seen:
-            return parts[0] + ":<cycle>"
-        for cell in fn.__closure__ or ():
-            with contextlib.suppress(ValueError):  # an empty cell
-                parts.append(value_fingerprint(cell.cell_contents, _seen | {id(fn)}))
-        return "|".join(parts)
-    if isinstance(value, type):
-        return f"class:{value.__module__}.{value.__qualname__}"
-    name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
-    if callable(value) and isinstance(name, str):  # builtins, op packets
-        return f"callable:{getattr(value, '__module__', None)}.{name}:{type(value).__qualname__}"
-    if isinstance(value, torch._ops.OpOverloadPacket | torch._ops.OpOverload):
-        return f"op:{value}"
-    return f"object:{type(value).__module__}.{type(value).__qualname__}"
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -477,26 +411,6 @@ class GuardRecorder:
                 self.dropped.append(g)
             keep.append(not drop)
         return keep
-
-
-@contextlib.contextmanager
-def recording_traced_code() -> Iterator[list[types.CodeType]]:
-    """Every code object ``aot_compile`` records as inlined (torch's ``SourceInfo.add_code``),
-    including those it skips silently because they have no module."""
-    from torch._dynamo.package import SourceInfo
-
-    codes: list[types.CodeType] = []
-    original = SourceInfo.add_code
-
-    def add_code(self: Any, code: types.CodeType) -> None:
-        codes.append(code)
-        original(self, code)
-
-    SourceInfo.add_code = add_code  # type: ignore[method-assign]
-    try:
-        yield codes
-    finally:
-        SourceInfo.add_code = original  # type: ignore[method-assign]
 
 
 def traced_code_of_this_trace() -> list[types.CodeType]:

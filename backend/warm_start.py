@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerpass import version
+from layerpass import fingerprint, version
+from layerpass.fingerprint import class_source, folders_digest
 
 from . import aot
 from .cache import file_sha256
@@ -46,7 +47,7 @@ from .cache_location import CacheLocation
 from .key_lock import LockOutcome
 from .private_files import atomic_write, make_private, make_private_dirs
 from .region import Region
-from .signature import class_key, class_source, module_lines
+from .signature import class_key, module_lines
 from .trace_deps import TraceDeps
 
 logger = logging.getLogger("layerpass")
@@ -59,18 +60,10 @@ _PROGRAM_PACKAGES = ("layerpass.backend", "layerpass.ops", "layerpass.passes", "
 @functools.cache
 def program_source_hash() -> str:
     """The source of the layerpass packages that decide how a saved program is compiled, split,
-    loaded and what its ops do (the layers and models are checked function by function instead:
-    ``TraceDeps``), read once per process."""
-    h = hashlib.sha256()
-    for name in _PROGRAM_PACKAGES:
-        folder = os.path.dirname(importlib.import_module(name).__file__ or "")
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            for f in sorted(files):
-                if f.endswith(".py"):
-                    with open(os.path.join(root, f), "rb") as fh:
-                        h.update(f"{os.path.relpath(os.path.join(root, f), folder)}\n".encode() + fh.read())
-    return h.hexdigest()[:24]
+    loaded and what its ops do, and of the fingerprints that check it (the layers and models are
+    checked function by function instead: ``TraceDeps``), read once per process."""
+    folders = [os.path.dirname(importlib.import_module(name).__file__ or "") for name in _PROGRAM_PACKAGES]
+    return folders_digest(folders, [fingerprint.__file__ or ""])
 
 
 def model_key_parts(model: nn.Module, key_parts: dict[str, Any]) -> dict[str, str]:

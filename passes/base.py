@@ -25,9 +25,11 @@ from typing import Any, ClassVar
 
 from torch import fx
 
+from layerpass.fingerprint import source_digest
+
 ROOT_PACKAGE = "layerpass"
 
-# source path -> (file stamp, sha256 of the source, modules its import statements name)
+# source path -> (file stamp, the source's digest (layerpass.fingerprint), modules its import statements name)
 _SOURCE_CACHE: dict[str, tuple[tuple[int, ...], str, tuple[str, ...]]] = {}
 
 
@@ -88,7 +90,7 @@ def _statements(tree: ast.AST) -> Iterator[ast.AST]:
 
 
 def _source_info(name: str) -> tuple[str, tuple[str, ...]] | None:
-    """(sha256 of the module's source, modules it imports), cached per file version."""
+    """(digest of the module's source, modules it imports), cached per file version."""
     path = _module_path(name)
     if path is None:
         return None
@@ -108,13 +110,13 @@ def _source_info(name: str) -> tuple[str, tuple[str, ...]] | None:
         imports: tuple[str, ...] = ()
     else:
         imports = tuple(sorted(_imported_modules(tree, name, os.path.basename(path) == "__init__.py")))
-    digest = hashlib.sha256(source).hexdigest()
+    digest = source_digest(source)
     _SOURCE_CACHE[path] = (stamp, digest, imports)
     return digest, imports
 
 
 def module_closure(roots: list[str], packages: set[str]) -> dict[str, str]:
-    """``{module name: source sha256}`` for ``roots`` and every module they import, transitively,
+    """``{module name: source digest}`` for ``roots`` and every module they import, transitively,
     whose top-level package is in ``packages`` (modules without Python source are left out)."""
     seen: dict[str, str] = {}
     todo = list(roots)

@@ -7,6 +7,7 @@ holding ``.grad`` (a model that trained). Each is
 traced with ``aot_compile`` inside the block (``aot_eager``: no Inductor), saved, loaded, run
 and guard-checked, as the warm start does. The closure case also checks that the loaded guards
 compare the live closure with the value seen at trace time (a flipped constant fails the guard).
+How the patch is installed (nesting, threads) is tested in ``test_torch_patches.py``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ import functools
 import io
 import os
 import tempfile
-import threading
 import types
 
 import pytest
 import torch
 from torch import nn
 
-from layerpass.backend import guard_pickling
-from layerpass.backend.guard_pickling import applies, saveable_guards
+from layerpass.backend.guard_pickling import applies
+from layerpass.backend.torch_patches import saveable_guards
 from layerpass.torch_compat import TORCH_VERSION, compile_for_regions, has_aot_api
 
 pytestmark = [
@@ -197,46 +197,3 @@ def test_closure_constants_are_compared_with_the_traced_values() -> None:
     data = _save(layer, x)
     assert _load(data, WrappedLayer).guard_check(layer, x)
     assert not _load(data, FlippedLayer).guard_check(layer, x)
-
-
-def test_pickler_restored_after_the_block() -> None:
-    cls = guard_pickling._pickler_class()
-    original = cls.__dict__["reducer_override"]
-    with saveable_guards():
-        assert cls.reducer_override is not original
-        with saveable_guards():  # nested
-            pass
-        assert cls.reducer_override is not original
-    assert cls.__dict__["reducer_override"] is original
-    with pytest.raises(RuntimeError), saveable_guards():
-        raise RuntimeError("inside")
-    assert cls.__dict__["reducer_override"] is original
-
-
-def test_overlapping_blocks_in_threads() -> None:
-    cls = guard_pickling._pickler_class()
-    original = cls.__dict__["reducer_override"]
-    entered, release = threading.Event(), threading.Event()
-
-    def other() -> None:
-        with saveable_guards():
-            entered.set()
-            release.wait(10)
-
-    t = threading.Thread(target=other)
-    t.start()
-    assert entered.wait(10)
-    with saveable_guards():
-        pass
-    assert cls.reducer_override is not original  # the other thread's block is still open
-    release.set()
-    t.join(10)
-    assert cls.__dict__["reducer_override"] is original
-
-
-def test_no_op_without_the_pickler(monkeypatch: pytest.MonkeyPatch) -> None:
-    cls = guard_pickling._pickler_class()
-    original = cls.__dict__["reducer_override"]
-    monkeypatch.setattr(guard_pickling, "_pickler_class", lambda: None)
-    with saveable_guards():
-        assert cls.__dict__["reducer_override"] is original

@@ -49,6 +49,7 @@ PARTS = {
     "layerpass.envs": "base",
     "layerpass.torch_compat": "base",
     "layerpass.version": "base",
+    "layerpass.fingerprint": "base",
 }
 
 # the arrows of the drawing above: each part's direct lower neighbours
