@@ -17,25 +17,44 @@ import torch
 from torch import nn
 
 from layerpass.ops.step_inputs import check_step_inputs
+from layerpass.torch_compat import CONSTANT_OF_MODULE
 
 _STEP_PARAMS = ("input_ids", "positions")
 _signatures: dict[Any, inspect.Signature | None] = {}
 _rotary_bounds: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
 
 
-@torch.compiler.assume_constant_result
 def max_position(model: nn.Module) -> int | None:
     """The model's position bound (module docstring), or None if it has none. The module walk for
     its rotary embeddings runs once per model; the config is read on every call (it may be set
     after the model is built, as ``from_transformers`` does). While Dynamo traces a forward it is
-    run, not traced, and its value is a constant of that trace."""
-    if model not in _rotary_bounds:
-        from layerpass.layers import RotaryEmbedding
+    run, not traced, and its value is a constant of that trace; torch 2.11 cannot do that with a
+    module argument (``torch_compat.CONSTANT_OF_MODULE``), so there the uncached walk is traced."""
+    if not CONSTANT_OF_MODULE and torch.compiler.is_compiling():
+        return _position_bound(model, _rotary_bound(model))
+    return _max_position_constant(model)
 
-        _rotary_bounds[model] = min((m.max_position for m in model.modules() if isinstance(m, RotaryEmbedding)),
-                                    default=None)
-    bounds = [_rotary_bounds[model], getattr(getattr(model, "config", None), "max_position", None)]
-    return min((b for b in bounds if isinstance(b, int) and not isinstance(b, bool)), default=None)
+
+@torch.compiler.assume_constant_result
+def _max_position_constant(model: nn.Module) -> int | None:
+    if model not in _rotary_bounds:
+        _rotary_bounds[model] = _rotary_bound(model)
+    return _position_bound(model, _rotary_bounds[model])
+
+
+def _rotary_bound(model: nn.Module) -> int | None:
+    from layerpass.layers import RotaryEmbedding
+
+    lengths = [m.max_position for m in model.modules() if isinstance(m, RotaryEmbedding)]
+    return min(lengths) if lengths else None
+
+
+def _position_bound(model: nn.Module, rotary: int | None) -> int | None:
+    """The smaller of the rotary bound and the config's ``max_position`` (written for Dynamo to
+    trace on 2.11: no ``min(..., default=)``)."""
+    bounds = [b for b in (rotary, getattr(getattr(model, "config", None), "max_position", None))
+              if isinstance(b, int) and not isinstance(b, bool)]
+    return min(bounds) if bounds else None
 
 
 def _signature(model: nn.Module) -> inspect.Signature | None:
