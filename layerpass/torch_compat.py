@@ -23,6 +23,10 @@ Everything else behaves the same on every supported torch. Two things differ:
   layers pass each other's region guards: each decoder layer is traced once, into its own region;
   identical pieces still compile once (the piece hash) and the warm start still loads. The report's
   notes say so. (Measured on 2.11 and 2.13; 2.12 is assumed to behave as 2.13.)
+- **A module as ``assume_constant_result``'s argument** (``CONSTANT_OF_MODULE``): 2.12 on, Dynamo
+  passes the real module (with an ID_MATCH guard); 2.11 accepts only Python constants and tensors
+  and fails the trace (``UnspecializedNNModuleVariable ... is not a constant``). So on 2.11 a
+  function of a model (``ops.step_inputs.max_position``) is traced through instead of run.
 - **The AOT precompile** the regions and the warm start use (``torch.compile(...).aot_compile``,
   ``torch.compiler.load_compiled_function``): every supported torch has it; where a torch does not,
   ``layerpass.compile`` compiles the whole model and the report's ``warm_start`` says
@@ -142,6 +146,10 @@ def compile_for_regions(fn: Callable[..., Any], **options: Any) -> Any:
         with torch._dynamo.config.patch(enable_aot_compile=True):
             return torch.compile(fn, **options)
     return torch.compile(fn, **options)
+
+
+# ``torch.compiler.assume_constant_result`` may take an ``nn.Module`` argument (module docstring)
+CONSTANT_OF_MODULE: bool = TORCH_VERSION >= (2, 12)
 
 
 def region_per_layer() -> str | None:

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerpass.torch_compat import CONSTANT_OF_MODULE
+
 from .library import layerpass_op
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -50,18 +52,36 @@ class PositionBounded:
 _module_bounds: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
 
 
-@torch.compiler.assume_constant_result
 def max_position(model: nn.Module) -> int | None:
     """The model's position bound: the smallest ``max_position`` of its ``PositionBounded`` modules
     and of its layerpass ``config``; None if it has none. The module walk runs once per model; the
     config is read on every call (it may be set after the model is built, as ``from_transformers``
     does). While Dynamo traces a forward it is run, not traced, and its value is a constant of that
-    trace."""
+    trace; torch 2.11 cannot do that with a module argument (``torch_compat.CONSTANT_OF_MODULE``),
+    so there the uncached walk is traced."""
+    if not CONSTANT_OF_MODULE and torch.compiler.is_compiling():
+        return _position_bound(model, _module_bound(model))
+    return _max_position_constant(model)
+
+
+@torch.compiler.assume_constant_result
+def _max_position_constant(model: nn.Module) -> int | None:
     if model not in _module_bounds:
-        _module_bounds[model] = min((m.max_position for m in model.modules() if isinstance(m, PositionBounded)),
-                                    default=None)
-    bounds = [_module_bounds[model], getattr(getattr(model, "config", None), "max_position", None)]
-    return min((b for b in bounds if isinstance(b, int) and not isinstance(b, bool)), default=None)
+        _module_bounds[model] = _module_bound(model)
+    return _position_bound(model, _module_bounds[model])
+
+
+def _module_bound(model: nn.Module) -> int | None:
+    lengths = [m.max_position for m in model.modules() if isinstance(m, PositionBounded)]
+    return min(lengths) if lengths else None
+
+
+def _position_bound(model: nn.Module, modules_bound: int | None) -> int | None:
+    """The smaller of the modules' bound and the config's ``max_position`` (written for Dynamo to
+    trace on 2.11: no ``min(..., default=)``)."""
+    bounds = [b for b in (modules_bound, getattr(getattr(model, "config", None), "max_position", None))
+              if isinstance(b, int) and not isinstance(b, bool)]
+    return min(bounds) if bounds else None
 
 
 def _describe(x: Any) -> str:

@@ -55,7 +55,9 @@ def fp8_round(x):
     # |x| / step < 16; adding and removing 1.5 * 2**23 rounds it to an integer, ties to even
     # (IEEE round-to-nearest-even of the fp32 addition, the same on numpy and on the GPU).
     r = ((tl.abs(x) * inv_step + 12582912.0) - 12582912.0) * step
-    return tl.where(bits < 0, -r, r)
+    # ``* -1.0``, not unary minus: Triton 3.6 lowers ``-r`` to ``0.0 - r`` (compiled and interpreted
+    # alike), which turns the -0.0 of a tiny negative input into +0.0; the product keeps the sign.
+    return tl.where(bits < 0, r * -1.0, r)
 
 
 @triton.jit

@@ -98,7 +98,12 @@ def test_a_first_layer_given_no_residual_is_a_region_of_its_own() -> None:
     bh.assert_matches(out, none_ref, "llama, first layer given None")
     report = layerpass.last_compile_report()
     if layerpass.USE_LAYERNAME:
-        assert report.num_regions == 2 and report.num_unique_pieces == 2, report.summary()
+        from layerpass.torch_compat import region_per_layer
+
+        # where torch gives every layer its own region (2.11: region_per_layer says why), the three
+        # layers are three regions; either way the first layer's piece is not the others'
+        regions = 3 if region_per_layer() else 2
+        assert report.num_regions == regions and report.num_unique_pieces == 2, report.summary()
         keys = [p.key for p in report.pieces]
         assert keys[0] != keys[1] == keys[2], keys
 
