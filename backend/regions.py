@@ -103,6 +103,8 @@ class Regions:
         # on_compile_error="eager": layer id -> why its region failed to compile (it runs eagerly)
         self.eager: dict[int, str] = {}
         self._warned_causes: set[str] = set()
+        # layer class -> why its token count is traced backed (its unbacked trace failed on the count)
+        self.backed_tokens: dict[type, str] = {}
         self._warned_own_forward: set[int] = set()
         self._sync_layers()
 
@@ -330,18 +332,12 @@ class Regions:
     def _compile(self, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Region:
         # (Inductor's CPU ISA probe is waited for by the backend, after Dynamo's trace: they overlap)
         t0 = time.perf_counter()
-        # trace on fresh copies: the caller's tensors are neither marked nor aliased by the trace
-        example_args, example_kwargs = pytree.tree_map_only(torch.Tensor, _fresh_copy, (args, kwargs))
-        if self.dynamic_tokens:
-            mark_token_dims_of(example_args, example_kwargs, _STEP_TOKENS.get())
         forward = type(layer).forward
         # the trace must not see the routing attribute (it would reach this object's state)
         routed = vars(layer).pop("forward", None)
         try:
             with span(f"trace {type(layer).__qualname__} (Dynamo, then its pieces' compile)"):
-                region, not_saveable = self._trace_ahead_of_time(layer, forward, example_args, example_kwargs)
-                if region is None:
-                    region = self._trace_in_memory(layer, forward, example_args, example_kwargs, not_saveable)
+                region = self._trace_unbacked_else_backed(layer, forward, args, kwargs)
         finally:
             if routed is not None:
                 layer.forward = routed
@@ -354,6 +350,42 @@ class Regions:
         if self.store is not None:
             with span(f"save program {type(layer).__qualname__}"):
                 self.store.save(region)
+        return region
+
+    def _trace_unbacked_else_backed(self, layer: nn.Module, forward: Any, args: tuple[Any, ...],
+                                    kwargs: dict[str, Any]) -> Region:
+        """The layer's region, its token count unbacked (one trace for every count); if that trace
+        fails on the count (the layer branches on it: a data-dependent guard or a graph break),
+        traced again with the count backed, so each branch is a guard of the region (a count on
+        the other side traces one more region) and the layer still runs as regions. A class that
+        needed it is traced backed from then on (said in each of its regions' report notes)."""
+        tokens = _STEP_TOKENS.get()
+        marks_unbacked = self.dynamic_tokens and (tokens is None or tokens > 1)  # mark_token_dims_of's rule
+        backed_why = self.backed_tokens.get(type(layer))
+        if backed_why is None:
+            try:
+                return self._trace(layer, forward, args, kwargs, backed=False)
+            except Exception as e:
+                if not marks_unbacked or not _fails_on_token_count(e):
+                    raise
+                backed_why = f"{type(e).__name__}: {_first_line(e)}"
+            logger.info("layerpass: %s cannot be traced with an unbacked token count (%s); tracing it with the "
+                        "count backed (its branches on it are guards)", type(layer).__qualname__, backed_why)
+        region = self._trace(layer, forward, args, kwargs, backed=True)
+        self.backed_tokens[type(layer)] = backed_why
+        region.report.notes.append(f"region of {type(layer).__qualname__}: token count backed (a region per "
+                                   f"guarded range of it), its unbacked trace failed: {backed_why}")
+        return region
+
+    def _trace(self, layer: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               backed: bool) -> Region:
+        # trace on fresh copies: the caller's tensors are neither marked nor aliased by the trace
+        example_args, example_kwargs = pytree.tree_map_only(torch.Tensor, _fresh_copy, (args, kwargs))
+        if self.dynamic_tokens:
+            mark_token_dims_of(example_args, example_kwargs, _STEP_TOKENS.get(), backed=backed)
+        region, not_saveable = self._trace_ahead_of_time(layer, forward, example_args, example_kwargs)
+        if region is None:
+            region = self._trace_in_memory(layer, forward, example_args, example_kwargs, not_saveable)
         return region
 
     def _trace_ahead_of_time(self, layer: nn.Module, forward: Any, args: tuple[Any, ...],
@@ -401,6 +433,24 @@ class Regions:
 
 # Dynamo's errors for a frame it cannot trace whole (a graph break under fullgraph=True)
 _GRAPH_BREAKS = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)
+
+# a trace that fails on an unbacked size: a guard on it or a symbol it made that no output binds
+_DATA_DEPENDENT = (torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode,
+                   torch.fx.experimental.symbolic_shapes.PendingUnbackedSymbolNotFound)
+
+
+def _fails_on_token_count(error: BaseException) -> bool:
+    """Whether a trace with the token count unbacked may succeed with it backed: a graph break
+    (a branch on the count is one) or a data-dependent error, also wrapped by Dynamo or Inductor."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (*_GRAPH_BREAKS, *_DATA_DEPENDENT)):
+            return True
+        # Dynamo rewraps an error of its own trace as InternalTorchDynamoError "from None": the context
+        e = e.__context__ if isinstance(e, torch._dynamo.exc.InternalTorchDynamoError) else e.__cause__
+    return False
 
 
 class _RegionForward:

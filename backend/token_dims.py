@@ -27,8 +27,13 @@ def token_dims(t: torch.Tensor, tokens: int | None) -> list[int]:
     return [0] if tokens is None else [d for d, n in enumerate(t.shape) if n == tokens]
 
 
-def mark_token_dims_of(args: tuple[Any, ...], kwargs: dict[str, Any], tokens: int | None) -> None:
+def mark_token_dims_of(args: tuple[Any, ...], kwargs: dict[str, Any], tokens: int | None,
+                       backed: bool = False) -> None:
     """Mark the token dims of a layer's tensor inputs unbacked before tracing it.
+
+    ``backed``: dynamic but backed instead (``maybe_mark_dynamic``), for a layer whose trace with
+    an unbacked count fails (it branches on the count): each branch is then a guard of the region
+    (a count on the other side traces one more region), not a data-dependent error or graph break.
 
     The token dims are those of the step's token count (``[T, H]``, HF's ``[1, T, H]``, ...);
     with one token the count is ambiguous, so nothing is marked and the region is specialised
@@ -43,5 +48,8 @@ def mark_token_dims_of(args: tuple[Any, ...], kwargs: dict[str, Any], tokens: in
             # each tensor's first token dim is the ONE token symbol (shape_id): the layer's input and
             # residual are then provably the same size, so residual ops can be lowered; a later dim
             # of the same size may be a coincidence (hidden == tokens) and stays a symbol of its own
+            if backed:  # backed sizes of one value are one symbol anyway (duck sizing, guarded)
+                torch._dynamo.maybe_mark_dynamic(leaf, d)
+                continue
             shared = {"shape_id": TOKEN_SHAPE_ID} if i == 0 and tokens is not None else {}
             torch._dynamo.decorators.mark_unbacked(leaf, d, **shared)
