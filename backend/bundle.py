@@ -18,9 +18,11 @@ import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from .cache import ArtifactCache
 from .cache_location import CacheLocation, iter_files
+from .private_files import atomic_write
 from .remote_store import EntryRefused, seal, unseal
 from .warm_start import ProgramStore
 
@@ -86,17 +88,19 @@ def export_bundle(location: CacheLocation, names: list[str], path: str, secret: 
     tar ``path``, each member sealed."""
     secret = _require_secret(secret, "cache export")
     report = BundleReport()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tarfile.open(tmp, "w") as tar:
-        for name in names:
-            with open(location.local(name), "rb") as f:
-                sealed = seal(secret, name, f.read())
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(sealed), 0o600
-            tar.addfile(info, io.BytesIO(sealed))
-            report.files += 1
-            report.bytes += len(sealed)
-    os.replace(tmp, path)
+
+    def write_tar(f: BinaryIO) -> None:
+        with tarfile.open(fileobj=f, mode="w") as tar:
+            for name in names:
+                with open(location.local(name), "rb") as member:
+                    sealed = seal(secret, name, member.read())
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(sealed), 0o600
+                tar.addfile(info, io.BytesIO(sealed))
+                report.files += 1
+                report.bytes += len(sealed)
+
+    atomic_write(path, write_tar)
     return report
 
 

@@ -129,7 +129,7 @@ class CompiledModel(nn.Module):
 
     def _run_regions(self, args: tuple[Any, ...], kwargs: dict[str, Any], timeline: Timeline) -> Any:
         assert self.regions is not None
-        if self.regions.store is None and not self.config.disable_cache:
+        if self.regions.store is None and self.config.caches_pieces:
             # keyed at the first call, so passes added after compile() (add_pass) are in the key
             with span("model key (warm-start store)"):
                 self.regions.store = ProgramStore(self.backend.location, self.model, self.backend.key_parts())
@@ -160,11 +160,13 @@ class CompiledModel(nn.Module):
         """This call's report: each layer's use of its region merged in, what obtaining a region
         cost counted at its first use in the call that traced or loaded it."""
         assert self.regions is not None
-        report = CompileReport(split=self.config.split, trace="regions",
+        report = CompileReport(split=self.config.split, trace="regions", compiler=self.config.compiler,
                                recompiles=max(0, self._region_calls_with_new - 1))
         report.num_regions = len({id(r) for _, r in run.layer_regions} | {id(r) for r in self.regions.last.values()})
         store = self.regions.store
-        report.warm_start = "off (disable_cache=True)" if store is None else store.status
+        report.warm_start = store.status if store is not None else (
+            "off (disable_cache=True)" if self.config.disable_cache
+            else f"off (compiler={self.config.compiler!r}: a debug compiler caches nothing)")
         new = {id(r) for r in run.new_regions}
         for index, region in run.layer_regions:
             report.merge(region.report, layer=index, fresh=id(region) in new)

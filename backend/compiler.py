@@ -41,9 +41,11 @@ from layerpass.passes.base import PieceContext
 from .cache import ArtifactCache, cache_key
 from .cache_location import CacheLocation, open_remote_store
 from .config import CompilationConfig
+from .debug_compile import compile_aot_eager
 from .isa_probe import inductor_isa_config, wait_for_cpu_isa_probe
 from .pass_list import pass_manager_for
 from .piece_hash import PieceSignature, piece_signature
+from .private_files import atomic_write
 from .program import PieceCall, PieceRunner, PiecewiseProgram
 from .report import CompileReport, PieceInfo, publish
 from .split import SplitResult, split_graph
@@ -172,7 +174,7 @@ class LayerpassBackend:
                 raise ValueError(f"splitting op {name!r} is not a registered torch op; register it before "
                                  f"compiling, or drop it from CompilationConfig.splitting_ops") from None
         self.pass_manager = pass_manager_for(self.config)
-        remote = None if self.config.disable_cache else open_remote_store(self.config.remote_cache)
+        remote = open_remote_store(self.config.remote_cache) if self.config.caches_pieces else None
         self.location = CacheLocation(self.config.cache_dir, remote, self.config.lock_timeout_s)  # type: ignore[arg-type]
         self.cache = ArtifactCache(self.location)
         self.publish_reports = publish_reports
@@ -208,7 +210,7 @@ class LayerpassBackend:
         cfg = self.config
         # Dynamo's own time is measured by whoever drives it (layerpass.compile); 0 under a bare torch.compile
         report = CompileReport(split=cfg.split, recompiles=self.num_recompiles,
-                               graph_breaks=max(0, len(self._frames) - 1))
+                               graph_breaks=max(0, len(self._frames) - 1), compiler=cfg.compiler)
         result = split_graph(gm, cfg.split, cfg.splitting_ops, whole_layer=whole_layer)
         if cfg.split == "ops" and cfg.fuse_attn_quant:
             report.notes.append("split='ops': the splitting ops run eagerly, so no fusion can cross them (attention+quant is off)")
@@ -272,7 +274,7 @@ class LayerpassBackend:
             raise ValueError(f"saved program's pieces {wrong} took other arguments when compiled "
                              f"({[calls[n].num_args for n in wrong]}) than its graph's split gives them "
                              f"({[num_args.get(n) for n in wrong]})")
-        report = CompileReport(split=config.split)
+        report = CompileReport(split=config.split, compiler=config.compiler)
         for name in names:
             piece, source = self.get_or_compile(calls[name].key, None)
             self.install(split_gm, result, name, piece, source, calls[name], report, None)
@@ -300,7 +302,7 @@ class LayerpassBackend:
             return found
         if compile_piece is None:
             raise FileNotFoundError(f"compiled piece {key[:12]} is not in the artifact cache {self.config.cache_dir}")
-        if self.config.disable_cache:
+        if not self.config.caches_pieces:
             return self._compile_and_store(key, compile_piece, piece), "compiled"
         with self.location.hold(key, f"compiling piece {piece or key[:12]}") as lock:
             if lock.waited:  # another process held the key: it has most likely stored the piece
@@ -310,7 +312,7 @@ class LayerpassBackend:
             return self._compile_and_store(key, compile_piece, piece), "compiled"
 
     def _load_stored(self, key: str) -> tuple[CompiledPiece, str] | None:
-        entry = None if self.config.disable_cache else self.cache.load(key)
+        entry = self.cache.load(key) if self.config.caches_pieces else None
         if entry is None:
             return None
         self.compiled[key] = CompiledPiece(entry.artifact, entry.meta.get("stats", {}))
@@ -319,9 +321,10 @@ class LayerpassBackend:
     def _compile_and_store(self, key: str, compile_piece: Callable[[], tuple[Any, dict[str, Any]]],
                            piece: str) -> CompiledPiece:
         artifact, stats = compile_piece()
-        stats = self._resolve_stats(key, stats)
+        if self.config.compiler == "inductor":
+            stats = self._resolve_stats(key, stats)
         self.compiled[key] = CompiledPiece(artifact, stats)
-        if not self.config.disable_cache:
+        if self.config.caches_pieces:
             self.cache.store(key, artifact, {"stats": stats, "piece": piece, "torch": torch.__version__})
         return self.compiled[key]
 
@@ -361,9 +364,16 @@ class LayerpassBackend:
         # a static variant specialises on the real args; otherwise reuse Dynamo's symbolic shapes
         dynamic_shapes = "from_example_inputs" if static else "from_tracing_context"
         wait_for_cpu_isa_probe()  # (a static variant compiled at run time, after no other piece)
-        with span(f"compile piece {name}"), inductor_isa_config(), self.pass_manager.piece(name, context) as run:
-            artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes=dynamic_shapes,
-                                                          options=self._inductor_options())
+        compiler = self.config.compiler
+        with span(f"compile piece {name} ({compiler})"), inductor_isa_config(), \
+                self.pass_manager.piece(name, context) as run:
+            if compiler == "eager":  # the piece's Dynamo graph as traced (debug_compile.py)
+                artifact: Any = gm
+            elif compiler == "aot_eager":
+                artifact = compile_aot_eager(gm, args, self._inductor_options()["config_patches"], static)
+            else:
+                artifact = torch._inductor.standalone_compile(gm, args, dynamic_shapes=dynamic_shapes,
+                                                              options=self._inductor_options())
         return artifact, run.as_dict()
 
     def _resolve_stats(self, key: str, stats: dict[str, Any]) -> dict[str, Any]:
@@ -372,11 +382,7 @@ class LayerpassBackend:
         path = _stats_sidecar(key)
         if stats.get("passes_ran"):
             with contextlib.suppress(OSError):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
-                    json.dump(stats, f)
-                os.replace(tmp, path)
+                atomic_write(path, json.dumps(stats).encode())
             return stats
         with contextlib.suppress(OSError, ValueError):
             with open(path) as f:

@@ -11,14 +11,14 @@ from typing import Any
 
 SPLIT_MODES = ("layers", "ops")
 ON_COMPILE_ERROR = ("raise", "eager")
-# Ops that hold per-layer state behind a name; in "ops" mode they run eagerly between pieces.
-DEFAULT_SPLITTING_OPS = ("layerpass.unified_attention_with_output", "layerpass.linear_attention")
+# what compiles a piece: Inductor, or a debug compiler without its code generation (backend/debug_compile.py)
+COMPILERS = ("inductor", "aot_eager", "eager")
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
 from layerpass.envs import cache_dir as default_cache_dir
 from layerpass.envs import remote_cache_url as default_remote_cache
 from layerpass.envs import resolve_path
-from layerpass.ops.library import op_name
-from layerpass.passes.lowering import resolve_custom_ops
+from layerpass.ops.custom_ops import resolve_custom_ops
+from layerpass.ops.library import op_name, split_point_ops
 
 
 BOOL_FIELDS = ("fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "eliminate_noops",
@@ -115,7 +115,9 @@ class CompilationConfig:
       sits inside a compiled piece and attention+quant can fuse; ``"ops"`` cuts at
       ``splitting_ops``, which then run eagerly between pieces (what piecewise CUDA-graph
       capture needs) and no fusion can cross them.
-    - ``splitting_ops``: ``"namespace.op"`` names (``"layerpass.unified_attention_with_output"``).
+    - ``splitting_ops``: ``"namespace.op"`` names (``"layerpass.unified_attention_with_output"``);
+      default: the ops defined with ``layerpass_op(..., splits=True)`` (attention, linear attention:
+      they hold per-layer state behind a name).
     - pass switches: ``fuse_attn_quant``, ``fuse_norm_quant``, ``fuse_act_quant``, ``fuse_moe``,
       ``eliminate_noops``.
     - ``cache_dir`` (default ``$LAYERPASS_CACHE_DIR`` or ``~/.cache/layerpass``), ``disable_cache``.
@@ -129,15 +131,19 @@ class CompilationConfig:
       the others are lowered to native torch code Inductor generates and fuses (the ``lowering``
       pass). ``("none",)`` (default): lower every lowerable op; ``("all",)``: lower none; then
       ``"+name"`` keeps ``name`` custom, ``"-name"`` lowers it (``("all", "-rms_norm")``,
-      ``("+silu_and_mul",)``). Names: ``layerpass.passes.lowering.LOWERABLE_OPS``; attention,
-      linear attention and MoE always keep their kernels.
+      ``("+silu_and_mul",)``). Names: ``layerpass.ops.library.lowerable_ops()`` (the ops defined with
+      ``lowers=True``); attention, linear attention and MoE always keep their kernels.
+    - ``compiler``: ``"inductor"`` (default); ``"aot_eager"``: AOT autograd, Inductor's graph passes
+      and the layerpass passes, then the post-pass graph runs as an fx ``GraphModule`` (no Inductor
+      code generation); ``"eager"``: each piece runs its Dynamo graph (no AOT autograd, no passes).
+      To bisect a miscompile; the debug compilers cache nothing and have no warm start.
     - ``on_compile_error``: ``"raise"`` (default, as torch.compile) or ``"eager"``: a decoder layer
       whose region fails to compile runs eagerly, with one warning naming the cause (the
       report's ``eager_layers`` lists those layers).
     """
 
     split: str = "layers"
-    splitting_ops: tuple[str, ...] = DEFAULT_SPLITTING_OPS
+    splitting_ops: tuple[str, ...] = field(default_factory=split_point_ops)
     fuse_attn_quant: bool = True
     fuse_norm_quant: bool = True
     fuse_act_quant: bool = True
@@ -152,8 +158,12 @@ class CompilationConfig:
     remote_cache: str | None = None
     lock_timeout_s: float = 300.0
     on_compile_error: str = "raise"
+    compiler: str = "inductor"
 
     def __post_init__(self) -> None:
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"CompilationConfig.compiler={self.compiler!r}; allowed: {', '.join(map(repr, COMPILERS))} "
+                             f"('aot_eager' and 'eager' are debug compilers, without Inductor's code generation)")
         if self.on_compile_error not in ON_COMPILE_ERROR:
             raise ValueError(f"CompilationConfig.on_compile_error={self.on_compile_error!r}; allowed: "
                              f"{', '.join(map(repr, ON_COMPILE_ERROR))}")
@@ -193,11 +203,9 @@ class CompilationConfig:
             raise ValueError(f"CompilationConfig.lock_timeout_s must be a finite number of seconds >= 0, "
                              f"got {self.lock_timeout_s!r}")
         self.inductor_options = _check_inductor_options(self.inductor_options)
-        if isinstance(self.custom_ops, (str, bytes)) or not isinstance(self.custom_ops, (tuple, list)):
-            raise TypeError(f"CompilationConfig.custom_ops must be a tuple of str ('none', 'all', '+name', '-name'), "
-                            f"got {type(self.custom_ops).__name__} {self.custom_ops!r}")
+        # resolved once, here (raises naming a bad entry and the allowed names); the pass gets the result
+        object.__setattr__(self, "_lowered_ops", resolve_custom_ops(self.custom_ops))
         self.custom_ops = tuple(self.custom_ops)
-        resolve_custom_ops(self.custom_ops)  # raises naming a bad entry and the allowed names
 
         object.__setattr__(self, "_validated", True)
 
@@ -215,10 +223,18 @@ class CompilationConfig:
             raise AttributeError(f"CompilationConfig has no field {name!r}{hint} (fields: {', '.join(sorted(fields))})")
         checked = dataclasses.replace(self, **{name: value})
         object.__setattr__(self, name, getattr(checked, name))
+        object.__setattr__(self, "_lowered_ops", checked._lowered_ops)
+
+    @property
+    def caches_pieces(self) -> bool:
+        """Whether compiled pieces (and the warm start's programs) are stored and loaded: only
+        Inductor's artifacts can be saved (``backend/debug_compile.py``)."""
+        return not self.disable_cache and self.compiler == "inductor"
 
     def lowered_ops(self) -> tuple[str, ...]:
-        """The layerpass ops the ``lowering`` pass replaces by native code (from ``custom_ops``)."""
-        return resolve_custom_ops(self.custom_ops)
+        """The layerpass ops the ``lowering`` pass replaces by native code (``custom_ops``, resolved
+        when the config was made)."""
+        return self._lowered_ops
 
     def fingerprint(self) -> str:
         """What changes compiled code (where it is cached, how long to wait for it and the error

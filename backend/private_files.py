@@ -14,6 +14,8 @@ import logging
 import os
 import stat
 import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
 
 logger = logging.getLogger("layerpass")
 FILE_MODE = 0o600
@@ -74,14 +76,20 @@ def make_private(path: str) -> None:
                 os.chmod(os.path.join(root, f), FILE_MODE)
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``data`` to ``path`` (0600) through a temporary file and a rename: a reader sees the
-    old file or the new one, never part of one."""
+    old file or the new one, never part of one. ``data`` is the bytes, or a function that writes
+    them into the open file (a tar stream, too large to hold in memory). The one atomic file
+    writer of layerpass: the cache, the warm start, the ISA answer, pass statistics, bundles and
+    bench results go through it."""
     make_private_dirs(os.path.dirname(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))  # mkstemp: 0600
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

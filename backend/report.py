@@ -50,6 +50,7 @@ class CompileReport:
     recompiles: int = 0  # traces of a frame this backend had compiled before (a guard failed), so far
     graph_breaks: int = 0  # whole model: frames traced beyond the first (graph-break continuations), so far
     split: str = "layers"
+    compiler: str = "inductor"  # CompilationConfig.compiler: "inductor", or a debug compiler ("aot_eager", "eager")
     trace: str = "whole-model"  # "regions": each distinct decoder layer traced once; "whole-model": every layer traced
     num_regions: int = 0  # distinct region traces (bodies compiled once, called at every layer)
     warm_start: str = "off"  # "loaded" (no Dynamo), "saved", "fallback: <why>", "off" (disabled)
@@ -123,6 +124,7 @@ class CompileReport:
             f"layerpass: {self.num_pieces} pieces ({self.num_unique_pieces} unique, "
             f"{self.num_compiled} compiled, {self.num_cache_hits} from cache) in {self.total_s:.2f} s"
             + (f"; {self.num_waited} of them after waiting for another process" if self.num_waited else "")
+            + (f"; compiler={self.compiler!r} (a debug compiler)" if self.compiler != "inductor" else "")
         )
 
     def piece_sources(self) -> dict[str, int]:

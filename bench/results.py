@@ -51,12 +51,10 @@ def new_document(cfg: SweepConfig) -> dict[str, Any]:
 
 def write_results(doc: dict[str, Any], out_dir: str) -> str:
     """Write ``results.json`` and ``results.md`` into ``out_dir`` (atomically); returns the JSON's path."""
+    from layerpass.backend.private_files import atomic_write  # the one atomic writer
+
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
     for name, text in (("results.json", json.dumps(doc, indent=1)), ("results.md", markdown_table(doc) + "\n")):
-        target = os.path.join(out_dir, name)
-        tmp = f"{target}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
+        atomic_write(os.path.join(out_dir, name), text.encode())
     return path

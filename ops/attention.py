@@ -358,7 +358,7 @@ def _attn_fake(query, key, value, output, layer_name, output_scale=None) -> None
     return None
 
 
-@layerpass_op("unified_attention_with_output", mutates_args=("output",), fake=_attn_fake)
+@layerpass_op("unified_attention_with_output", mutates_args=("output",), fake=_attn_fake, splits=True)
 def _unified_attention_with_output_kernel(
     query: torch.Tensor,
     key: torch.Tensor,

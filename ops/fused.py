@@ -14,7 +14,7 @@ import torch
 from . import norm as _norm
 from . import quant as _quant
 from .library import layerpass_op
-from .norm import rms_norm_ref, silu_and_mul_ref
+from .norm import add_residual, rms_norm_ref, silu_and_mul_ref
 from .quant import FP8_DTYPE, quantize_fp8
 
 
@@ -29,12 +29,12 @@ def check_act_quant_args(op: str, input: torch.Tensor, scale: torch.Tensor) -> N
     _quant._check_scale(scale)
 
 
-def _norm_fake(input, weight, scale, epsilon):
+def _check_rms_norm_quant(input: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, epsilon: float) -> None:
     check_norm_quant_args("rms_norm_static_fp8_quant", input, weight, scale)
-    return torch.empty_like(input, dtype=FP8_DTYPE)
 
 
-@layerpass_op("rms_norm_static_fp8_quant", fake=_norm_fake)
+@layerpass_op("rms_norm_static_fp8_quant", fake=lambda input, weight, scale, epsilon: torch.empty_like(input, dtype=FP8_DTYPE),
+              check=_check_rms_norm_quant, lowers=True)
 def _rms_norm_static_fp8_quant_kernel(input: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                                       epsilon: float) -> torch.Tensor:
     return quantize_fp8(rms_norm_ref(input, weight, epsilon), scale)
@@ -44,20 +44,23 @@ def rms_norm_static_fp8_quant(input: torch.Tensor, weight: torch.Tensor, scale: 
                               epsilon: float) -> torch.Tensor:
     """``quantize(rms_norm(input))`` in one pass."""
     if not torch.compiler.is_compiling():
-        check_norm_quant_args("rms_norm_static_fp8_quant", input, weight, scale)
+        _check_rms_norm_quant(input, weight, scale, epsilon)
     return torch.ops.layerpass.rms_norm_static_fp8_quant(input, weight, scale, epsilon)
 
 
-def _add_fake(input, residual, weight, scale, epsilon):
+def _check_add_rms_norm_quant(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                              epsilon: float) -> None:
     check_norm_quant_args("fused_add_rms_norm_static_fp8_quant", input, weight, scale, residual)
-    return torch.empty_like(input, dtype=FP8_DTYPE), torch.empty_like(residual)
 
 
-@layerpass_op("fused_add_rms_norm_static_fp8_quant", fake=_add_fake)
+@layerpass_op("fused_add_rms_norm_static_fp8_quant",
+              fake=lambda input, residual, weight, scale, epsilon: (torch.empty_like(input, dtype=FP8_DTYPE),
+                                                                    torch.empty_like(residual)),
+              check=_check_add_rms_norm_quant, lowers=True)
 def _fused_add_rms_norm_static_fp8_quant_kernel(
     input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, epsilon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    summed = (input.float() + residual.float()).to(input.dtype)
+    summed = add_residual(input, residual)
     return quantize_fp8(rms_norm_ref(summed, weight, epsilon), scale), summed
 
 
@@ -66,16 +69,17 @@ def fused_add_rms_norm_static_fp8_quant(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(quantize(rms_norm(input + residual)), input + residual)``."""
     if not torch.compiler.is_compiling():
-        check_norm_quant_args("fused_add_rms_norm_static_fp8_quant", input, weight, scale, residual)
+        _check_add_rms_norm_quant(input, residual, weight, scale, epsilon)
     return torch.ops.layerpass.fused_add_rms_norm_static_fp8_quant(input, residual, weight, scale, epsilon)
 
 
-def _silu_fake(input, scale):
+def _check_silu_quant(input: torch.Tensor, scale: torch.Tensor) -> None:
     check_act_quant_args("silu_and_mul_static_fp8_quant", input, scale)
-    return input.new_empty((*input.shape[:-1], input.shape[-1] // 2), dtype=FP8_DTYPE)
 
 
-@layerpass_op("silu_and_mul_static_fp8_quant", fake=_silu_fake)
+@layerpass_op("silu_and_mul_static_fp8_quant",
+              fake=lambda input, scale: input.new_empty((*input.shape[:-1], input.shape[-1] // 2), dtype=FP8_DTYPE),
+              check=_check_silu_quant, lowers=True)
 def _silu_and_mul_static_fp8_quant_kernel(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return quantize_fp8(silu_and_mul_ref(input), scale)
 
@@ -83,5 +87,5 @@ def _silu_and_mul_static_fp8_quant_kernel(input: torch.Tensor, scale: torch.Tens
 def silu_and_mul_static_fp8_quant(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``quantize(silu(input[..., :d]) * input[..., d:])``."""
     if not torch.compiler.is_compiling():
-        check_act_quant_args("silu_and_mul_static_fp8_quant", input, scale)
+        _check_silu_quant(input, scale)
     return torch.ops.layerpass.silu_and_mul_static_fp8_quant(input, scale)

@@ -235,7 +235,7 @@ def _linear_attention_fake(query, key, value, output, layer_name) -> None:
     return None
 
 
-@layerpass_op(OP_NAME, mutates_args=("output",), fake=_linear_attention_fake)
+@layerpass_op(OP_NAME, mutates_args=("output",), fake=_linear_attention_fake, splits=True)
 def _linear_attention_kernel(
     query: torch.Tensor,
     key: torch.Tensor,

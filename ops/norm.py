@@ -6,8 +6,9 @@ Where argument checks run (every op module of ``layerpass.ops`` does the same): 
 entry points (``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul`` here) check, then call
 ``torch.ops.layerpass.<op>``; in eager that is every call, and under ``torch.compile`` Dynamo
 traces through them to the same single op node, skipping the check (``is_compiling``). The op's
-fake (meta) kernel runs the same checks on fake tensors: at trace time, once per compiled piece,
-and for ops that only passes put into a graph. The real kernels (CPU here, Triton on CUDA) do not
+fake (meta) kernel runs the same check (``layerpass_op(..., check=)``: one function per op) on
+fake tensors: at trace time, once per compiled piece, and for ops that only passes put into a
+graph; the lowering pass asks it too, on the graph's symbolic sizes. The real kernels (CPU here, Triton on CUDA) do not
 check: a compiled step pays for no check. Call the entry points, not the raw op: the raw op in
 eager runs unchecked.
 """
@@ -37,18 +38,30 @@ def check_silu_and_mul_arg(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"{op} needs an even last dimension (gate and up halves), got shape {tuple(x.shape)}")
 
 
+def check_rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+    check_norm_args("rms_norm", x, weight)
+
+
+def check_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+    check_norm_args("fused_add_rms_norm", x, weight, residual)
+
+
+def check_silu_and_mul(x: torch.Tensor) -> None:
+    check_silu_and_mul_arg("silu_and_mul", x)
+
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
     xf = x.float()
     out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon)
     return (out * weight.float()).to(x.dtype)
 
 
-def _rms_norm_fake(x, weight, epsilon):
-    check_norm_args("rms_norm", x, weight)  # trace time: once per compiled piece
-    return torch.empty_like(x)
+def add_residual(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``x + residual`` summed in float32, in the model dtype: the residual stream the fused ops return."""
+    return (x.float() + residual.float()).to(x.dtype)
 
 
-@layerpass_op("rms_norm", fake=_rms_norm_fake)
+@layerpass_op("rms_norm", fake=lambda x, weight, epsilon: torch.empty_like(x), check=check_rms_norm, lowers=True)
 def _rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
     return rms_norm_ref(x, weight, epsilon)
 
@@ -56,20 +69,16 @@ def _rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> t
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``torch.ops.layerpass.rms_norm`` after its argument checks (see the module docstring)."""
     if not torch.compiler.is_compiling():
-        check_norm_args("rms_norm", x, weight)
+        check_rms_norm(x, weight, epsilon)
     return torch.ops.layerpass.rms_norm(x, weight, epsilon)
 
 
-def _add_fake(x, residual, weight, epsilon):
-    check_norm_args("fused_add_rms_norm", x, weight, residual)
-    return torch.empty_like(x), torch.empty_like(residual)
-
-
-@layerpass_op("fused_add_rms_norm", fake=_add_fake)
+@layerpass_op("fused_add_rms_norm", fake=lambda x, residual, weight, epsilon: (torch.empty_like(x), torch.empty_like(residual)),
+              check=check_fused_add_rms_norm, lowers=True)
 def _fused_add_rms_norm_kernel(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    summed = (x.float() + residual.float()).to(x.dtype)
+    summed = add_residual(x, residual)
     return rms_norm_ref(summed, weight, epsilon), summed
 
 
@@ -79,7 +88,7 @@ def fused_add_rms_norm(
     """``(rms_norm(x + residual), x + residual)``: ``torch.ops.layerpass.fused_add_rms_norm`` after
     its argument checks."""
     if not torch.compiler.is_compiling():
-        check_norm_args("fused_add_rms_norm", x, weight, residual)
+        check_fused_add_rms_norm(x, residual, weight, epsilon)
     return torch.ops.layerpass.fused_add_rms_norm(x, residual, weight, epsilon)
 
 
@@ -89,12 +98,8 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
 
 
-def _silu_fake(x):
-    check_silu_and_mul_arg("silu_and_mul", x)
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-
-
-@layerpass_op("silu_and_mul", fake=_silu_fake)
+@layerpass_op("silu_and_mul", fake=lambda x: x.new_empty((*x.shape[:-1], x.shape[-1] // 2)),
+              check=check_silu_and_mul, lowers=True)
 def _silu_and_mul_kernel(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(x)
 
@@ -103,5 +108,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :d]) * x[..., d:]`` with ``d = x.shape[-1] // 2``: ``torch.ops.layerpass.silu_and_mul``
     after its argument check."""
     if not torch.compiler.is_compiling():
-        check_silu_and_mul_arg("silu_and_mul", x)
+        check_silu_and_mul(x)
     return torch.ops.layerpass.silu_and_mul(x)

@@ -45,7 +45,7 @@ def check_scale_value(scale: torch.Tensor, what: str) -> None:
 
 def _check_scale(scale: torch.Tensor, what: str = "FP8 scale") -> None:
     """One element; on CPU also a finite, positive value (see ``_values_readable``)."""
-    if scale.numel() != 1:
+    if sizes_differ(scale.numel(), 1):
         raise ValueError(f"static per-tensor FP8 needs a one-element scale, got shape {tuple(scale.shape)}")
     if _values_readable(scale):
         check_scale_value(scale, what)
@@ -86,18 +86,19 @@ def check_scaled_mm_args(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor
             check_scale_value(scale, f"scaled_fp8_mm: {name}")
 
 
-# Each op: a fake kernel that checks (trace time), a CPU kernel that does not, and the entry point
-# layers call, which checks in eager (see ``ops/norm.py``'s docstring).
+# Each op: its check (run by the fake kernel at trace time), a CPU kernel that does not check, and
+# the entry point layers call, which checks in eager (see ``ops/norm.py``'s docstring).
 
 
-def _quant_fake(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
-    check_quant_out(result, input, scale)
-    return None
+def _quantized(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> tuple[None, torch.Tensor]:
+    """``static_scaled_fp8_quant``'s native code, functional: its return (none), then ``result``'s new value."""
+    return None, quantize_fp8(input, scale)
 
 
-@layerpass_op("static_scaled_fp8_quant", mutates_args=("result",), fake=_quant_fake)
+@layerpass_op("static_scaled_fp8_quant", mutates_args=("result",), fake=lambda result, input, scale: None,
+              check=check_quant_out, native=_quantized, lowers=True)
 def _static_scaled_fp8_quant_kernel(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
-    result.copy_(quantize_fp8(input, scale))
+    result.copy_(_quantized(result, input, scale)[1])
 
 
 def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor) -> None:
@@ -107,12 +108,8 @@ def static_scaled_fp8_quant(result: torch.Tensor, input: torch.Tensor, scale: to
     torch.ops.layerpass.static_scaled_fp8_quant(result, input, scale)
 
 
-def _quant_functional_fake(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    check_quant_functional_args(input, scale)
-    return torch.empty_like(input, dtype=FP8_DTYPE)
-
-
-@layerpass_op("static_scaled_fp8_quant_functional", fake=_quant_functional_fake)
+@layerpass_op("static_scaled_fp8_quant_functional", fake=lambda input, scale: torch.empty_like(input, dtype=FP8_DTYPE),
+              check=check_quant_functional_args, lowers=True)
 def _static_scaled_fp8_quant_functional_kernel(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return quantize_fp8(input, scale)
 
@@ -125,11 +122,15 @@ def static_scaled_fp8_quant_functional(input: torch.Tensor, scale: torch.Tensor)
 
 
 def _mm_fake(a, b, scale_a, scale_b, out_dtype, bias=None):
-    check_scaled_mm_args(a, b, scale_a, scale_b)
     return a.new_empty((*a.shape[:-1], b.shape[0]), dtype=out_dtype)
 
 
-@layerpass_op("scaled_fp8_mm", fake=_mm_fake)
+def _check_scaled_fp8_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                         out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
+    check_scaled_mm_args(a, b, scale_a, scale_b)
+
+
+@layerpass_op("scaled_fp8_mm", fake=_mm_fake, check=_check_scaled_fp8_mm, lowers=True)
 def _scaled_fp8_mm_kernel(
     a: torch.Tensor,
     b: torch.Tensor,

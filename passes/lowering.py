@@ -4,10 +4,13 @@ replaced, in the post-grad graph, by that code, so Inductor fuses it with its ne
 Every norm / activation / quant op is an opaque ``torch.library`` custom op (``ops/``) so that the
 fusion patterns match single nodes. After the fusions, one left opaque is a Python call per step
 (argument checks included) that Inductor can neither see into nor fuse with. This pass, which runs
-after the fusions and before dead-code clean-up / fix functionalization, traces the op's native
-implementation (the pure-torch references of ``ops/``) with ``make_fx`` and Inductor's
-decompositions (``pattern_matcher.fwd_only``, as Inductor's own replacements are traced) on the
-node's fake inputs (``meta["val"]``, symbolic sizes included) and inlines it in place of the node:
+after the fusions and before dead-code clean-up / fix functionalization, walks the op table
+(``layerpass.ops.library.OPS``): for a node of an op that lowers, it asks the op's own argument
+check (``OpDef.check``, on the node's fake inputs, sizes compared only where provable), traces the
+op's own native code (``OpDef.native``) with ``make_fx`` and Inductor's decompositions
+(``pattern_matcher.fwd_only``, as Inductor's own replacements are traced) on the node's fake
+inputs (``meta["val"]``, symbolic sizes included) and inlines it in place of the node. This file
+holds no op's code, check or name: an op that lowers says so where it is defined.
 
 - a plain op node: its users (or its ``getitem`` users, for ops returning several tensors) now use
   the inlined values;
@@ -15,11 +18,11 @@ node's fake inputs (``meta["val"]``, symbolic sizes included) and inlines it in 
   users: the node and its getitems are replaced by the functional native computation (the
   ``getitem`` of a mutated buffer becomes the value the op would have written into it).
 
-Which ops are lowered is ``CompilationConfig.custom_ops`` (vLLM's spelling, resolved by
-``resolve_custom_ops``): ``"none"`` (the default) keeps no custom kernel for a lowerable op,
-``"all"`` keeps every one, ``"+name"`` keeps ``name`` and ``"-name"`` lowers it. Attention, linear
-attention, MoE and the tensor-parallel collectives are never lowered (their kernels are better, or
-they hold per-layer state): ``ALWAYS_CUSTOM``.
+Which ops are lowered is ``CompilationConfig.custom_ops`` (vLLM's spelling, resolved once by
+``layerpass.ops.custom_ops.resolve_custom_ops``): ``"none"`` (the default) keeps no custom kernel
+for a lowerable op, ``"all"`` keeps every one, ``"+name"`` keeps ``name`` and ``"-name"`` lowers
+it. Attention, linear attention, MoE and the tensor-parallel collectives never lower (their
+kernels are better, or they hold per-layer state): ``layerpass.ops.library.always_custom_ops()``.
 
 A node is left as the op (and counted nowhere, logged at debug level with the reason) when its
 result is unused (dead-code clean-up removes it), when its inputs do not provably satisfy the op's
@@ -48,70 +51,13 @@ import torch
 from torch import fx
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
-from layerpass.ops.library import op_overload, schema_of
-from layerpass.ops.norm import rms_norm_ref, silu_and_mul_ref
-from layerpass.ops.quant import FP8_DTYPE, quantize_fp8
+from layerpass.ops.library import OPS, OpDef, lowerable_ops, op_overload, provable_sizes, schema_of
 
-from .base import LayerpassPass
+from .base import LayerpassPass, module_closure
 
 logger = logging.getLogger("layerpass")
 
 Tensor = torch.Tensor
-
-
-# ----------------------------------------------------------------------------- native code
-
-
-def _rms_norm(x: Tensor, weight: Tensor, epsilon: float) -> Tensor:
-    return rms_norm_ref(x, weight, epsilon)
-
-
-def _add(x: Tensor, residual: Tensor) -> Tensor:
-    return (x.float() + residual.float()).to(x.dtype)
-
-
-def _fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
-    summed = _add(x, residual)
-    return rms_norm_ref(summed, weight, epsilon), summed
-
-
-def _silu_and_mul(x: Tensor) -> Tensor:
-    return silu_and_mul_ref(x)
-
-
-def _static_scaled_fp8_quant(result: Tensor, input: Tensor, scale: Tensor) -> tuple[None, Tensor]:
-    return None, quantize_fp8(input, scale)
-
-
-def _static_scaled_fp8_quant_functional(input: Tensor, scale: Tensor) -> Tensor:
-    return quantize_fp8(input, scale)
-
-
-def _scaled_fp8_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
-                   bias: Tensor | None = None) -> Tensor:
-    out = torch.matmul(a.float(), b.float().t()) * (scale_a.float() * scale_b.float())
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)
-
-
-def _rms_norm_static_fp8_quant(input: Tensor, weight: Tensor, scale: Tensor, epsilon: float) -> Tensor:
-    return quantize_fp8(rms_norm_ref(input, weight, epsilon), scale)
-
-
-def _fused_add_rms_norm_static_fp8_quant(input: Tensor, residual: Tensor, weight: Tensor, scale: Tensor,
-                                         epsilon: float) -> tuple[Tensor, Tensor]:
-    summed = _add(input, residual)
-    return quantize_fp8(rms_norm_ref(summed, weight, epsilon), scale), summed
-
-
-def _silu_and_mul_static_fp8_quant(input: Tensor, scale: Tensor) -> Tensor:
-    return quantize_fp8(silu_and_mul_ref(input), scale)
-
-
-# ----------------------------------------------------------------------------- preconditions
-# The op's argument checks on fake inputs, answered without adding a guard: a size relation that is
-# not provable (statically_known_true) counts as failed, and the node keeps the op.
 
 
 def _known(cond: Any) -> bool:
@@ -122,132 +68,6 @@ def _known(cond: Any) -> bool:
 
 def _same_shape(a: Tensor, b: Tensor) -> bool:
     return a.dim() == b.dim() and all(_known(x == y) for x, y in zip(a.shape, b.shape))
-
-
-def _float_input(x: Any) -> bool:
-    return isinstance(x, Tensor) and x.is_floating_point() and x.dtype != FP8_DTYPE
-
-
-def _norm_ok(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> bool:
-    return (_float_input(x) and x.dim() >= 1 and isinstance(weight, Tensor) and weight.dim() == 1
-            and _known(weight.shape[0] == x.shape[-1])
-            and (residual is None or (isinstance(residual, Tensor) and residual.dtype == x.dtype
-                                      and _same_shape(x, residual))))
-
-
-def _even_last_dim(x: Tensor) -> bool:
-    return _float_input(x) and x.dim() >= 1 and _known(x.shape[-1] % 2 == 0)
-
-
-def _one_element(scale: Any) -> bool:
-    return isinstance(scale, Tensor) and _known(scale.numel() == 1)
-
-
-def _check_rms_norm(x, weight, epsilon) -> bool:
-    return _norm_ok(x, weight)
-
-
-def _check_fused_add_rms_norm(x, residual, weight, epsilon) -> bool:
-    return _norm_ok(x, weight, residual)
-
-
-def _check_silu_and_mul(x) -> bool:
-    return _even_last_dim(x)
-
-
-def _check_quant(result, input, scale) -> bool:
-    return (_one_element(scale) and _float_input(input) and isinstance(result, Tensor)
-            and result.dtype == FP8_DTYPE and _same_shape(result, input))
-
-
-def _check_quant_functional(input, scale) -> bool:
-    return _one_element(scale) and _float_input(input)
-
-
-def _check_scaled_fp8_mm(a, b, scale_a, scale_b, out_dtype, bias=None) -> bool:
-    return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == FP8_DTYPE and b.dtype == FP8_DTYPE
-            and a.dim() >= 1 and b.dim() == 2 and _known(a.shape[-1] == b.shape[1])
-            and isinstance(scale_a, Tensor) and isinstance(scale_b, Tensor))
-
-
-def _check_rms_norm_quant(input, weight, scale, epsilon) -> bool:
-    return _norm_ok(input, weight) and _one_element(scale)
-
-
-def _check_fused_add_rms_norm_quant(input, residual, weight, scale, epsilon) -> bool:
-    return _norm_ok(input, weight, residual) and _one_element(scale)
-
-
-def _check_silu_and_mul_quant(input, scale) -> bool:
-    return _even_last_dim(input) and _one_element(scale)
-
-
-@dataclass(frozen=True)
-class Lowering:
-    """An op's native code and the preconditions under which it equals the op."""
-
-    native: Callable[..., Any]
-    check: Callable[..., bool]
-
-
-# The ops a lowering exists for, in a stable order (what "custom_ops" may name).
-LOWERINGS: dict[str, Lowering] = {
-    "rms_norm": Lowering(_rms_norm, _check_rms_norm),
-    "fused_add_rms_norm": Lowering(_fused_add_rms_norm, _check_fused_add_rms_norm),
-    "silu_and_mul": Lowering(_silu_and_mul, _check_silu_and_mul),
-    "static_scaled_fp8_quant": Lowering(_static_scaled_fp8_quant, _check_quant),
-    "static_scaled_fp8_quant_functional": Lowering(_static_scaled_fp8_quant_functional, _check_quant_functional),
-    "scaled_fp8_mm": Lowering(_scaled_fp8_mm, _check_scaled_fp8_mm),
-    "rms_norm_static_fp8_quant": Lowering(_rms_norm_static_fp8_quant, _check_rms_norm_quant),
-    "fused_add_rms_norm_static_fp8_quant": Lowering(_fused_add_rms_norm_static_fp8_quant,
-                                                    _check_fused_add_rms_norm_quant),
-    "silu_and_mul_static_fp8_quant": Lowering(_silu_and_mul_static_fp8_quant, _check_silu_and_mul_quant),
-}
-LOWERABLE_OPS: tuple[str, ...] = tuple(LOWERINGS)
-# layerpass ops that always keep their kernel: attention and linear attention (their kernels beat
-# anything Inductor generates from the reference), MoE (routing + expert loops), TP collectives.
-ALWAYS_CUSTOM: tuple[str, ...] = ("unified_attention_with_output", "linear_attention", "moe_forward",
-                                  "moe_forward_shared", "moe_forward_fp8", "moe_forward_quant_input",
-                                  "tp_all_reduce", "tp_all_gather")
-
-
-def resolve_custom_ops(custom_ops: Iterable[str], what: str = "CompilationConfig.custom_ops") -> tuple[str, ...]:
-    """The ops to lower (in ``LOWERABLE_OPS`` order) for a vLLM-style ``custom_ops`` list.
-
-    ``"none"``: no lowerable op keeps its custom kernel (everything lowerable is lowered; also what
-    an empty list means); ``"all"``: every op keeps it (nothing lowered); then ``"+name"`` keeps
-    ``name``'s custom kernel and ``"-name"`` lowers it. ``ValueError`` for anything else, naming
-    the entry and the allowed names."""
-    entries = list(custom_ops)
-    allowed = ", ".join(LOWERABLE_OPS)
-    for e in entries:
-        if not isinstance(e, str):
-            raise TypeError(f"{what} entries must be str ('none', 'all', '+name' or '-name'), got "
-                            f"{type(e).__name__} {e!r}")
-    if "all" in entries and "none" in entries:
-        raise ValueError(f"{what} names both 'all' and 'none'; give at most one of them")
-    lowered = [] if "all" in entries else list(LOWERABLE_OPS)
-    seen: dict[str, str] = {}
-    for e in entries:
-        if e in ("all", "none"):
-            continue
-        sign, name = e[:1], e[1:]
-        if sign not in ("+", "-") or not name:
-            raise ValueError(f"{what} entry {e!r} must be 'none', 'all', '+name' (keep the op's custom kernel) "
-                             f"or '-name' (lower it to code Inductor generates); names: {allowed}")
-        if name in ALWAYS_CUSTOM:
-            raise ValueError(f"{what} entry {e!r}: layerpass.{name} always keeps its custom kernel (it is not "
-                             f"lowerable); lowerable ops: {allowed}")
-        if name not in LOWERINGS:
-            raise ValueError(f"{what} entry {e!r}: {name!r} is not a lowerable layerpass op; lowerable ops: {allowed}")
-        if seen.get(name, sign) != sign:
-            raise ValueError(f"{what} names {name!r} both with '+' and '-'")
-        seen[name] = sign
-        if sign == "+" and name in lowered:
-            lowered.remove(name)
-        elif sign == "-" and name not in lowered:
-            lowered.append(name)
-    return tuple(n for n in LOWERABLE_OPS if n in lowered)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -296,23 +116,31 @@ class _Plan:
 
 
 class LoweringPass(LayerpassPass):
-    """Replaces each left-over node of the ``ops`` (names in ``LOWERABLE_OPS``) by its native code;
+    """Replaces each left-over node of the ``ops`` (default: every op of ``OPS`` that lowers) by
+    its native code (``OpDef.native``);
     ``apply`` returns the number of nodes lowered (``CompileReport.matches["lowering"]``). A node
     that stays an op is logged at debug level with the reason."""
 
     name = "lowering"
 
-    def __init__(self, ops: Iterable[str] = LOWERABLE_OPS) -> None:
+    def __init__(self, ops: Iterable[str] | None = None) -> None:
         super().__init__()
-        names = tuple(ops)
-        unknown = [n for n in names if n not in LOWERINGS]
-        if unknown:
-            raise ValueError(f"LoweringPass: not lowerable: {unknown}; lowerable ops: {', '.join(LOWERABLE_OPS)}")
-        self.ops = tuple(n for n in LOWERABLE_OPS if n in names)
-        self._targets = {op_overload(n): LOWERINGS[n] for n in self.ops}
+        names = lowerable_ops() if ops is None else tuple(ops)
+        not_lowerable = [n for n in names if n not in OPS or not OPS[n].lowers]
+        if not_lowerable:
+            raise ValueError(f"LoweringPass: not lowerable: {not_lowerable}; lowerable ops: {', '.join(lowerable_ops())}")
+        self.ops = tuple(sorted(set(names)))
+        self._targets = {op_overload(n): OPS[n] for n in self.ops}
 
     def config_key(self) -> str:
         return "lower=" + ",".join(self.ops)
+
+    def _source_modules(self) -> dict[str, str]:
+        """The pass's own modules and those defining the native code and checks it inlines (the op
+        modules: this one names none of them), so editing an op's native code changes the uuid."""
+        roots = {f.__module__ for n in self.ops for f in (OPS[n].native, OPS[n].check) if f is not None}
+        return {**super()._source_modules(),
+                **module_closure(sorted(roots), {r.partition(".")[0] for r in roots})}
 
     def apply(self, graph: fx.Graph) -> int:
         lowered = 0
@@ -335,7 +163,7 @@ class LoweringPass(LayerpassPass):
             lowered += 1
         return lowered
 
-    def _plan(self, node: fx.Node, op: torch._ops.OpOverload, spec: Lowering, functional: bool) -> _Plan | str:
+    def _plan(self, node: fx.Node, op: torch._ops.OpOverload, spec: OpDef, functional: bool) -> _Plan | str:
         """How to replace ``node``, or why it stays an op."""
         bound = _bind(op, () if functional else tuple(node.args), dict(node.kwargs))
         if bound is None:
@@ -354,8 +182,12 @@ class LoweringPass(LayerpassPass):
         fake = {k: _val(v) for k, v in bound.items()}
         if any(not isinstance(fake[k], Tensor) for k in tensor_names):
             return "an input without a fake tensor value (meta['val'])"
-        if not spec.check(**fake):
-            return "its inputs do not provably meet the op's checks"
+        if spec.check is not None:
+            try:
+                with provable_sizes():  # an unprovable size relation refuses, never a guard
+                    spec.check(**fake)
+            except Exception as e:
+                return f"its inputs do not provably meet the op's check ({type(e).__name__}: {e})"
         consts = {k: v for k, v in bound.items() if k not in tensor_names}
 
         def native(*tensors: Tensor) -> Any:

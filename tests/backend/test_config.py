@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import layerpass
-from layerpass.backend.config import CACHE_DIR_ENV, DEFAULT_SPLITTING_OPS, CompilationConfig
+from layerpass.backend.config import CACHE_DIR_ENV, CompilationConfig
+from layerpass.ops.library import split_point_ops
 
 BOOL_FIELDS = ("fuse_attn_quant", "fuse_norm_quant", "fuse_act_quant", "fuse_moe", "eliminate_noops",
                "disable_cache", "dynamic_tokens")
@@ -107,7 +108,7 @@ def test_defaults() -> None:
     assert isinstance(cfg.cache_dir, str) and cfg.cache_dir
     assert cfg.fingerprint() == CompilationConfig(cache_dir="/elsewhere").fingerprint()
     assert cfg.split == "layers" and cfg.dynamic_tokens and not cfg.disable_cache and cfg.compile_sizes == ()
-    assert set(cfg.splitting_ops) == set(DEFAULT_SPLITTING_OPS)
+    assert set(cfg.splitting_ops) == set(split_point_ops())  # the ops defined with splits=True
     assert "layerpass.unified_attention_with_output" in cfg.splitting_ops
     assert all([cfg.fuse_attn_quant, cfg.fuse_norm_quant, cfg.fuse_act_quant, cfg.fuse_moe, cfg.eliminate_noops])
     assert layerpass.CompilationConfig is CompilationConfig

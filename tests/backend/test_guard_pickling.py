@@ -24,6 +24,7 @@ from torch import nn
 
 from layerpass.backend.guard_pickling import applies
 from layerpass.backend.torch_patches import saveable_guards
+from layerpass.backend.warm_start import _forward_chain  # the warm start's own: what it saves by reference
 from layerpass.torch_compat import TORCH_VERSION, compile_for_regions, has_aot_api
 
 pytestmark = [
@@ -117,17 +118,6 @@ class TrainedLayer(nn.Module):
         return self.lin(x)
 
 
-def _chain(cls: type) -> dict[str, object]:
-    """The class's forward and the functions it wraps, saved by reference (as warm_start does)."""
-    chain, fn = {}, cls.forward
-    for i in range(4):
-        chain[f"forward{i}"] = fn
-        fn = getattr(fn, "__wrapped__", None)
-        if fn is None:
-            break
-    return chain
-
-
 def _save(layer: nn.Module, x: torch.Tensor) -> bytes:
     """The traced forward of ``layer``, saved with torch's public API (``save_compiled_function``)."""
     fn = compile_for_regions(type(layer).forward, fullgraph=True, backend="aot_eager")
@@ -135,14 +125,14 @@ def _save(layer: nn.Module, x: torch.Tensor) -> bytes:
         aot = fn.aot_compile(((layer, x), {}))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "fn.bin")
-        aot.save_compiled_function(path, _chain(type(layer)))
+        aot.save_compiled_function(path, _forward_chain(type(layer)))
         with open(path, "rb") as f:
             return f.read()
 
 
 def _load(data: bytes, cls: type):
     """``torch.compiler.load_compiled_function`` of ``data`` for layer class ``cls``."""
-    return torch.compiler.load_compiled_function(io.BytesIO(data), external_data=_chain(cls))
+    return torch.compiler.load_compiled_function(io.BytesIO(data), external_data=_forward_chain(cls))
 
 
 @pytest.fixture(autouse=True)

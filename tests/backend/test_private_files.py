@@ -50,6 +50,22 @@ def test_private_writes_ignore_the_umask(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "a" / "b" / "f").st_mode) == 0o600
 
 
+def test_atomic_write_takes_a_writer_and_leaves_nothing_on_failure(tmp_path):
+    """A writer function (a bundle's tar stream) writes the file; one that fails leaves the old file
+    and no temporary behind."""
+    path = str(tmp_path / "f")
+    atomic_write(path, lambda f: f.write(b"streamed"))
+    assert open(path, "rb").read() == b"streamed" and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert open(path, "rb").read() == b"streamed" and os.listdir(tmp_path) == ["f"]
+
+
 def test_a_compile_writes_only_private_files():
     c = bh.compile_zoo("llama", 2)
     assert c.report.num_compiled > 0

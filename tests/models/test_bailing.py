@@ -323,9 +323,9 @@ def test_unique_pieces_do_not_grow_with_layers():
 @pytest.mark.slow
 def test_split_ops_runs_linear_attention_eagerly():
     """``linear_attention`` is a default splitting op: with ``split="ops"`` it runs between pieces."""
-    from layerpass.backend.config import DEFAULT_SPLITTING_OPS
+    from layerpass.backend.config import CompilationConfig
 
-    assert "layerpass.linear_attention" in DEFAULT_SPLITTING_OPS
+    assert "layerpass.linear_attention" in CompilationConfig().splitting_ops
     c = bh.compiled_zoo("bailing-hybrid", 4, split="ops")
     bh.assert_matches(c.out, c.ref, "bailing-hybrid-4 split=ops")
     assert c.report.num_eager_pieces == 4  # two linear-attention ops, two softmax-attention ops

@@ -26,15 +26,17 @@ from torch import fx, nn
 from layerpass.backend.config import CompilationConfig
 from layerpass.backend.pass_list import configure, pass_manager_for
 from layerpass.ops import FP8_DTYPE
-from layerpass.ops.library import op_name
+from layerpass.ops.custom_ops import resolve_custom_ops
+from layerpass.ops.library import OPS, always_custom_ops, lowerable_ops, op_name, split_point_ops
 from layerpass.passes.cleanup import DeadCodeEliminationPass
 from layerpass.passes.fix_functionalization import FixFunctionalizationPass
-from layerpass.passes.lowering import ALWAYS_CUSTOM, LOWERABLE_OPS, LoweringPass, resolve_custom_ops
+from layerpass.passes.lowering import LoweringPass
 from tests.helpers import backend as bh
 from tests.helpers import fusion as fh
 from tests.helpers.fp8 import assert_fp8_close
 
 lp = torch.ops.layerpass
+LOWERABLE_OPS = lowerable_ops()  # the ops defined with lowers=True (sorted)
 LOWERABLE_TARGETS = {getattr(lp, n).default for n in LOWERABLE_OPS}
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                     phases=(Phase.explicit, Phase.reuse, Phase.generate))
@@ -52,7 +54,7 @@ def test_custom_ops_resolution() -> None:
         ("none",): everything,
         ("all",): (),
         ("all", "-rms_norm"): ("rms_norm",),
-        ("all", "-silu_and_mul", "-rms_norm"): ("rms_norm", "silu_and_mul"),  # LOWERABLE_OPS order
+        ("all", "-silu_and_mul", "-rms_norm"): ("rms_norm", "silu_and_mul"),  # sorted
         ("+silu_and_mul",): tuple(n for n in everything if n != "silu_and_mul"),
         ("none", "+rms_norm", "-fused_add_rms_norm"): tuple(n for n in everything if n != "rms_norm"),
         ("-rms_norm", "-rms_norm"): everything,
@@ -66,7 +68,7 @@ def test_custom_ops_resolution() -> None:
 @pytest.mark.parametrize("spec, words", [
     (("bogus",), ["'bogus'", "'none', 'all', '+name'", "rms_norm", "silu_and_mul_static_fp8_quant"]),
     (("+bogus",), ["'+bogus'", "not a lowerable layerpass op", "fused_add_rms_norm"]),
-    (("-unified_attention_with_output",), ["always keeps its custom kernel", "lowerable ops: rms_norm"]),
+    (("-unified_attention_with_output",), ["always keeps its custom kernel", "lowerable ops: fused_add_rms_norm"]),
     (("+moe_forward",), ["layerpass.moe_forward always keeps"]),
     (("all", "none"), ["both 'all' and 'none'"]),
     (("+rms_norm", "-rms_norm"), ["'rms_norm' both with '+' and '-'"]),
@@ -87,12 +89,17 @@ def test_custom_ops_type_errors(value) -> None:
         CompilationConfig(custom_ops=value)
 
 
-def test_always_custom_ops_are_registered_and_not_lowerable() -> None:
+def test_the_op_table_says_which_ops_lower_and_split() -> None:
     import layerpass.layers.distributed  # noqa: F401  (registers the TP collectives)
 
-    for name in ALWAYS_CUSTOM + LOWERABLE_OPS:
-        assert hasattr(lp, name), name
-    assert not set(ALWAYS_CUSTOM) & set(LOWERABLE_OPS)
+    kept = always_custom_ops()
+    for name in ("unified_attention_with_output", "linear_attention", "moe_forward", "moe_forward_shared",
+                 "moe_forward_fp8", "moe_forward_quant_input", "tp_all_reduce", "tp_all_gather"):
+        assert name in kept and name not in LOWERABLE_OPS, name
+    assert set(LOWERABLE_OPS) == set(CALLS) and not set(kept) & set(LOWERABLE_OPS)
+    assert all(OPS[n].native is not None and OPS[n].check is not None for n in LOWERABLE_OPS)
+    assert split_point_ops() == ("layerpass.unified_attention_with_output", "layerpass.linear_attention")
+    assert CompilationConfig().splitting_ops == split_point_ops()
     with pytest.raises(ValueError, match="not lowerable"):
         LoweringPass(["unified_attention_with_output"])
 
@@ -358,7 +365,7 @@ def test_zoo_pieces_before_and_after_lowering(name: str) -> None:
         # inputs share ONE token symbol (token_dims.TOKEN_SHAPE_ID), so input and residual match
         assert not live_after, [n.format_node() for n in live_after]
         always = [op for op in layerpass_nodes(g_after) if op not in LOWERABLE_TARGETS]
-        assert always and all(op_name(op).split(".")[1] in ALWAYS_CUSTOM for op in always), always
+        assert always and all(op_name(op).split(".")[1] in always_custom_ops() for op in always), always
     assert lowered == r.matches_compiled["lowering"] > 0 and r.matches["lowering"] == 2 * lowered
     for fusion, per_layer in EXPECTED_FUSIONS[name].items():
         assert r.matches[fusion] == 2 * per_layer, (fusion, r.matches)

@@ -101,7 +101,7 @@ def test_ops_dispatch_to_the_triton_kernels() -> None:
         torch.manual_seed(1)
         ref = step()  # the torch CPU kernels
         for name in TRITON_KERNELS:
-            lo.OPS[name].register_kernel("cpu")(lazy_kernel(name))
+            lo.OPS[name].custom_op.register_kernel("cpu")(lazy_kernel(name))
         torch.manual_seed(1)
         got = step()  # the same calls, now dispatched to the Triton wrappers
         import sys
