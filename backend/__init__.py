@@ -1,1 +1,3 @@
-"""The ``layerpass`` compile backend: split, piece hash and dedup, cache, report, config, doctor."""
+"""The ``layerpass`` compile backend: ``layerpass.compile`` (``compiled_model.py``) and its config;
+``regions/`` (layers traced once, the warm start), ``pieces/`` (split, piece hash, compile),
+``cache/`` (artifacts, local and remote), ``report/``, ``doctor/``."""

@@ -1,9 +1,9 @@
 """``layerpass.compile(model)``: the model compiled per distinct decoder layer, warm-startable.
 
 With repeated layers (and an AOT-capable torch) the compiled model runs the model's own
-forward, and each layer call goes to its *region* (``backend/regions.py``): Dynamo traces each
+forward, and each layer call goes to its *region* (``backend/regions/router.py``): Dynamo traces each
 distinct layer once, the backend compiles each distinct piece once, and the traced programs are
-saved (``backend/warm_start.py``) so a new process loads them instead of tracing. Without
+saved (``backend/regions/warm_start.py``) so a new process loads them instead of tracing. Without
 repeated layers, or if a layer cannot be traced whole (a graph break), the whole model goes
 through ``torch.compile`` with the same backend, as ``backend="layerpass"`` does; the report
 says which and why.
@@ -21,14 +21,14 @@ from torch import nn
 
 from layerpass.torch_compat import aot_api_missing, region_per_layer
 
-from .compiler import LayerpassBackend, mark_token_dims, own_aliases
+from .pieces.compiler import LayerpassBackend, mark_token_dims, own_aliases
 from .config import CompilationConfig
-from .isa_probe import probe_cpu_isa_in_background
-from .regions import Regions, RegionsRun, find_layer_container
+from .pieces.isa_probe import probe_cpu_isa_in_background
+from .regions.router import Regions, RegionsRun, find_layer_container
 from .token_dims import token_dims
-from .report import CompileReport, publish
-from .timeline import Timeline, span
-from .warm_start import ProgramStore
+from .report.compile_report import CompileReport, publish
+from .report.timeline import Timeline, span
+from .regions.warm_start import ProgramStore
 
 logger = logging.getLogger("layerpass")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 SPLIT_MODES = ("layers", "ops")
 ON_COMPILE_ERROR = ("raise", "eager")
-# what compiles a piece: Inductor, or a debug compiler without its code generation (backend/debug_compile.py)
+# what compiles a piece: Inductor, or a debug compiler without its code generation (backend/pieces/debug_compile.py)
 COMPILERS = ("inductor", "aot_eager", "eager")
 from layerpass.envs import CACHE_DIR_ENV  # noqa: F401  (re-exported: the variable's name)
 from layerpass.envs import cache_dir as default_cache_dir
@@ -228,7 +228,7 @@ class CompilationConfig:
     @property
     def caches_pieces(self) -> bool:
         """Whether compiled pieces (and the warm start's programs) are stored and loaded: only
-        Inductor's artifacts can be saved (``backend/debug_compile.py``)."""
+        Inductor's artifacts can be saved (``backend/pieces/debug_compile.py``)."""
         return not self.disable_cache and self.compiler == "inductor"
 
     def lowered_ops(self) -> tuple[str, ...]:

@@ -4,8 +4,8 @@ The rule (``choose``): among the ``nn.ModuleList``s holding two or more modules,
 another such list (a layer's own list of heads or experts is never taken for the layers); of
 those, the one holding the most modules, then the shallowest, then the first in module order.
 
-Two readers feed it, so regions (``backend/regions.py``), the split of a whole-model graph
-(``backend/split.py``) and the doctor (which uses both) agree on the same model:
+Two readers feed it, so regions (``backend/regions/router.py``), the split of a whole-model graph
+(``backend/pieces/split.py``) and the doctor (which uses both) agree on the same model:
 
 - ``in_model``: the model's ``ModuleList``s and their lengths;
 - ``in_graph``: the module paths of the graph's ``nn_module_stack`` with indexed children

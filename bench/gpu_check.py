@@ -249,7 +249,7 @@ def check_compile(plan: Plan, clock: Clock) -> tuple[list[Row], dict[str, dict]]
 def fusion_names() -> list[str]:
     """Every fusion the default pass list runs (its pattern passes' names)."""
     from layerpass.backend.config import CompilationConfig
-    from layerpass.backend.pass_list import configure
+    from layerpass.backend.pieces.pass_list import configure
     from layerpass.passes.pattern_pass import PatternPass
 
     return [p.name for p in configure(CompilationConfig()) if isinstance(p, PatternPass)]

@@ -76,7 +76,7 @@ class _CompileClock:
 
 def _dynamic_tokens(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark the token dim of every tensor input dynamic, as ``layerpass.compile`` does (fairness)."""
-    from layerpass.backend.compiler import mark_token_dims
+    from layerpass.backend.pieces.compiler import mark_token_dims
 
     def call(*args: Any) -> Any:
         mark_token_dims(args)
@@ -108,8 +108,8 @@ def _layerpass_stats(before: int) -> dict[str, Any]:
 
     ``trace``, ``num_regions`` and ``warm_start`` are read with ``getattr``: a backend without them
     gives ``None``."""
-    from layerpass.backend.report import compile_reports
-    from layerpass.backend.timeline import as_records
+    from layerpass.backend.report.compile_report import compile_reports
+    from layerpass.backend.report.timeline import as_records
 
     reports = compile_reports(since=before)
     if not reports:
@@ -178,7 +178,7 @@ def _import_inductor() -> float:
     Every mode pays this once per process, whether the first call compiles or loads; which mode
     triggers the import lazily inside its first call must not decide the figure. The modules are
     the ones layerpass's own first call imports (``import_inductor_modules``)."""
-    from layerpass.backend.isa_probe import import_inductor_modules
+    from layerpass.backend.pieces.isa_probe import import_inductor_modules
 
     t = time.perf_counter()
     import_inductor_modules()
@@ -216,7 +216,7 @@ def measure(model_name: str, layers: int, mode: str, phase: str, *, repeats: int
     import torch
 
     import layerpass
-    from layerpass.backend.report import num_compile_reports
+    from layerpass.backend.report.compile_report import num_compile_reports
 
     row: dict[str, Any] = {"model": model_name, "layers": layers, "mode": mode, "phase": phase,
                            "use_layername": layerpass.USE_LAYERNAME}

@@ -51,7 +51,7 @@ def new_document(cfg: SweepConfig) -> dict[str, Any]:
 
 def write_results(doc: dict[str, Any], out_dir: str) -> str:
     """Write ``results.json`` and ``results.md`` into ``out_dir`` (atomically); returns the JSON's path."""
-    from layerpass.backend.private_files import atomic_write  # the one atomic writer
+    from layerpass.backend.cache.private_files import atomic_write  # the one atomic writer
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")

@@ -18,8 +18,8 @@ from .version import __version__
 _LAZY = {
     "compile": ("layerpass.backend.compiled_model", "compile"),
     "CompilationConfig": ("layerpass.backend.config", "CompilationConfig"),
-    "last_compile_report": ("layerpass.backend.report", "last_compile_report"),
-    "CompileReport": ("layerpass.backend.report", "CompileReport"),
+    "last_compile_report": ("layerpass.backend.report.compile_report", "last_compile_report"),
+    "CompileReport": ("layerpass.backend.report.compile_report", "CompileReport"),
 }
 __all__ = ["HAS_OPAQUE_TYPE", "USE_LAYERNAME", "__version__", *_LAZY]
 

@@ -12,7 +12,7 @@
 - ``precompile``: fills a cache (the local dir, and the remote store if one is set) without
   serving, so every later process loads (``layerpass/precompile.py``).
 - ``cache export`` / ``cache import``: a model's programs and pieces as one sealed bundle file, to
-  carry a compile to another machine (``backend/bundle.py``).
+  carry a compile to another machine (``backend/cache/bundle.py``).
 
 Exit codes: 0 success, 1 problems found (doctor), rows that failed (bench ``--strict``) or a
 bundle that could not be written or had refused entries (cache), 2 bad arguments.
@@ -178,7 +178,7 @@ def cmd_doctor(args: argparse.Namespace, doctor: Subcommand) -> int:
 
     import torch
 
-    from layerpass.backend.doctor import diagnose
+    from layerpass.backend.doctor.analysis import diagnose
     from layerpass.models import build_model, make_step, registered_models
     from layerpass.backend.config import CompilationConfig
 
@@ -327,14 +327,14 @@ def _precompile(subparsers: Any) -> Subcommand:
 
 
 def cmd_cache(args: argparse.Namespace, sub: Subcommand) -> int:
-    from layerpass.backend.bundle import BundleError, export_bundle, import_bundle
-    from layerpass.backend.cache_location import CacheLocation
+    from layerpass.backend.cache.bundle import BundleError, export_bundle, import_bundle
+    from layerpass.backend.cache.location import CacheLocation
     from layerpass.backend.config import CompilationConfig
     from layerpass.envs import cache_secret
 
     try:
         if args.action == "export":
-            from layerpass.backend.bundle import all_names, bundle_names
+            from layerpass.backend.cache.bundle import all_names, bundle_names
             from layerpass.precompile import program_store
 
             if args.output is None or not (args.all or (args.model is not None and args.layers is not None)):

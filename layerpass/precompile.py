@@ -18,8 +18,8 @@ from torch import nn
 from layerpass.backend.compiled_model import CompiledModel
 from layerpass.backend.compiled_model import compile as layerpass_compile
 from layerpass.backend.config import CompilationConfig
-from layerpass.backend.report import CompileReport, compile_reports, num_compile_reports
-from layerpass.backend.warm_start import ProgramStore
+from layerpass.backend.report.compile_report import CompileReport, compile_reports, num_compile_reports
+from layerpass.backend.regions.warm_start import ProgramStore
 from layerpass.models import build_model, make_step
 
 # (num_decodes, prefill_lens): a mixed decode-first step, and a single-token decode step

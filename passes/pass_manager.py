@@ -1,5 +1,5 @@
 """The pass manager: Inductor's ``post_grad_custom_post_pass`` for every layerpass piece. Which
-passes it runs, in which order, is the backend's pass list (``backend/pass_list.py``).
+passes it runs, in which order, is the backend's pass list (``backend/pieces/pass_list.py``).
 
 Each pass is timed; a pass that raises is skipped for that piece (its graph restored to what
 it was before the pass) with a warning naming it, and the compile goes on. With

@@ -19,7 +19,7 @@ the wrappers and transformers' module globals are untouched; other models of the
 the routing). The module then calls the global wrapper, which calls the plain function: the same
 computation. A module whose wrappers (its private copies or the global ones its forward calls)
 are kernelized keeps the routing (the model still runs and compiles; only its region cannot be
-saved). Saving a region through such an instance ``forward`` needs ``backend/guard_pickling.py``
+saved). Saving a region through such an instance ``forward`` needs ``backend/regions/guard_pickling.py``
 (torch 2.13 restores a method bound in an instance's ``__dict__`` as the class's method).
 
 ``from_transformers`` is to call it on the converted base model, next to ``_run_base_model_undecorated``.

@@ -12,7 +12,7 @@ from torch import nn
 
 import layerpass
 from layerpass.backend.config import CompilationConfig
-from tests.backend.test_regions import CountTraces
+from tests.backend.regions.test_router import CountTraces
 from tests.helpers import backend as bh
 
 BRANCH_AT = 6  # the layer takes another path above this many tokens

@@ -20,7 +20,7 @@ from torch import nn
 import layerpass
 from layerpass.backend import compiled_model as cm
 from layerpass.backend.config import CompilationConfig
-from layerpass.backend.report import num_compile_reports
+from layerpass.backend.report.compile_report import num_compile_reports
 from tests.helpers import backend as bh
 
 

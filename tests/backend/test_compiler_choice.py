@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerpass.backend.compiler import LayerpassBackend
+from layerpass.backend.pieces.compiler import LayerpassBackend
 from layerpass.backend.config import COMPILERS, CompilationConfig
-from layerpass.backend.warm_start import model_key_parts
+from layerpass.backend.regions.warm_start import model_key_parts
 from layerpass.models import build_model
 from tests.helpers import backend as bh
 

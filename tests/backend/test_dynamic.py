@@ -47,7 +47,7 @@ def test_new_token_counts_do_not_recompile(llama2: bh.Compiled, num_decodes: int
 
 
 def test_single_token_step_matches_eager_and_any_recompile_is_reported(llama2: bh.Compiled) -> None:
-    from layerpass.backend.report import compile_reports, num_compile_reports
+    from layerpass.backend.report.compile_report import compile_reports, num_compile_reports
 
     calls, mark = llama2.compiled.backend.num_calls, num_compile_reports()
     out, ref = run_both(llama2, 1, [])

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from layerpass.backend import layer_container
-from layerpass.backend.regions import find_layer_container as regions_container
-from layerpass.backend.split import find_layer_container as split_container
+from layerpass.backend.regions.router import find_layer_container as regions_container
+from layerpass.backend.pieces.split import find_layer_container as split_container
 from tests.helpers import backend as bh
 
 

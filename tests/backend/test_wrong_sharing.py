@@ -29,7 +29,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from tests.helpers import backend as bh
-from layerpass.backend.split import split_by_layers
+from layerpass.backend.pieces.split import split_by_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -121,7 +121,7 @@ def test_whole_model_backend_keeps_bodies_apart(kind: str) -> None:
     piece hash alone decides which layers share an artifact. Before: 1 unique piece, wrong output."""
     import layerpass
     from layerpass import CompilationConfig
-    from layerpass.backend.compiler import LayerpassBackend
+    from layerpass.backend.pieces.compiler import LayerpassBackend
 
     model, x = Layers(LAYER_CLASSES[kind], FLOATS).eval(), _input()
     torch.compiler.reset()
@@ -193,7 +193,7 @@ sys.path.insert(0, {folder!r})
 mod = importlib.import_module("stale_model")  # importable by name: a region's program pickles its class
 import layerpass
 from layerpass import CompilationConfig
-from layerpass.backend.compiler import LayerpassBackend
+from layerpass.backend.pieces.compiler import LayerpassBackend
 
 model = mod.Model().eval()
 x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
@@ -240,7 +240,7 @@ def test_edited_body_is_not_served_stale_from_the_cache(tmp_path) -> None:
 def test_nested_module_lists_whole_model_backend() -> None:
     import layerpass
     from layerpass import CompilationConfig
-    from layerpass.backend.compiler import LayerpassBackend
+    from layerpass.backend.pieces.compiler import LayerpassBackend
 
     model, x = bh.HeadsModel().eval(), _input(5)
     torch.compiler.reset()

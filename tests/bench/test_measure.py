@@ -21,13 +21,13 @@ def _report(**kw) -> SimpleNamespace:
 
 
 def test_layerpass_stats_read_the_report_fields_defensively(monkeypatch) -> None:
-    import layerpass.backend.report as report
+    import layerpass.backend.report.compile_report as report
 
     monkeypatch.setattr(report, "compile_reports", lambda since=None: [_report()])  # a backend without the new fields
     stats = measure._layerpass_stats(0)
     assert (stats["trace"], stats["num_regions"], stats["warm_start"]) == (None, None, None)
     assert stats["dynamo_s"] == 1.0 and stats["total_s"] == 3.0 and stats["timeline"] == []
-    from layerpass.backend.timeline import Span
+    from layerpass.backend.report.timeline import Span
 
     monkeypatch.setattr(report, "compile_reports", lambda since=None: [_report(timeline=[Span("compile piece x", 1.0, 3.0)])])
     assert measure._layerpass_stats(0)["timeline"] == [{"what": "compile piece x", "start_s": 1.0, "end_s": 3.0,

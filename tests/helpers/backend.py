@@ -131,7 +131,7 @@ def compile_zoo(name: str, num_layers: int, *, cache_dir: str | None = None, ste
     import layerpass
     from layerpass.models import build_model, make_step
     from layerpass.backend.config import CompilationConfig
-    from layerpass.backend.report import compile_reports, num_compile_reports
+    from layerpass.backend.report.compile_report import compile_reports, num_compile_reports
 
     cache_dir = cache_dir or fresh_cache_dir(f"{name}{num_layers}")
     model = build_model(name, num_layers=num_layers)
@@ -246,7 +246,7 @@ def dynamo_graph(model: nn.Module, *args: torch.Tensor) -> tuple[fx.GraphModule,
 def layer_piece_keys(split: Any, inputs: list[Any]) -> dict[int, str]:
     """Decoder-layer index -> piece key of each layer piece of ``split`` (a ``SplitResult``), hashed
     on the arguments each piece receives when the split graph runs on ``inputs``."""
-    from layerpass.backend.piece_hash import piece_signature
+    from layerpass.backend.pieces.piece_hash import piece_signature
 
     keys: dict[int, str] = {}
 
@@ -332,7 +332,7 @@ def finish_python(proc: subprocess.Popen, *, timeout: float = 300, what: str = "
 # A subprocess body that compiles a zoo model and emits the report and outputs (as lists).
 COMPILE_ZOO_BODY = """\
 from tests.helpers import backend as bh
-from layerpass.backend.report import num_compile_reports
+from layerpass.backend.report.compile_report import num_compile_reports
 import layerpass
 c = bh.compile_zoo({name!r}, {layers}, cache_dir={cache_dir!r}, **{config!r})
 emit({{"report": bh.report_dict(c.report), "reports": num_compile_reports(), "out": c.out.tolist(),

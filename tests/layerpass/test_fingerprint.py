@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEEDED = r'''
 import collections.abc, json
 from layerpass import fingerprint as fp
-from layerpass.backend.piece_hash import _Hasher
+from layerpass.backend.pieces.piece_hash import _Hasher
 
 WORDS = ["alpha", "beta", "gamma", "delta", "eta", "theta", "iota", "kappa"]
 

@@ -12,7 +12,7 @@ for example, is declared by the layer: ``ops.step_inputs.PositionBounded``).
 
 - ``patterns`` (each fusion: a ``PatternPass`` subclass) is built on ``passes`` (the pass
   framework, ``LayerpassPass`` and ``PatternPass``, and the generic passes); the pass list a
-  ``CompilationConfig`` turns on, which picks from both, is the backend's (``backend/pass_list.py``).
+  ``CompilationConfig`` turns on, which picks from both, is the backend's (``backend/pieces/pass_list.py``).
 - ``base`` is what every part reads: ``layerpass/envs.py`` (the environment), ``torch_compat.py``
   (what differs between torch versions), ``version.py``.
 - ``api`` is the package root (``layerpass.compile``, ``CompilationConfig``, ... resolved lazily)

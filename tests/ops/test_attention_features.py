@@ -315,7 +315,7 @@ def test_layers_differing_only_in_features_share_one_piece(trace: str) -> None:
     from tests.helpers import backend as bh
 
     import layerpass
-    from layerpass.backend.compiler import LayerpassBackend
+    from layerpass.backend.pieces.compiler import LayerpassBackend
     from layerpass.backend.config import CompilationConfig
 
     features = [

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from layerpass.backend.config import CompilationConfig
-from layerpass.backend.pass_list import configure, pass_manager_for
+from layerpass.backend.pieces.pass_list import configure, pass_manager_for
 from layerpass.ops import FP8_DTYPE
 from layerpass.ops.custom_ops import resolve_custom_ops
 from layerpass.ops.library import OPS, always_custom_ops, lowerable_ops, op_name, split_point_ops
@@ -253,7 +253,7 @@ class AllOps(nn.Module):
 
 
 def _compile_all_ops(**config):
-    from layerpass.backend.compiler import LayerpassBackend
+    from layerpass.backend.pieces.compiler import LayerpassBackend
 
     torch.compiler.reset()
     backend = LayerpassBackend(CompilationConfig(cache_dir=bh.fresh_cache_dir("lowering"), disable_cache=True,

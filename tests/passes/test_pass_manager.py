@@ -21,7 +21,7 @@ from torch import fx
 from layerpass.backend.config import CompilationConfig
 from layerpass.envs import DEBUG_DUMP_ENV
 from layerpass.passes.base import LayerpassPass
-from layerpass.backend.pass_list import pass_manager_for
+from layerpass.backend.pieces.pass_list import pass_manager_for
 from layerpass.passes.pass_manager import PassManager
 from tests.helpers import backend as bh
 

@@ -21,7 +21,7 @@ import torch
 
 import layerpass.patterns.act_quant
 from layerpass.backend.config import CompilationConfig
-from layerpass.backend.pass_list import configure
+from layerpass.backend.pieces.pass_list import configure
 from layerpass.passes.pattern_pass import PatternPass
 from tests.helpers import backend as bh
 
@@ -180,8 +180,8 @@ class ReluScale(torch.nn.Module):
 
 def _compile(cache_dir: str, extra_pass):
     """``ReluScale`` through ``torch.compile`` with a layerpass backend that has ``extra_pass`` added."""
-    from layerpass.backend.compiler import LayerpassBackend
-    from layerpass.backend.report import last_compile_report
+    from layerpass.backend.pieces.compiler import LayerpassBackend
+    from layerpass.backend.report.compile_report import last_compile_report
 
     torch.compiler.reset()
     model, x = ReluScale(), torch.randn(5, 8)

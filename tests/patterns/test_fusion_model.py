@@ -113,9 +113,9 @@ class NormQuant(nn.Module):
 def test_failing_pattern_never_breaks_the_compile() -> None:
     """A pattern whose replacement raises while the matcher applies it: the pass is skipped for the
     piece (graph restored), the failure is reported, the passes after it still run."""
-    from layerpass.backend.compiler import LayerpassBackend
+    from layerpass.backend.pieces.compiler import LayerpassBackend
     from layerpass.backend.config import CompilationConfig
-    from layerpass.backend.report import last_compile_report
+    from layerpass.backend.report.compile_report import last_compile_report
     from layerpass.patterns import norm_quant
 
     class Broken(norm_quant.NormQuantFusionPass):

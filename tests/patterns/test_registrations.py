@@ -21,7 +21,7 @@ def count_registrations() -> dict:
     from layerpass.backend.config import CompilationConfig
     from layerpass.ops.library import op_name
     from layerpass.passes.base import PieceContext
-    from layerpass.backend.pass_list import configure
+    from layerpass.backend.pieces.pass_list import configure
 
     lp = torch.ops.layerpass
     out = {}

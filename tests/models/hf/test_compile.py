@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("transformers")
 
 import layerpass  # noqa: E402
-from layerpass.backend.report import num_compile_reports  # noqa: E402
+from layerpass.backend.report.compile_report import num_compile_reports  # noqa: E402
 from layerpass.models import make_step  # noqa: E402
 from tests.helpers import backend as bh  # noqa: E402  (session Inductor cache, recompile limits)
 from tests.models.hf.common import (  # noqa: E402

@@ -1,0 +1,3 @@
+"""Report: what the last ``layerpass`` compile did (``compile_report.py``: ``CompileReport``) and
+where its time went (``timeline.py``: named spans on one clock).
+"""
