@@ -70,7 +70,7 @@ _CURRENT_RUN: contextvars.ContextVar[PieceRun | None] = contextvars.ContextVar("
 
 class PassManager(CustomGraphPass):
     """Runs ``passes`` in order on each piece's post-grad graph (the backend's list:
-    ``backend.pass_list.configure``)."""
+    ``backend.pieces.pass_list.configure``)."""
 
     def __init__(self, passes: Sequence[LayerpassPass], config_fingerprint: str = "") -> None:
         self.passes = list(passes)

@@ -2,7 +2,7 @@
 runs without Dynamo, with eager's output.
 
 What it takes (torch 2.13, transformers 5.2x): the region trace wrapped in
-``backend/torch_patches.saveable_guards`` (dtype singletons, decorated forwards and
+``backend/regions/torch_patches.saveable_guards`` (dtype singletons, decorated forwards and
 instance-bound methods in the saved guards) and ``models/hf/hub_kernels.bypass_kernel_routing``
 at conversion (with ``kernels`` installed, its per-model wrappers' local-scope class cannot be
 saved). Gemma 2 has two regions (sliding and global layers); Mixtral's is a MoE layer.
