@@ -110,7 +110,7 @@ def test_warm_start_traces_nothing(model_dir: Path) -> None:
     assert warm["warm_start"] == "loaded" and warm["num_compiled"] == 0 and warm["dynamo_s"] == 0.0, warm
     assert warm["num_regions"] == cold["num_regions"] == 1
     # the timeline says where each first call went
-    assert {"trace Block (Dynamo, then its pieces' compile)", "compile piece submod_0", "save program Block",
+    assert {"trace Block (Dynamo, then its pieces' compile)", "compile piece submod_0 (inductor)", "save program Block",
             PROBE_SPAN + " (probe)"} <= set(cold["timeline"]), cold["timeline"]
     assert "load pieces (a saved program's artifacts)" not in cold["timeline"]
     assert {"load programs Block", "load pieces (a saved program's artifacts)"} <= set(warm["timeline"]), warm
