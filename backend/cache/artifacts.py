@@ -21,14 +21,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .location import CacheLocation
-from .private_files import make_private, make_private_dirs
+from .private_files import atomic_write_dir
 
 logger = logging.getLogger("layerpass")
 FORMAT_VERSION = 2  # 2: meta.json records its key
@@ -119,23 +118,18 @@ class ArtifactCache:
         if not self.writable or self.root in _unwritable_warned or not self.location.trusted():
             return False
         final = self.path(key)
-        tmp = None
-        try:
-            make_private_dirs(os.path.dirname(final))
-            tmp = tempfile.mkdtemp(prefix=f".tmp-{key[:8]}-", dir=os.path.dirname(final))  # 0700
+
+        def fill(tmp: str) -> None:
             art_path = os.path.join(tmp, "artifact.bin")
             artifact.save(path=art_path, format="binary")
-            meta = dict(meta, key=key, format=FORMAT_VERSION, sha256=file_sha256(art_path))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=2, default=str)
-            make_private(tmp)  # torch's save follows the umask
-            try:
-                os.rename(tmp, final)  # atomic; fails if another writer got there first
-            except OSError:
-                if self.load(key) is not None:
-                    return False  # a concurrent writer stored an equal, valid entry
-                shutil.rmtree(final, ignore_errors=True)  # a broken leftover: replace it
-                os.rename(tmp, final)
+                json.dump(dict(meta, key=key, format=FORMAT_VERSION, sha256=file_sha256(art_path)), f, indent=2,
+                          default=str)
+
+        try:
+            # a concurrent writer's valid entry is kept (it is equal); a broken leftover is replaced
+            if not atomic_write_dir(final, fill, keep_existing=lambda _path: self.load(key) is not None):
+                return False
             self.location.publish(self.entry_files(key))
             return True
         except OSError as e:  # the location cannot be written: stop trying
@@ -144,6 +138,3 @@ class ArtifactCache:
         except Exception as e:  # this artifact could not be saved: the next one may be
             logger.warning("layerpass: could not store cache entry %s: %s: %s", final, type(e).__name__, e)
             return False
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)

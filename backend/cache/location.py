@@ -17,12 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 from .key_lock import KeyLocks, LockOutcome
-from .private_files import atomic_write, make_private_dirs, trusted
+from .private_files import atomic_write, atomic_write_dir, trusted
 
 logger = logging.getLogger("layerpass")
 _refused_warned: set[str] = set()
@@ -95,15 +93,12 @@ class CacheLocation:
                     atomic_write(self.local(name), data)
                 return True
             final = self.local(entry_dir)
-            make_private_dirs(os.path.dirname(final))
-            tmp = tempfile.mkdtemp(prefix=".tmp-entry-", dir=os.path.dirname(final))
-            try:
+
+            def fill(tmp: str) -> None:
                 for name, data in blobs:
                     atomic_write(os.path.join(tmp, os.path.relpath(name, entry_dir)), data)
-                with contextlib.suppress(OSError):  # a concurrent writer got there first: keep theirs
-                    os.rename(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+
+            atomic_write_dir(final, fill)  # a concurrent writer got there first: keep theirs
             return os.path.isdir(final)
         except OSError as e:
             logger.warning("layerpass: could not write cache entries to %s (%s: %s)", self.root, type(e).__name__, e)

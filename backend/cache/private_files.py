@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -80,8 +81,8 @@ def atomic_write(path: str, data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``data`` to ``path`` (0600) through a temporary file and a rename: a reader sees the
     old file or the new one, never part of one. ``data`` is the bytes, or a function that writes
     them into the open file (a tar stream, too large to hold in memory). The one atomic file
-    writer of layerpass: the cache, the warm start, the ISA answer, pass statistics, bundles and
-    bench results go through it."""
+    writer of layerpass (``atomic_write_dir`` is its twin for a directory): the cache, the warm
+    start, the ISA answer, pass statistics, bundles and bench results go through it."""
     make_private_dirs(os.path.dirname(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))  # mkstemp: 0600
     try:
@@ -95,3 +96,30 @@ def atomic_write(path: str, data: bytes | Callable[[BinaryIO], None]) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def atomic_write_dir(path: str, fill: Callable[[str], None],
+                     keep_existing: Callable[[str], bool] = lambda _path: True) -> bool:
+    """Make the directory ``path`` (0700, its files 0600) appear whole: ``fill(tmp)`` writes the
+    files into a private temporary dir beside it, which is then renamed to ``path`` in one step,
+    so a reader sees no entry or a complete one. If another writer got there first (the rename
+    finds ``path`` there), ``keep_existing(path)`` decides: True keeps theirs and returns False;
+    False (theirs is broken) replaces it. True when this call's dir is now at ``path``. The one
+    atomic directory writer: artifact cache entries and remote entries fetched into the local dir."""
+    make_private_dirs(os.path.dirname(path))
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))  # mkdtemp: 0700
+    try:
+        fill(tmp)
+        make_private(tmp)  # what fill wrote follows the umask (torch's save does)
+        try:
+            os.rename(tmp, path)  # atomic; fails if a non-empty ``path`` is already there
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+            if keep_existing(path):
+                return False
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

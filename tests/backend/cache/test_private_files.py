@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from layerpass.backend.cache.private_files import atomic_write, make_private_dirs, untrusted_reason
+from layerpass.backend.cache.private_files import atomic_write, atomic_write_dir, make_private_dirs, untrusted_reason
 from tests.helpers import backend as bh
 
 NOBODY = 65534
@@ -64,6 +64,42 @@ def test_atomic_write_takes_a_writer_and_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, broken)
     assert open(path, "rb").read() == b"streamed" and os.listdir(tmp_path) == ["f"]
+
+
+def _write_files(**files: bytes):
+    def fill(tmp: str) -> None:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:  # plain open: the umask's modes
+                f.write(data)
+    return fill
+
+
+def test_atomic_write_dir_appears_whole_private_and_keeps_or_replaces_a_clash(tmp_path):
+    """A directory entry appears in one rename, 0700 with 0600 files whatever the umask; a clash with
+    an existing entry keeps it or replaces it as ``keep_existing`` says; a failing fill leaves
+    nothing, not even its temporary."""
+    entry = str(tmp_path / "cache" / "entry")
+    old = os.umask(0)
+    try:
+        assert atomic_write_dir(entry, _write_files(a=b"1", b=b"2"))
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(entry)) == ["a", "b"] and stat.S_IMODE(os.stat(entry).st_mode) == 0o700
+    assert all(stat.S_IMODE(os.stat(os.path.join(entry, n)).st_mode) == 0o600 for n in "ab")
+
+    seen = []
+    assert not atomic_write_dir(entry, _write_files(c=b"3"), keep_existing=lambda p: seen.append(p) or True)
+    assert seen == [entry] and sorted(os.listdir(entry)) == ["a", "b"]  # theirs kept
+    assert atomic_write_dir(entry, _write_files(c=b"3"), keep_existing=lambda p: False)
+    assert os.listdir(entry) == ["c"]  # theirs was broken: replaced
+
+    def broken(tmp: str) -> None:
+        _write_files(half=b"x")(tmp)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_dir(str(tmp_path / "cache" / "other"), broken)
+    assert os.listdir(tmp_path / "cache") == ["entry"]
 
 
 def test_a_compile_writes_only_private_files():
